@@ -1,0 +1,165 @@
+"""The seam between a vfio-user server and the device model it serves.
+
+The server (protocol, sockets, fds, DMA map table) knows nothing of virtio; the
+device model (config space, BARs, queues) knows nothing of sockets. They meet
+here. The names follow Linux ``include/uapi/linux/vfio.h`` and QEMU's
+``docs/interop/vfio-user.rst``.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Protocol
+
+
+class RegionFlag(enum.IntFlag):
+    """``VFIO_REGION_INFO_FLAG_*``."""
+
+    READ = 1 << 0
+    WRITE = 1 << 1
+    MMAP = 1 << 2
+    CAPS = 1 << 3
+
+
+class IrqFlag(enum.IntFlag):
+    """``VFIO_IRQ_INFO_*``."""
+
+    EVENTFD = 1 << 0
+    MASKABLE = 1 << 1
+    AUTOMASKED = 1 << 2
+    NORESIZE = 1 << 3
+
+
+class DeviceFlag(enum.IntFlag):
+    """``VFIO_DEVICE_FLAGS_*``."""
+
+    RESET = 1 << 0
+    PCI = 1 << 1
+
+
+# vfio-pci region and irq indices (vfio.h: VFIO_PCI_*_REGION_INDEX / _IRQ_INDEX).
+BAR0_REGION = 0
+BAR2_REGION = 2
+ROM_REGION = 6
+CONFIG_REGION = 7
+NUM_PCI_REGIONS = 9  # BAR0-5, ROM, CONFIG, VGA
+INTX_IRQ = 0
+MSI_IRQ = 1
+MSIX_IRQ = 2
+ERR_IRQ = 3
+REQ_IRQ = 4
+NUM_PCI_IRQS = 5
+
+
+@dataclass(frozen=True)
+class MmapArea:
+    """One sparse-mmap area, relative to the start of its region."""
+
+    offset: int
+    size: int
+
+
+@dataclass(frozen=True)
+class RegionSpec:
+    """What ``DEVICE_GET_REGION_INFO`` reports for one region.
+
+    ``fd`` (with ``fd_offset``, the file offset of region offset 0) is given to
+    the client when the region or part of it is mmappable; ``areas`` lists the
+    mmappable parts (empty with MMAP set means the whole region). Accesses to
+    any part not covered go through ``region_read``/``region_write``.
+    """
+
+    index: int
+    size: int
+    flags: RegionFlag
+    fd: int | None = None
+    fd_offset: int = 0
+    areas: tuple[MmapArea, ...] = ()
+
+
+@dataclass(frozen=True)
+class IrqSpec:
+    """What ``DEVICE_GET_IRQ_INFO`` reports for one irq index."""
+
+    index: int
+    count: int
+    flags: IrqFlag = IrqFlag.EVENTFD | IrqFlag.NORESIZE
+
+
+@dataclass
+class DmaMapping:
+    """One ``DMA_MAP`` of the client's memory, mmapped by the server.
+
+    ``view`` is the whole mapping (writable); ``iova`` its base address in the
+    client's I/O address space. ``fd`` is kept open until unmapped.
+    """
+
+    iova: int
+    size: int
+    readable: bool
+    writable: bool
+    view: memoryview = field(repr=False)
+
+
+class DmaSpace(Protocol):
+    """The client's memory as the server has it mapped (the DMA map table).
+
+    ``view(iova, length)`` returns a zero-copy view or raises
+    :class:`vhostpci_driver.errors.RemoteMemoryError`; it satisfies
+    :class:`vhostpci_driver.addr.GuestMemory`, so device-side virtqueues run
+    straight over it.
+    """
+
+    def view(self, addr: int, length: int) -> memoryview: ...
+
+
+class VfioUserDevice(Protocol):
+    """A device model as the vfio-user server drives it.
+
+    Every method is called from the server's single event-loop thread. A method
+    that refuses a request raises :class:`VfioDeviceError` with an errno; the
+    server turns it into an error reply for that message only.
+    """
+
+    flags: DeviceFlag
+
+    def regions(self) -> list[RegionSpec]:
+        """Every region, indexed by region index (length = num_regions)."""
+        ...
+
+    def irqs(self) -> list[IrqSpec]:
+        """Every irq index (length = num_irqs)."""
+        ...
+
+    def region_read(self, index: int, offset: int, count: int) -> bytes:
+        """``REGION_READ``; the server has checked index, offset and count against the region."""
+        ...
+
+    def region_write(self, index: int, offset: int, data: bytes) -> None:
+        """``REGION_WRITE``; bounds checked by the server as for reads."""
+        ...
+
+    def set_irqs(self, index: int, flags: int, start: int, count: int, fds: list[int]) -> None:
+        """``DEVICE_SET_IRQS``; the device takes ownership of ``fds`` (closes them when replaced)."""
+        ...
+
+    def attach_dma(self, dma: DmaSpace) -> None:
+        """Called once when the client connects: where the device reads and writes client memory."""
+        ...
+
+    def dma_unmapped(self, iova: int, size: int) -> None:
+        """Called before a DMA range disappears, so the device drops views into it."""
+        ...
+
+    def reset(self) -> None:
+        """``DEVICE_RESET`` (and client disconnect)."""
+        ...
+
+
+class VfioDeviceError(Exception):
+    """A device model refuses a request; ``errno`` goes back in the error reply."""
+
+    def __init__(self, errno_: int, message: str) -> None:
+        super().__init__(message)
+        self.errno = errno_
