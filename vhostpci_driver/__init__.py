@@ -8,7 +8,7 @@ window. See docs/protocol.md for the wire contract.
 
 from vhostpci_driver.errors import (
     DeviceError,
-    FrontendGone,
+    FrontendGoneError,
     ProtocolError,
     RemoteMemoryError,
     RingError,
@@ -20,7 +20,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "DeviceError",
-    "FrontendGone",
+    "FrontendGoneError",
     "ProtocolError",
     "RemoteMemoryError",
     "RingError",

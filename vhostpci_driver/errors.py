@@ -87,5 +87,5 @@ class DeviceError(VhostPciError):
     """The vhost-pci device as a whole is unusable (needs reset, gone, closed)."""
 
 
-class FrontendGone(DeviceError):
+class FrontendGoneError(DeviceError):
     """The frontend was removed (DEVICE_INFO DEL or remote down) while in use."""
