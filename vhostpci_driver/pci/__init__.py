@@ -1,0 +1,1 @@
+"""The PCI layer: one :class:`PciFunction` interface, three backends (VFIO, UIO, vfio-user)."""

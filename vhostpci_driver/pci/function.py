@@ -1,0 +1,136 @@
+"""The one interface every PCI backend implements (after ixy's device ops table).
+
+Higher layers (the virtio-pci transport, the DMA pool) see only this: config
+space, regions, interrupts as eventfds, DMA map/unmap, reset, close. Region and
+irq indices are vfio-pci's (``include/uapi/linux/vfio.h``: BAR0-5 = 0-5, ROM 6,
+CONFIG 7; INTx 0, MSI 1, MSI-X 2), whatever the backend.
+"""
+
+from __future__ import annotations
+
+import abc
+import mmap
+from dataclasses import dataclass
+
+from vhostpci_driver.addr import Iova
+
+# vfio-pci region and irq indices (vfio.h VFIO_PCI_*_INDEX); the backends map
+# their own notions onto these.
+CONFIG_REGION = 7
+IRQ_INTX = 0
+IRQ_MSI = 1
+IRQ_MSIX = 2
+
+
+@dataclass(frozen=True)
+class SparseArea:
+    """An mmappable part of a region, relative to the region's start."""
+
+    offset: int
+    size: int
+
+
+@dataclass(frozen=True)
+class RegionInfo:
+    """One region as the backend reports it (``vfio_region_info``)."""
+
+    index: int
+    size: int
+    readable: bool
+    writable: bool
+    mmappable: bool
+    # Mmappable parts; empty with ``mmappable`` set means the whole region.
+    sparse: tuple[SparseArea, ...] = ()
+
+
+@dataclass(frozen=True)
+class IrqInfo:
+    """One interrupt index (``vfio_irq_info``): how many vectors it has."""
+
+    index: int
+    count: int
+    eventfd: bool
+
+
+class PciFunction(abc.ABC):
+    """A PCI function opened from userspace.
+
+    Every method raises :class:`~vhostpci_driver.errors.TransportError` on
+    failure (never a bare ``OSError``). ``close()`` is idempotent and releases
+    every fd, mapping and DMA map the function holds, in reverse order of
+    acquisition.
+    """
+
+    #: a human-readable address ("0000:00:05.0" or "vfio-user:/run/x.sock")
+    address: str
+
+    @abc.abstractmethod
+    def config_read(self, offset: int, size: int) -> bytes:
+        """Read ``size`` bytes of PCI config space at ``offset``."""
+
+    @abc.abstractmethod
+    def config_write(self, offset: int, data: bytes) -> None:
+        """Write PCI config space at ``offset``."""
+
+    @abc.abstractmethod
+    def region_info(self, index: int) -> RegionInfo:
+        """Describe region ``index`` (a BAR, ROM or config)."""
+
+    @abc.abstractmethod
+    def region_read(self, index: int, offset: int, size: int) -> bytes:
+        """Read a region by access (not mmap): ``size`` is 1, 2, 4 or 8 for registers."""
+
+    @abc.abstractmethod
+    def region_write(self, index: int, offset: int, data: bytes) -> None:
+        """Write a region by access (not mmap)."""
+
+    @abc.abstractmethod
+    def region_mmap(self, index: int, offset: int, size: int) -> mmap.mmap:
+        """Map ``size`` bytes of region ``index`` at ``offset`` (inside one mmappable area).
+
+        The mapping is owned by the function and unmapped by ``close()``; the
+        caller must drop views into it before then.
+        """
+
+    @abc.abstractmethod
+    def irq_info(self, index: int) -> IrqInfo:
+        """Describe interrupt index ``index``."""
+
+    @abc.abstractmethod
+    def set_irq_eventfds(self, index: int, start: int, fds: list[int]) -> None:
+        """Route vectors ``start..start+len(fds)-1`` of ``index`` to eventfds; -1 de-assigns one."""
+
+    @abc.abstractmethod
+    def disable_irqs(self, index: int) -> None:
+        """Tear down every vector of ``index``."""
+
+    @abc.abstractmethod
+    def dma_map(self, fd: int, fd_offset: int, vaddr_view: memoryview, iova: Iova) -> None:
+        """Make ``vaddr_view`` (backed by ``fd`` at ``fd_offset``) visible to the device at ``iova``.
+
+        Backends use what they need: VFIO type1 the virtual address, vfio-user
+        the fd, no-IOMMU/UIO nothing (the caller uses physical addresses, see
+        :meth:`iova_for`).
+        """
+
+    @abc.abstractmethod
+    def dma_unmap(self, iova: Iova, size: int) -> None:
+        """Remove a DMA mapping made by :meth:`dma_map`."""
+
+    def iova_for(self, vaddr_view: memoryview, proposed: Iova) -> Iova:
+        """The device address to use for ``vaddr_view``; ``proposed`` unless the backend is physical."""
+        return proposed
+
+    @abc.abstractmethod
+    def reset(self) -> None:
+        """Function-level reset (``VFIO_DEVICE_RESET`` / ``DEVICE_RESET``)."""
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Release everything; idempotent."""
+
+    def __enter__(self) -> PciFunction:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
