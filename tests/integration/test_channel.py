@@ -10,13 +10,13 @@ import uuid
 from collections.abc import Iterator
 
 import pytest
-from vhostpci_host.channel import Channel, PeerClosedError
 
 from vhostpci_driver.addr import Xgpa
 from vhostpci_driver.errors import ProtocolError
 from vhostpci_driver.wire import sock as wire
 from vhostpci_driver.wire.ctrl import Op
 from vhostpci_driver.wire.sock import Empty, SocketRegion, SockMemoryInfo, SockMessage, SockMsgType
+from vhostpci_host.channel import Channel, PeerClosedError
 
 U = uuid.UUID(int=0x1234)
 
