@@ -1,0 +1,383 @@
+"""Split virtqueues: driver and device sides over one buffer, hostile rings, property tests."""
+
+from __future__ import annotations
+
+import struct
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from vhostpci_driver.addr import WindowOffset, Xgpa
+from vhostpci_driver.errors import RingError
+from vhostpci_driver.memory import BufferWindow, Region, RegionTable
+from vhostpci_driver.virtqueue.device import DeviceQueue
+from vhostpci_driver.virtqueue.driver import DriverQueue
+from vhostpci_driver.virtqueue.layout import (
+    VIRTQ_DESC_F_INDIRECT,
+    VIRTQ_DESC_F_NEXT,
+    VIRTQ_DESC_F_WRITE,
+    layout,
+    need_event,
+)
+
+BASE = 0x1_0000_0000  # guest-physical base of the test memory
+MEM = 1 << 20
+RING = BASE  # rings at the start, buffers from BASE + 64 KiB
+BUFS = BASE + (64 << 10)
+
+
+class Mem:
+    """Guest memory for tests: a bytearray behind the real region table, with a guard band around it."""
+
+    def __init__(self) -> None:
+        self.raw = bytearray(MEM + 2 * 4096)
+        self.raw[:4096] = b"\xaa" * 4096
+        self.raw[-4096:] = b"\xaa" * 4096
+        self.table = RegionTable(BufferWindow(memoryview(self.raw)[4096:-4096]))
+        self.table.add([Region(Xgpa(BASE), MEM, WindowOffset(0))])
+
+    def view(self, addr: int, length: int) -> memoryview:
+        return self.table.view(addr, length)
+
+    def guards_intact(self) -> bool:
+        return self.raw[:4096] == b"\xaa" * 4096 and self.raw[-4096:] == b"\xaa" * 4096
+
+
+def pair(size: int = 8, event_idx: bool = False) -> tuple[Mem, DriverQueue, DeviceQueue]:
+    m = Mem()
+    d, a, u, _ = layout(size)
+    drv = DriverQueue(m, size, RING + d, RING + a, RING + u, event_idx=event_idx)
+    dev = DeviceQueue(m, size, RING + d, RING + a, RING + u, event_idx=event_idx)
+    return m, drv, dev
+
+
+def buf(i: int, size: int = 256) -> int:
+    return BUFS + i * size
+
+
+# -- round trips ---------------------------------------------------------------
+
+
+def test_chains_round_trip_with_data() -> None:
+    m, drv, dev = pair()
+    m.view(buf(0), 5)[:] = b"hello"
+    drv.add([(buf(0), 5)], [(buf(1), 100), (buf(2), 50)], "t0")
+    drv.add([], [(buf(3), 64)], "t1")
+    drv.publish()
+    assert drv.kick_needed()
+    chains = dev.pop_batch()
+    assert [c.head for c in chains] == [0, 3]  # heads are the first descriptor of each chain
+    c = chains[0]
+    assert c.read_all() == b"hello" and c.readable_len == 5 and c.writable_len == 150
+    c.writable[0][:3] = b"abc"
+    dev.push_batch([(c.head, 3), (chains[1].head, 0)])
+    assert dev.need_notify()
+    assert drv.harvest() == [("t0", 3), ("t1", 0)]
+    assert bytes(m.view(buf(1), 3)) == b"abc"
+    assert drv.free_count() == 8
+
+
+def test_indirect_chain() -> None:
+    m, drv, dev = pair()
+    table = BUFS + 0x8000
+    entries = [(buf(0), 10, VIRTQ_DESC_F_NEXT, 1), (buf(1), 20, VIRTQ_DESC_F_WRITE, 0)]
+    for i, e in enumerate(entries):
+        struct.pack_into("<QIHH", m.view(table, 32), 16 * i, *e)
+    drv.add([(table, 32)], [], "ind")
+    # turn the descriptor the driver wrote into an indirect one
+    struct.pack_into("<H", m.view(RING, 16), 12, VIRTQ_DESC_F_INDIRECT)
+    drv.publish()
+    (c,) = dev.pop_batch()
+    assert (c.readable_len, c.writable_len) == (10, 20)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(st.tuples(st.integers(0, 3), st.integers(0, 3), st.integers(0, 40)), min_size=1, max_size=60),
+    st.booleans(),
+    st.sampled_from([4, 8, 16]),
+)
+def test_random_traffic_round_trips(ops: list[tuple[int, int, int]], event_idx: bool, size: int) -> None:
+    m, drv, dev = pair(size, event_idx)
+    outstanding: dict[int, int] = {}
+    seq = 0
+    for nout, nin_, burst_ in ops:
+        nin = nin_ or (0 if nout else 1)
+        burst = burst_
+        while drv.free_count() >= nout + nin and burst:
+            drv.add([(buf(k), 16) for k in range(nout)], [(buf(k + 4), 32) for k in range(nin)], seq)
+            outstanding[seq] = 32 * nin
+            seq += 1
+            burst -= 1
+        drv.publish()
+        kick = drv.kick_needed()
+        pending = dev.pending()
+        if pending and not event_idx:
+            assert kick
+        chains = dev.pop_batch(64)
+        dev.push_batch([(c.head, c.writable_len) for c in chains])
+        dev.enable_notifications()
+        for token, written in drv.harvest():
+            assert outstanding.pop(token) == written  # type: ignore[call-overload]
+    assert not outstanding
+    assert m.guards_intact()
+
+
+def test_need_event_rule() -> None:
+    assert need_event(0, 1, 0)
+    assert not need_event(5, 3, 0)
+    assert need_event(0xFFFF, 0, 0xFFFE)  # wraps
+    assert not need_event(10, 10, 10)
+
+
+def test_event_idx_suppresses_kicks_and_interrupts() -> None:
+    _, drv, dev = pair(8, event_idx=True)
+    drv.add([], [(buf(0), 8)], 0)
+    drv.publish()
+    assert drv.kick_needed()  # avail_event 0 is in (0, 1]
+    chains = dev.pop_batch()
+    # the device does not re-arm: the next kick is suppressed
+    drv.add([], [(buf(1), 8)], 1)
+    drv.publish()
+    assert not drv.kick_needed()
+    chains += dev.pop_batch()  # a device re-checks the ring before re-arming (the race of 2.7.10)
+    dev.enable_notifications()  # avail_event = 2
+    drv.add([], [(buf(2), 8)], 2)
+    drv.publish()
+    assert drv.kick_needed()
+    chains += dev.pop_batch()
+    dev.push_batch([(chains[0].head, 8)])
+    assert dev.need_notify()  # used_event 0 is in (0, 1]
+    dev.push_batch([(c.head, 0) for c in chains[1:]])
+    assert not dev.need_notify()  # the driver has not moved used_event past 0
+    assert len(drv.harvest()) == 3
+    dev.push_batch([])
+    assert not dev.need_notify()
+
+
+# -- hostile rings: each rule has its test ---------------------------------------
+
+
+def hostile(size: int = 8) -> tuple[Mem, DeviceQueue, memoryview, memoryview]:
+    m = Mem()
+    d, a, u, _ = layout(size)
+    dev = DeviceQueue(m, size, RING + d, RING + a, RING + u)
+    return m, dev, m.view(RING + d, 16 * size), m.view(RING + a, 6 + 2 * size)
+
+
+def publish(avail: memoryview, heads: list[int], idx: int | None = None) -> None:
+    for i, h in enumerate(heads):
+        struct.pack_into("<H", avail, 4 + 2 * i, h)
+    struct.pack_into("<H", avail, 2, len(heads) if idx is None else idx)
+
+
+def desc(table: memoryview, i: int, addr: int, length: int, flags: int = 0, nxt: int = 0) -> None:
+    struct.pack_into("<QIHH", table, 16 * i, addr, length, flags, nxt)
+
+
+def broken_with(dev: DeviceQueue, rule: str) -> RingError:
+    with pytest.raises(RingError) as ei:
+        dev.pop_batch()
+    assert ei.value.rule == rule, str(ei.value)
+    assert dev.broken is ei.value
+    with pytest.raises(RingError) as again:  # broken for good
+        dev.pop_batch()
+    assert again.value is ei.value
+    return ei.value
+
+
+def test_head_index_out_of_range() -> None:
+    _, dev, _, avail = hostile()
+    publish(avail, [8])
+    assert broken_with(dev, "desc-index").index == 8
+
+
+def test_next_index_out_of_range() -> None:
+    _, dev, table, avail = hostile()
+    desc(table, 0, buf(0), 8, VIRTQ_DESC_F_NEXT, 9)
+    publish(avail, [0])
+    broken_with(dev, "desc-index")
+
+
+def test_descriptor_loop() -> None:
+    _, dev, table, avail = hostile()
+    desc(table, 0, buf(0), 8, VIRTQ_DESC_F_NEXT, 1)
+    desc(table, 1, buf(1), 8, VIRTQ_DESC_F_NEXT, 0)
+    publish(avail, [0])
+    broken_with(dev, "chain-length")
+
+
+def test_chain_longer_than_the_ring() -> None:
+    _, dev, table, avail = hostile(4)
+    for i in range(4):
+        desc(table, i, buf(i), 8, VIRTQ_DESC_F_NEXT, (i + 1) % 4)
+    publish(avail, [0])
+    broken_with(dev, "chain-length")
+
+
+def test_indirect_inside_indirect() -> None:
+    m, dev, table, avail = hostile()
+    ind = BUFS + 0x8000
+    desc(m.view(ind, 16), 0, ind, 16, VIRTQ_DESC_F_INDIRECT)
+    desc(table, 0, ind, 16, VIRTQ_DESC_F_INDIRECT)
+    publish(avail, [0])
+    broken_with(dev, "indirect-nested")
+
+
+@pytest.mark.parametrize("length", [0, 24, 16 * 9])
+def test_bad_indirect_table_length(length: int) -> None:
+    _, dev, table, avail = hostile()
+    desc(table, 0, BUFS, length, VIRTQ_DESC_F_INDIRECT)
+    publish(avail, [0])
+    broken_with(dev, "indirect-len")
+
+
+def test_indirect_with_next() -> None:
+    _, dev, table, avail = hostile()
+    desc(table, 0, BUFS, 16, VIRTQ_DESC_F_INDIRECT | VIRTQ_DESC_F_NEXT, 1)
+    publish(avail, [0])
+    broken_with(dev, "indirect-next")
+
+
+def test_loop_inside_an_indirect_table() -> None:
+    m, dev, table, avail = hostile()
+    ind = BUFS + 0x8000
+    t = m.view(ind, 32)
+    desc(t, 0, buf(0), 8, VIRTQ_DESC_F_NEXT, 1)
+    desc(t, 1, buf(1), 8, VIRTQ_DESC_F_NEXT, 0)
+    desc(table, 0, ind, 32, VIRTQ_DESC_F_INDIRECT)
+    publish(avail, [0])
+    broken_with(dev, "chain-length")
+
+
+@pytest.mark.parametrize(
+    ("addr", "length"), [(0xDEAD_0000_0000, 8), (BASE + MEM - 4, 8), (BUFS, 0xFFFF_FFFF), (BASE - 8, 8)]
+)
+def test_buffer_outside_memory(addr: int, length: int) -> None:
+    _, dev, table, avail = hostile()
+    desc(table, 0, addr, length)
+    publish(avail, [0])
+    broken_with(dev, "desc-addr")
+
+
+def test_indirect_table_outside_memory() -> None:
+    _, dev, table, avail = hostile()
+    desc(table, 0, BASE + MEM - 16, 32, VIRTQ_DESC_F_INDIRECT)
+    publish(avail, [0])
+    broken_with(dev, "desc-addr")
+
+
+def test_avail_index_jump() -> None:
+    _, dev, _, avail = hostile()
+    publish(avail, [0], idx=9)
+    broken_with(dev, "avail-idx")
+
+
+def test_readable_after_writable() -> None:
+    _, dev, table, avail = hostile()
+    desc(table, 0, buf(0), 8, VIRTQ_DESC_F_WRITE | VIRTQ_DESC_F_NEXT, 1)
+    desc(table, 1, buf(1), 8, 0)
+    publish(avail, [0])
+    broken_with(dev, "desc-order")
+
+
+def test_head_already_in_flight() -> None:
+    _, dev, table, avail = hostile()
+    desc(table, 0, buf(0), 8)
+    publish(avail, [0, 0])
+    broken_with(dev, "desc-in-flight")
+
+
+def test_bad_used_entries_from_the_backend() -> None:
+    _, dev, table, avail = hostile()
+    desc(table, 0, buf(0), 8, VIRTQ_DESC_F_WRITE)
+    publish(avail, [0])
+    dev.pop_batch()
+    with pytest.raises(RingError) as ei:
+        dev.push(0, 9)
+    assert ei.value.rule == "used-len"
+    _, dev2, _, _ = hostile()
+    with pytest.raises(RingError) as ei:
+        dev2.push(3, 0)
+    assert ei.value.rule == "used-id"
+
+
+def test_rings_outside_memory_and_misaligned() -> None:
+    m = Mem()
+    with pytest.raises(RingError) as ei:
+        DeviceQueue(m, 8, BASE + MEM - 64, RING + 0x1000, RING + 0x2000)
+    assert ei.value.rule == "ring-addr"
+    with pytest.raises(RingError) as ei:
+        DeviceQueue(m, 8, RING + 8, RING + 0x1000, RING + 0x2000)
+    assert ei.value.rule == "ring-align"
+    with pytest.raises(RingError) as ei:
+        DeviceQueue(m, 6, RING, RING + 0x1000, RING + 0x2000)
+    assert ei.value.rule == "queue-size"
+
+
+def test_a_device_returning_garbage_to_the_driver() -> None:
+    m, drv, _ = pair()
+    drv.add([], [(buf(0), 8)], "x")
+    drv.publish()
+    used = m.view(RING + layout(8)[2], 6 + 64)
+    struct.pack_into("<HII", used, 2, 1, 5, 0)  # idx 1, id 5 (not in flight)
+    with pytest.raises(RingError) as ei:
+        drv.harvest()
+    assert ei.value.rule == "used-id"
+    struct.pack_into("<HII", used, 2, 1, 0, 99)  # id 0, too long
+    with pytest.raises(RingError) as ei:
+        drv.harvest()
+    assert ei.value.rule == "used-len"
+    struct.pack_into("<H", used, 2, 7)  # more used than made available
+    with pytest.raises(RingError) as ei:
+        drv.harvest()
+    assert ei.value.rule == "used-idx"
+
+
+# -- property: random ring states never escape, loop, or raise anything else -------
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.binary(min_size=16 * 8, max_size=16 * 8),
+    st.lists(st.integers(0, 12), min_size=8, max_size=8),
+    st.integers(0, 0xFFFF),
+    st.integers(0, 0xFFFF),
+)
+def test_random_rings_yield_valid_chains_or_ring_error(
+    table_bytes: bytes, heads: list[int], avail_idx: int, last_avail: int
+) -> None:
+    m = Mem()
+    d, a, u, _ = layout(8)
+    # Steer random addresses into a plausible range half of the time, so walks go deep.
+    raw = bytearray(table_bytes)
+    for i in range(8):
+        if raw[16 * i] & 1:
+            struct.pack_into("<Q", raw, 16 * i, BUFS + (raw[16 * i + 1] << 8))
+            struct.pack_into("<I", raw, 16 * i + 8, raw[16 * i + 9] << 4)
+    m.view(RING + d, 128)[:] = raw
+    avail = m.view(RING + a, 22)
+    for i, h in enumerate(heads):
+        struct.pack_into("<H", avail, 4 + 2 * i, h)
+    struct.pack_into("<H", avail, 2, avail_idx)
+    before = bytes(m.raw)
+    dev = DeviceQueue(m, 8, RING + d, RING + a, RING + u, last_avail_idx=last_avail)
+    try:
+        chains = dev.pop_batch(64)
+    except RingError:
+        assert dev.broken is not None
+    else:
+        for c in chains:
+            assert len(c.readable) + len(c.writable) <= 8 * 9
+            for v in (*c.readable, *c.writable):
+                assert len(v) <= MEM
+        try:
+            dev.push_batch([(c.head, c.writable_len) for c in chains])
+        except RingError:
+            pass
+    # only the used ring may have changed
+    used_lo, used_hi = 4096 + (RING - BASE) + u, 4096 + (RING - BASE) + u + 6 + 64
+    after = bytes(m.raw)
+    assert after[:used_lo] == before[:used_lo] and after[used_hi:] == before[used_hi:]
+    assert m.guards_intact()

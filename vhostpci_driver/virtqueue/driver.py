@@ -1,0 +1,153 @@
+"""The driver side of a split virtqueue: our own controlq and ackq, in our DMA memory.
+
+We own these rings, but the device is input too: every used entry it returns
+is checked (id in flight, length within what we posted, used index not past
+what we made available), so a buggy or hostile device cannot make us reuse a
+buffer twice or read past one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from vhostpci_driver.addr import GuestMemory
+from vhostpci_driver.errors import RemoteMemoryError, RingError
+from vhostpci_driver.virtqueue import layout as _layout
+from vhostpci_driver.virtqueue.layout import (
+    DESC,
+    USED_ELEM,
+    VIRTQ_AVAIL_F_NO_INTERRUPT,
+    VIRTQ_DESC_F_NEXT,
+    VIRTQ_DESC_F_WRITE,
+    VIRTQ_USED_F_NO_NOTIFY,
+    check_alignment,
+    check_size,
+    need_event,
+    ring_part_sizes,
+)
+
+_FREE = object()
+
+
+class DriverQueue:
+    """A split virtqueue seen from the driver."""
+
+    def __init__(
+        self, mem: GuestMemory, size: int, desc: int, avail: int, used: int, *, event_idx: bool = False
+    ):
+        check_size(size)
+        check_alignment(desc, avail, used)
+        self.size = size
+        self.event_idx = event_idx
+        dsize, asize, usize = ring_part_sizes(size)
+        try:
+            self._desc = mem.view(desc, dsize)
+            avail_v = mem.view(avail, asize)
+            self._used = mem.view(used, usize)
+        except RemoteMemoryError as e:
+            raise RingError("ring-addr", f"ring not in memory: {e}") from None
+        self._avail = avail_v.cast("H")
+        self._used16 = self._used.cast("H")
+        self._desc[:] = bytes(dsize)
+        avail_v[:] = bytes(asize)
+        self._used[:] = bytes(usize)
+        self._free = list(range(size - 1, -1, -1))  # a stack of free descriptor indices
+        self._tokens: list[object] = [_FREE] * size
+        self._chains: list[tuple[int, ...]] = [()] * size
+        self._wlen = [0] * size
+        self.avail_idx = 0  # shadow of what we made available (published or not)
+        self.last_used_idx = 0
+        self._kicked_idx = 0
+
+    @staticmethod
+    def layout(size: int) -> tuple[int, int, int, int]:
+        """``(desc_off, avail_off, used_off, total)`` for one contiguous allocation."""
+        return _layout.layout(size)
+
+    def free_count(self) -> int:
+        return len(self._free)
+
+    def add(self, out: Sequence[tuple[int, int]], in_: Sequence[tuple[int, int]], token: object) -> int:
+        """Chain ``out`` (device-readable) then ``in_`` (device-writable) buffers; publish later."""
+        n = len(out) + len(in_)
+        if n == 0:
+            raise RingError("empty-chain", "a chain needs at least one buffer")
+        if n > len(self._free):
+            raise RingError("ring-full", f"{n} descriptors wanted, {len(self._free)} free")
+        pack, desc, free = DESC.pack_into, self._desc, self._free
+        ids = [free.pop() for _ in range(n)]
+        k = 0
+        wlen = 0
+        for bufs, flags in ((out, 0), (in_, VIRTQ_DESC_F_WRITE)):
+            for addr, length in bufs:
+                nxt = ids[k + 1] if k + 1 < n else 0
+                pack(desc, 16 * ids[k], addr, length, flags | (VIRTQ_DESC_F_NEXT if k + 1 < n else 0), nxt)
+                if flags:
+                    wlen += length
+                k += 1
+        head = ids[0]
+        self._tokens[head] = token
+        self._chains[head] = tuple(ids)
+        self._wlen[head] = wlen
+        self._avail[2 + (self.avail_idx & (self.size - 1))] = head
+        self.avail_idx = (self.avail_idx + 1) & 0xFFFF
+        return head
+
+    def publish(self) -> None:
+        """Make every added chain visible to the device (one index write, after the entries)."""
+        self._avail[1] = self.avail_idx
+
+    def kick_needed(self) -> bool:
+        """After :meth:`publish`: must we notify the device? (virtio 1.2, 2.7.10 and 2.7.13)"""
+        old, new = self._kicked_idx, self.avail_idx
+        self._kicked_idx = new
+        if old == new:
+            return False
+        if self.event_idx:
+            return need_event(self._used16[2 + 4 * self.size], new, old)
+        return not self._used16[0] & VIRTQ_USED_F_NO_NOTIFY
+
+    def pending_used(self) -> int:
+        """Used entries waiting to be harvested (validated)."""
+        n = (self._used16[1] - self.last_used_idx) & 0xFFFF
+        outstanding = self.size - len(self._free)
+        if n > self.size or n > (self.avail_idx - self.last_used_idx) & 0xFFFF:
+            raise RingError("used-idx", f"device claims {n} used entries, {outstanding} descriptors out")
+        return n
+
+    def harvest(self, max_entries: int | None = None) -> list[tuple[object, int]]:
+        """``(token, bytes written)`` of every used chain, freeing their descriptors."""
+        n = self.pending_used()
+        if max_entries is not None:
+            n = min(n, max_entries)
+        out: list[tuple[object, int]] = []
+        unpack, ring, mask = USED_ELEM.unpack_from, self._used, self.size - 1
+        tokens, chains, wlens, free = self._tokens, self._chains, self._wlen, self._free
+        idx = self.last_used_idx
+        for _ in range(n):
+            head, written = unpack(ring, 4 + 8 * (idx & mask))
+            if head >= self.size or tokens[head] is _FREE:
+                raise RingError("used-id", f"device returned id {head}, which is not in flight", head)
+            if written > wlens[head]:
+                raise RingError("used-len", f"device wrote {written} bytes into {wlens[head]}", head)
+            out.append((tokens[head], written))
+            tokens[head] = _FREE
+            free.extend(chains[head])
+            idx = (idx + 1) & 0xFFFF
+        self.last_used_idx = idx
+        if self.event_idx and n:
+            self._avail[2 + self.size] = idx  # used_event: interrupt us at the next entry
+        return out
+
+    def disable_interrupts(self) -> None:
+        """Hint the device not to interrupt (polling); with EVENT_IDX we simply stop moving used_event."""
+        if not self.event_idx:
+            self._avail[0] = VIRTQ_AVAIL_F_NO_INTERRUPT
+
+    def enable_interrupts(self) -> bool:
+        """Ask for interrupts again; True when used entries arrived meanwhile (harvest before sleeping)."""
+        if self.event_idx:
+            self._avail[2 + self.size] = self.last_used_idx
+        else:
+            self._avail[0] = 0
+        return self.pending_used() > 0
