@@ -1,0 +1,242 @@
+"""Frontend devices of a simulated driver VM, driven as their guest drivers would drive them.
+
+A :class:`NetFrontend` is a virtio-net device's driver side (virtio 1.2, 5.1):
+an RX queue (0) it keeps filled with empty buffers and a TX queue (1) it puts
+frames on, both split rings in the simulated guest RAM. The backend across
+vhost-pci (our driver in the device VM) moves the frames. Everything is
+batched: a burst of frames is one avail-index publish and at most one kick.
+
+``hostile`` methods break the rules on purpose, writing raw ring bytes, to
+prove the backend survives a malicious driver VM.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import struct
+from collections.abc import Callable
+from typing import cast
+
+from vhostpci_driver.addr import Xgpa
+from vhostpci_driver.virtqueue.driver import DriverQueue
+from vhostpci_driver.wire.ctrl import DeviceInfo, Op, VirtqInfo
+from vhostpci_host import netpacket
+from vhostpci_host.guestram import GuestRam
+
+VIRTIO_NET = 1
+VIRTIO_NET_F_MAC = 5
+VIRTIO_NET_F_MRG_RXBUF = 15
+VIRTIO_RING_F_EVENT_IDX = 29
+VIRTIO_F_VERSION_1 = 32
+NET_FEATURES = (
+    (1 << VIRTIO_F_VERSION_1)
+    | (1 << VIRTIO_RING_F_EVENT_IDX)
+    | (1 << VIRTIO_NET_F_MRG_RXBUF)
+    | (1 << VIRTIO_NET_F_MAC)
+)
+RX, TX = 0, 1
+HDR = netpacket.NET_HDR_SIZE
+FULL_BUF = HDR + netpacket.MAX_FRAME
+MRG_BUF = 4096
+#: Frame sizes of "mixed" traffic: mostly small, some jumbo, some 64 KiB (mean about 8 KiB).
+MIXED = (64, 64, 128, 256, 512, 1024, 1500, 1500, 4096, 9000, 16384, 65536)
+
+
+def mixed_size(seq: int) -> int:
+    return MIXED[seq % len(MIXED)]
+
+
+class Queue:
+    """One virtqueue of a frontend: its ring, its buffers and its kick/call eventfds."""
+
+    def __init__(self, ram: GuestRam, index: int, size: int, buf_size: int) -> None:
+        self.index = index
+        self.size = size
+        desc_off, avail_off, used_off, total = DriverQueue.layout(size)
+        base = ram.alloc(total, 4096)
+        self.desc = Xgpa(base + desc_off)
+        self.avail = Xgpa(base + avail_off)
+        self.used = Xgpa(base + used_off)
+        self.ring = DriverQueue(ram, size, self.desc, self.avail, self.used)
+        self.buf_size = buf_size
+        self.buf_base = ram.alloc(size * buf_size, 4096)
+        self.bufs = [ram.view(self.buf_base + i * buf_size, buf_size) for i in range(size)]
+        self.free = list(range(size))
+        self.kick_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self.call_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self.kicks = 0
+
+    def addr(self, slot: int) -> int:
+        return self.buf_base + slot * self.buf_size
+
+    def info(self) -> VirtqInfo:
+        return VirtqInfo(self.index, self.size, self.desc, self.avail, self.used)
+
+    def kick(self) -> None:
+        if self.ring.kick_needed():
+            self.kicks += 1
+            os.eventfd_write(self.kick_fd, 1)
+
+    def drain_call(self) -> None:
+        with contextlib.suppress(BlockingIOError):
+            os.eventfd_read(self.call_fd)
+
+    def close(self) -> None:
+        for fd in (self.kick_fd, self.call_fd):
+            os.close(fd)
+
+
+class NetFrontend:
+    """A virtio-net frontend: MAC, RX and TX queues, self-checking traffic."""
+
+    device_type = VIRTIO_NET
+
+    def __init__(self, ram: GuestRam, mac: bytes, queue_size: int = 256) -> None:
+        self.ram = ram
+        self.mac = mac
+        self.device_id = int.from_bytes(mac, "big")
+        self.queue_size = queue_size
+        self.offered = NET_FEATURES
+        self.accepted: int | None = None
+        self.rx = Queue(ram, RX, queue_size, FULL_BUF)
+        self.tx = Queue(ram, TX, queue_size, FULL_BUF)
+        self.receiver = netpacket.Receiver()
+        self.sent = 0
+        self.sent_bytes = 0
+        self.seq = 0
+        self.mergeable = False
+
+    @property
+    def queues(self) -> tuple[Queue, Queue]:
+        return (self.rx, self.tx)
+
+    def device_info(self) -> DeviceInfo:
+        return DeviceInfo(Op.ADD, self.device_type, self.device_id, tuple(q.info() for q in self.queues))
+
+    def negotiated(self, accepted: int) -> None:
+        """Apply the accepted features (virtio 1.2, 5.1.6.3.1: mergeable buffers change RX)."""
+        self.accepted = accepted
+        self.mergeable = bool(accepted >> VIRTIO_NET_F_MRG_RXBUF & 1)
+        event_idx = bool(accepted >> VIRTIO_RING_F_EVENT_IDX & 1)
+        for q in self.queues:
+            q.ring.event_idx = event_idx
+
+    def start(self) -> None:
+        """Fill the RX queue with empty buffers (mergeable: 4 KiB pieces, else whole frames)."""
+        size = MRG_BUF if self.mergeable else FULL_BUF
+        q = self.rx
+        while q.free:
+            slot = q.free.pop()
+            q.ring.add((), ((q.addr(slot), size),), slot)
+        q.ring.publish()
+        q.kick()
+
+    # -- TX ------------------------------------------------------------------
+
+    def send(self, dst: bytes, count: int, size_of: Callable[[int], int]) -> int:
+        """Queue up to ``count`` frames to ``dst`` as one batch; returns how many went."""
+        self.reclaim_tx()
+        q = self.tx
+        n = min(count, len(q.free))
+        if n == 0:
+            return 0
+        add, bufs, free = q.ring.add, q.bufs, q.free
+        seq = self.seq
+        for _ in range(n):
+            size = size_of(seq)
+            frame = netpacket.build(dst, self.mac, seq, size)
+            slot = free.pop()
+            buf = bufs[slot]
+            buf[:HDR] = netpacket.NO_CSUM_HDR
+            buf[HDR : HDR + size] = frame
+            add(((q.addr(slot), HDR + size),), (), slot)
+            self.sent_bytes += size
+            seq += 1
+        self.seq = seq
+        self.sent += n
+        q.ring.publish()
+        q.kick()
+        return n
+
+    def reclaim_tx(self) -> None:
+        self.tx.free.extend(cast(int, slot) for slot, _ in self.tx.ring.harvest())
+
+    # -- RX ------------------------------------------------------------------
+
+    def receive(self) -> int:
+        """Check every frame the backend delivered, give the buffers back; returns frames taken."""
+        q = self.rx
+        used = q.ring.harvest()
+        if not used:
+            return 0
+        frames = 0
+        i = 0
+        while i < len(used):
+            slot, written = cast(int, used[i][0]), used[i][1]
+            buf = q.bufs[slot]
+            if self.mergeable:
+                (nbufs,) = struct.unpack_from("<H", buf, 10)
+                parts = [bytes(buf[HDR:written])]
+                slots = [slot]
+                for j in range(1, max(1, nbufs)):
+                    if i + j >= len(used):
+                        break  # the rest is not published yet: a backend bug, counted as corrupt below
+                    s2, w2 = cast(int, used[i + j][0]), used[i + j][1]
+                    parts.append(bytes(q.bufs[s2][:w2]))
+                    slots.append(s2)
+                self.receiver.take(b"".join(parts))
+                i += len(slots)
+                for s in slots:
+                    q.ring.add((), ((q.addr(s), MRG_BUF),), s)
+            else:
+                self.receiver.take(buf[HDR:written])
+                q.ring.add((), ((q.addr(slot), FULL_BUF),), slot)
+                i += 1
+            frames += 1
+        q.ring.publish()
+        q.kick()
+        return frames
+
+    def stats(self) -> dict[str, object]:
+        r = self.receiver
+        return {
+            "mac": netpacket.mac_str(self.mac),
+            "features": self.accepted,
+            "sent": self.sent,
+            "sent_bytes": self.sent_bytes,
+            "received": r.received,
+            "received_bytes": r.octets,
+            "duplicates": r.duplicates,
+            "corrupt": r.corrupt,
+            "from": {netpacket.mac_str(src): len(seqs) for src, seqs in r.seen.items()},
+            "kicks": {"rx": self.rx.kicks, "tx": self.tx.kicks},
+        }
+
+    # -- a malicious driver VM -------------------------------------------------
+
+    def hostile(self, kind: str) -> None:
+        """Break the TX ring on purpose (raw bytes, bypassing the ring code), then kick."""
+        q = self.tx
+        desc = self.ram.view(q.desc, 16 * q.size)
+        avail = self.ram.view(q.avail, 4 + 2 * q.size)
+        (idx,) = struct.unpack_from("<H", avail, 2)
+        head = 0
+        if kind == "desc-loop":
+            struct.pack_into("<QIHH", desc, 0, q.addr(0), 64, 1, 0)  # NEXT -> itself
+        elif kind == "oob-addr":
+            struct.pack_into("<QIHH", desc, 0, 0xDEAD_0000_0000, 64, 0, 0)
+        elif kind == "huge-len":
+            struct.pack_into("<QIHH", desc, 0, q.addr(0), 0xFFFF_FFFF, 0, 0)
+        elif kind == "bad-index":
+            head = q.size + 5
+        elif kind != "avail-jump":
+            raise ValueError(f"unknown hostile kind {kind!r}")
+        struct.pack_into("<H", avail, 4 + 2 * (idx % q.size), head)
+        new_idx = idx + (q.size + 100 if kind == "avail-jump" else 1)
+        struct.pack_into("<H", avail, 2, new_idx & 0xFFFF)
+        os.eventfd_write(q.kick_fd, 1)
+
+    def close(self) -> None:
+        for q in self.queues:
+            q.close()
