@@ -1,0 +1,288 @@
+"""One driver VM as the vhost-pci server sees it: the relay between its socket and its device.
+
+The session turns the driver VM's socket messages into controlq messages on
+its vhost-pci device and the device driver's acks back into socket acks
+(protocol.md, section 7). It owns what the driver VM gave: the memory fds (until
+the device driver acks their removal) and the kick/call eventfds (handed to
+notification slots). It is driven by the server's event loop and does no I/O
+of its own: it returns the socket messages to send.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from vhostpci_driver.addr import WindowOffset
+from vhostpci_driver.errors import FailReason
+from vhostpci_driver.events import FrontendKey
+from vhostpci_driver.wire.ctrl import (
+    Ack,
+    AckResult,
+    DeviceInfo,
+    FeatureBits,
+    MemoryInfo,
+    MemoryRegion,
+    Op,
+)
+from vhostpci_driver.wire.sock import (
+    Empty,
+    SockAck,
+    SockDeviceInfo,
+    SocketRegion,
+    SockMemoryInfo,
+    SockMessage,
+    SockMsgType,
+)
+
+log = logging.getLogger(__name__)
+
+
+class DevicePort(Protocol):
+    """What a session needs of its vhost-pci device model."""
+
+    window_size: int
+
+    def send_control(self, body: MemoryInfo | DeviceInfo | FeatureBits) -> int: ...
+
+    def set_remote(self, vm_uuid: bytes, up: bool) -> None: ...
+
+    def assign_slot(self, kick_fd: int, call_fd: int) -> int: ...
+
+    def release_slot(self, slot: int) -> None: ...
+
+    def map_region(self, window_offset: int, size: int, fd: int, fd_offset: int) -> None: ...
+
+    def unmap_region(self, window_offset: int) -> None: ...
+
+
+@dataclass
+class _Pending:
+    """A controlq request waiting for the device driver's ack."""
+
+    kind: SockMsgType  # the socket request it answers
+    client_id: int | None  # the client's request id (None: the server's own, e.g. teardown)
+    regions: tuple[MemoryRegion, ...] = ()
+    key: FrontendKey | None = None
+    offered: int = 0
+
+
+@dataclass
+class _Frontend:
+    slots: list[int]
+    fds: list[int]
+
+
+@dataclass
+class Session:
+    """The relay for one driver VM (one UUID, one device)."""
+
+    vm_uuid: uuid.UUID
+    device: DevicePort
+    send: Callable[[SockMessage], None]
+    ping_interval: float = 1.0
+    ping_misses: int = 3
+    _pending: dict[int, _Pending] = field(default_factory=dict)
+    _regions: dict[int, tuple[MemoryRegion, int]] = field(default_factory=dict)  # xgpa -> (region, fd)
+    _frontends: dict[FrontendKey, _Frontend] = field(default_factory=dict)
+    _ping_id: int = 0
+    _pings_out: int = 0
+    _next_ping: float = 0.0
+    gone: bool = False
+    stats: dict[str, int] = field(default_factory=lambda: {"requests": 0, "acks": 0, "fail_acks": 0})
+
+    # -- from the driver VM ----------------------------------------------------
+
+    def on_message(self, msg: SockMessage) -> None:
+        """Handle one message from the driver VM's socket."""
+        b = msg.body
+        if msg.msg_type == SockMsgType.PONG:
+            if msg.request_id == self._ping_id:
+                self._pings_out = 0
+        elif msg.msg_type == SockMsgType.PING:
+            self.send(SockMessage(SockMsgType.PONG, self.vm_uuid, msg.request_id, Empty()))
+        elif isinstance(b, SockMemoryInfo):
+            self._memory(msg.request_id, b)
+        elif isinstance(b, SockDeviceInfo):
+            self._device(msg.request_id, b)
+        elif isinstance(b, FeatureBits):
+            self._pending_control(
+                SockMsgType.FEATURE_BITS,
+                msg.request_id,
+                b,
+                offered=b.features,
+                key=FrontendKey(b.device_type, b.device_id),
+            )
+        elif msg.msg_type == SockMsgType.FEATURE_BITS_ACK:
+            # The driver VM confirms (or refuses) a renegotiated subset (protocol.md 7.3): nothing to relay.
+            log.info("%s: feature renegotiation of request %d: %s", self.vm_uuid, msg.request_id, b)
+        else:
+            self._reply(msg.msg_type, msg.request_id, AckResult.ADD_FAIL, FailReason.UNKNOWN_TYPE)
+
+    def _reply(self, kind: SockMsgType, client_id: int, result: AckResult, reason: int = 0) -> None:
+        ack_type = {
+            SockMsgType.MEMORY_INFO: SockMsgType.MEMORY_INFO_ACK,
+            SockMsgType.DEVICE_INFO: SockMsgType.DEVICE_INFO_ACK,
+            SockMsgType.FEATURE_BITS: SockMsgType.FEATURE_BITS_ACK,
+        }.get(kind, SockMsgType.FEATURE_BITS_ACK)
+        self.send(SockMessage(ack_type, self.vm_uuid, client_id, SockAck(result, reason)))
+
+    def _pending_control(
+        self,
+        kind: SockMsgType,
+        client_id: int | None,
+        body: MemoryInfo | DeviceInfo | FeatureBits,
+        **extra: object,
+    ) -> None:
+        rid = self.device.send_control(body)
+        self.stats["requests"] += 1
+        self._pending[rid] = _Pending(kind, client_id, **extra)  # type: ignore[arg-type]
+
+    def _memory(self, client_id: int, m: SockMemoryInfo) -> None:
+        if m.op == Op.DEL:
+            regions = []
+            for r in m.regions:
+                known = self._regions.get(r.guest_phys_addr)
+                if known is None or known[0].size != r.memory_size:
+                    self._reply(SockMsgType.MEMORY_INFO, client_id, AckResult.DEL_FAIL, FailReason.NOT_FOUND)
+                    return
+                regions.append(known[0])
+            self._pending_control(
+                SockMsgType.MEMORY_INFO, client_id, MemoryInfo(Op.DEL, tuple(regions)), regions=tuple(regions)
+            )
+            return
+        placed = self._place(m.regions)
+        if placed is None:
+            for r in m.regions:
+                os.close(r.fd)
+            self._reply(SockMsgType.MEMORY_INFO, client_id, AckResult.ADD_FAIL, FailReason.OUT_OF_WINDOW)
+            return
+        for region, sr in zip(placed, m.regions, strict=True):
+            self.device.map_region(region.window_offset, region.size, sr.fd, sr.mmap_offset)
+            self._regions[region.xgpa] = (region, sr.fd)
+        self._pending_control(SockMsgType.MEMORY_INFO, client_id, MemoryInfo(Op.ADD, placed), regions=placed)
+
+    def _place(self, regions: tuple[SocketRegion, ...]) -> tuple[MemoryRegion, ...] | None:
+        """Window offsets: a region sits at its own file offset (protocol.md 9), if that is free."""
+        taken: list[tuple[int, int]] = [
+            (r.window_offset, r.window_offset + r.size) for r, _ in self._regions.values()
+        ]
+        out = []
+        for r in regions:
+            start, end = r.mmap_offset, r.mmap_offset + r.memory_size
+            if end > self.device.window_size or any(s < end and start < e for s, e in taken):
+                log.warning("%s: region %#x+%#x does not fit the window", self.vm_uuid, start, r.memory_size)
+                return None
+            if r.guest_phys_addr in self._regions:
+                return None
+            taken.append((start, end))
+            out.append(MemoryRegion(r.guest_phys_addr, r.memory_size, WindowOffset(start)))
+        return tuple(out)
+
+    def _device(self, client_id: int, d: SockDeviceInfo) -> None:
+        info = d.info
+        key = FrontendKey(info.device_type, info.device_id)
+        if info.op == Op.DEL:
+            self._pending_control(SockMsgType.DEVICE_INFO, client_id, info, key=key)
+            return
+        if key in self._frontends:
+            for fd in (*d.kick_fds, *d.call_fds):
+                os.close(fd)
+            self._reply(SockMsgType.DEVICE_INFO, client_id, AckResult.ADD_FAIL, FailReason.EXISTS)
+            return
+        slots = [self.device.assign_slot(k, c) for k, c in zip(d.kick_fds, d.call_fds, strict=True)]
+        virtqs = tuple(
+            type(v)(v.index, v.size, v.desc, v.avail, v.used, v.last_avail_idx, v.last_used_idx, slot)
+            for v, slot in zip(info.virtqs, slots, strict=True)
+        )
+        self._frontends[key] = _Frontend(slots, [*d.kick_fds, *d.call_fds])
+        body = DeviceInfo(Op.ADD, info.device_type, info.device_id, virtqs)
+        self._pending_control(SockMsgType.DEVICE_INFO, client_id, body, key=key)
+
+    # -- from the device driver (acks) -----------------------------------------
+
+    def on_ack(self, request_id: int, ack: Ack) -> None:
+        """The device driver acked ``request_id``: apply it and answer the driver VM."""
+        p = self._pending.pop(request_id, None)
+        if p is None:
+            return
+        self.stats["acks"] += 1
+        if ack.result.failed:
+            self.stats["fail_acks"] += 1
+        if p.kind == SockMsgType.MEMORY_INFO:
+            # DEL done, or ADD refused: either way the memory leaves the window.
+            if ack.result in (AckResult.DEL_DONE, AckResult.ADD_FAIL):
+                for r in p.regions:
+                    self._drop_region(r)
+        elif p.kind == SockMsgType.DEVICE_INFO and p.key is not None and ack.result in (
+            AckResult.DEL_DONE,
+            AckResult.ADD_FAIL,
+        ):
+            self._drop_frontend(p.key)
+        if p.client_id is None:
+            return
+        if p.kind == SockMsgType.FEATURE_BITS and not ack.result.failed and ack.value != p.offered:
+            # A strict subset: the driver VM renegotiates and confirms (protocol.md 7.3).
+            assert p.key is not None
+            subset = FeatureBits(p.key.device_type, p.key.device_id, ack.value)
+            self.send(SockMessage(SockMsgType.FEATURE_BITS, self.vm_uuid, p.client_id, subset))
+            return
+        self._reply(p.kind, p.client_id, ack.result, ack.reason)
+
+    def _drop_region(self, r: MemoryRegion) -> None:
+        entry = self._regions.pop(r.xgpa, None)
+        if entry is not None:
+            self.device.unmap_region(r.window_offset)
+            os.close(entry[1])
+
+    def _drop_frontend(self, key: FrontendKey) -> None:
+        fe = self._frontends.pop(key, None)
+        if fe is not None:
+            for slot in fe.slots:
+                self.device.release_slot(slot)
+            for fd in fe.fds:
+                os.close(fd)
+
+    # -- liveness --------------------------------------------------------------
+
+    def tick(self, now: float | None = None) -> bool:
+        """Send a PING when due; False when the driver VM missed too many (it is gone)."""
+        now = time.monotonic() if now is None else now
+        if now < self._next_ping:
+            return True
+        if self._pings_out >= self.ping_misses:
+            return False
+        self._ping_id += 1
+        self._pings_out += 1
+        self._next_ping = now + self.ping_interval
+        self.send(SockMessage(SockMsgType.PING, self.vm_uuid, self._ping_id, Empty()))
+        return True
+
+    def teardown(self) -> None:
+        """The driver VM is gone: remove its frontends, then its memory, then drop REMOTE_UP (rule 7)."""
+        if self.gone:
+            return
+        self.gone = True
+        for key in list(self._frontends):
+            self._pending_control(
+                SockMsgType.DEVICE_INFO, None, DeviceInfo(Op.DEL, key.device_type, key.device_id), key=key
+            )
+        regions = tuple(r for r, _ in self._regions.values())
+        if regions:
+            self._pending_control(SockMsgType.MEMORY_INFO, None, MemoryInfo(Op.DEL, regions), regions=regions)
+        self.device.set_remote(self.vm_uuid.bytes, False)
+
+    def outstanding(self) -> int:
+        return len(self._pending)
+
+    def close(self) -> None:
+        """Release every fd the session still holds (server shutdown or device removed)."""
+        for key in list(self._frontends):
+            self._drop_frontend(key)
+        for r, _ in list(self._regions.values()):
+            self._drop_region(r)

@@ -1,0 +1,259 @@
+"""A simulated driver VM: guest RAM, frontends, and the client side of the server socket.
+
+It connects to the vhost-pci server, sends its memory, its frontends (with
+kick/call eventfds) and their features, answers PINGs and feature
+renegotiations, and then behaves as its frontends' guest drivers: posts RX
+buffers, sends self-checking frames, checks what arrives. It is driven by
+one-line commands on stdin and reports JSON lines on stdout, so tests and the
+demo run it as a real process:
+
+    send DST_MAC COUNT SIZE|mixed [FRONTEND]   queue frames from FRONTEND (default 0)
+    stats                                      print a stats line
+    hostile KIND [FRONTEND]                    break a TX ring: desc-loop, oob-addr, huge-len,
+                                               avail-jump or bad-index
+    rings-outside                              announce a frontend whose rings lie outside memory
+    quit                                       leave (also on end of stdin, SIGTERM, SIGINT)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import selectors
+import signal
+import socket
+import sys
+import time
+import uuid
+from dataclasses import dataclass
+from typing import cast
+
+from vhostpci_driver.addr import Xgpa
+from vhostpci_driver.wire.ctrl import AckResult, DeviceInfo, FeatureBits, Op, VirtqInfo
+from vhostpci_driver.wire.sock import (
+    Empty,
+    SockAck,
+    SockDeviceInfo,
+    SockMemoryInfo,
+    SockMessage,
+    SockMsgType,
+)
+from vhostpci_host import netpacket
+from vhostpci_host.channel import Channel, PeerClosedError
+from vhostpci_host.frontend import NetFrontend, Queue, mixed_size
+from vhostpci_host.guestram import GuestRam
+
+log = logging.getLogger(__name__)
+
+
+def emit(event: str, **fields: object) -> None:
+    """One JSON status line on stdout (the simulator's whole interface to scripts)."""
+    sys.stdout.write(json.dumps({"event": event, **fields}) + "\n")
+    sys.stdout.flush()
+
+
+@dataclass
+class _Send:
+    frontend: NetFrontend
+    dst: bytes
+    remaining: int
+    size: int  # 0: mixed
+
+    def size_of(self, seq: int) -> int:
+        return self.size or mixed_size(seq)
+
+
+class DriverVm:
+    """The simulator's state and event loop."""
+
+    def __init__(
+        self, server: str, vm_uuid: uuid.UUID, macs: list[str], memory: int, queue_size: int
+    ) -> None:
+        self.uuid = vm_uuid
+        self.ram = GuestRam(memory)
+        self.frontends = [NetFrontend(self.ram, netpacket.mac_bytes(m), queue_size) for m in macs]
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.connect(server)
+        self.channel = Channel(s)
+        self.sel = selectors.DefaultSelector()
+        self.next_id = 0
+        self.waiting: dict[int, str] = {}
+        self.sends: list[_Send] = []
+        self.ready = False
+        self.running = True
+        self.renegotiations = 0
+        self.acks: dict[str, int] = {}
+
+    def request(self, msg_type: SockMsgType, body: object, what: str) -> None:
+        self.next_id += 1
+        self.waiting[self.next_id] = what
+        self.channel.send(SockMessage(msg_type, self.uuid, self.next_id, body))  # type: ignore[arg-type]
+
+    def connect(self) -> None:
+        """Memory, then every frontend, then their features (protocol.md 7.2)."""
+        self.request(SockMsgType.MEMORY_INFO, SockMemoryInfo(Op.ADD, self.ram.socket_regions()), "memory")
+        for i, fe in enumerate(self.frontends):
+            body = SockDeviceInfo(
+                fe.device_info(), tuple(q.kick_fd for q in fe.queues), tuple(q.call_fd for q in fe.queues)
+            )
+            self.request(SockMsgType.DEVICE_INFO, body, f"device:{i}")
+            self.request(
+                SockMsgType.FEATURE_BITS,
+                FeatureBits(fe.device_type, fe.device_id, fe.offered),
+                f"features:{i}",
+            )
+
+    def on_message(self, msg: SockMessage) -> None:
+        if msg.msg_type == SockMsgType.PING:
+            self.channel.send(SockMessage(SockMsgType.PONG, self.uuid, msg.request_id, Empty()))
+            return
+        what = self.waiting.get(msg.request_id)
+        if what is None:
+            log.warning("unexpected message %s id %d", msg.msg_type.name, msg.request_id)
+            return
+        if msg.msg_type == SockMsgType.FEATURE_BITS and isinstance(msg.body, FeatureBits):
+            # A strict subset was accepted: renegotiate with "our driver", then confirm (protocol.md 7.3).
+            fe = self.frontends[int(what.split(":")[1])]
+            fe.negotiated(msg.body.features)
+            self.renegotiations += 1
+            self.channel.send(
+                SockMessage(
+                    SockMsgType.FEATURE_BITS_ACK, self.uuid, msg.request_id, SockAck(AckResult.ADD_DONE)
+                )
+            )
+            self._done(what, msg.request_id, AckResult.ADD_DONE, 0)
+            return
+        if isinstance(msg.body, SockAck):
+            if what.startswith("features:") and msg.body.result == AckResult.ADD_DONE:
+                fe = self.frontends[int(what.split(":")[1])]
+                fe.negotiated(fe.offered)
+            self._done(what, msg.request_id, msg.body.result, msg.body.reason)
+
+    def _done(self, what: str, request_id: int, result: AckResult, reason: int) -> None:
+        del self.waiting[request_id]
+        self.acks[result.name] = self.acks.get(result.name, 0) + 1
+        if result.failed:
+            emit("ack-failed", request=what, result=result.name, reason=reason)
+        if not self.ready and not any(
+            w.split(":")[0] in ("memory", "device", "features") for w in self.waiting.values()
+        ):
+            self.ready = True
+            for fe in self.frontends:
+                fe.start()
+                for q in fe.queues:
+                    self.sel.register(q.call_fd, selectors.EVENT_READ, (fe, q))
+            emit(
+                "ready",
+                uuid=str(self.uuid),
+                frontends=[netpacket.mac_str(f.mac) for f in self.frontends],
+                renegotiations=self.renegotiations,
+            )
+
+    def command(self, line: str) -> None:
+        words = line.split()
+        if not words:
+            return
+        cmd, args = words[0], words[1:]
+        try:
+            if cmd == "send":
+                fe = self.frontends[int(args[3]) if len(args) > 3 else 0]
+                size = 0 if args[2] == "mixed" else int(args[2])
+                self.sends.append(_Send(fe, netpacket.mac_bytes(args[0]), int(args[1]), size))
+            elif cmd == "stats":
+                self.report()
+            elif cmd == "hostile":
+                self.frontends[int(args[1]) if len(args) > 1 else 0].hostile(args[0])
+            elif cmd == "rings-outside":
+                far = Xgpa(1 << 50)
+                vq = VirtqInfo(0, 256, far, Xgpa(far + 4096), Xgpa(far + 8192))
+                fds = (os.eventfd(0), os.eventfd(0))
+                body = SockDeviceInfo(DeviceInfo(Op.ADD, 1, 0x0200DEADBEEF, (vq,)), (fds[0],), (fds[1],))
+                self.request(SockMsgType.DEVICE_INFO, body, "hostile-device")
+                for fd in fds:
+                    os.close(fd)
+            elif cmd == "quit":
+                self.running = False
+            else:
+                emit("error", message=f"unknown command {cmd!r}")
+        except (IndexError, ValueError) as e:
+            emit("error", message=f"bad command {line.strip()!r}: {e}")
+
+    def report(self) -> None:
+        emit(
+            "stats",
+            uuid=str(self.uuid),
+            ready=self.ready,
+            acks=self.acks,
+            pending_sends=sum(s.remaining for s in self.sends),
+            frontends=[fe.stats() for fe in self.frontends],
+        )
+
+    def pump_sends(self) -> None:
+        for s in list(self.sends):
+            n = s.frontend.send(s.dst, min(s.remaining, 64), s.size_of)
+            s.remaining -= n
+            if s.remaining == 0:
+                self.sends.remove(s)
+
+    def run(self) -> int:
+        self.sel.register(self.channel.sock, selectors.EVENT_READ, "socket")
+        self.sel.register(sys.stdin, selectors.EVENT_READ, "stdin")
+        stop_r, stop_w = os.pipe()
+        os.set_blocking(stop_w, False)
+        signal.set_wakeup_fd(stop_w)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: setattr(self, "running", False))
+        self.sel.register(stop_r, selectors.EVENT_READ, "signal")
+        self.connect()
+        try:
+            while self.running:
+                if self.ready and self.sends:
+                    self.pump_sends()
+                timeout = 0.0 if (self.ready and self.sends) else 0.5
+                for key, _ in self.sel.select(timeout):
+                    self._dispatch(key.data)
+                self.channel.flush()
+        except PeerClosedError:
+            emit("server-gone")
+            return 1
+        finally:
+            self.report()
+            self.close()
+        return 0
+
+    def _dispatch(self, data: object) -> None:
+        if data == "socket":
+            for msg in self.channel.receive():
+                self.on_message(msg)
+        elif data == "stdin":
+            line = sys.stdin.readline()
+            if not line:
+                self.running = False
+            else:
+                self.command(line)
+        elif data == "signal":
+            pass
+        else:
+            fe, q = cast(tuple[NetFrontend, Queue], data)
+            q.drain_call()
+            if q.index == 0:
+                fe.receive()
+            else:
+                fe.reclaim_tx()
+
+    def close(self) -> None:
+        self.sel.close()
+        self.channel.close()
+        for fe in self.frontends:
+            fe.close()
+        self.ram.close()
+
+
+def run(server: str, vm_uuid: uuid.UUID, macs: list[str], memory: int, queue_size: int) -> int:
+    """Entry point of ``vhostpci-host frontend``."""
+    started = time.monotonic()
+    vm = DriverVm(server, vm_uuid, macs, memory, queue_size)
+    rc = vm.run()
+    log.info("driver VM %s ran %.1fs", vm_uuid, time.monotonic() - started)
+    return rc
