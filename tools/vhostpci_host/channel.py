@@ -11,22 +11,17 @@ the peer sends garbage or vanishes mid-message.
 
 from __future__ import annotations
 
-import array
 import contextlib
 import os
 import socket
-import time
 from collections import deque
 
 from vhostpci_driver.errors import ProtocolError
 from vhostpci_driver.wire import sock as wire
-from vhostpci_driver.wire.sock import SockHeader, SockLimits, SockMessage
+from vhostpci_driver.wire.sock import SockLimits, SockMessage
+from vhostpci_host.framing import FramedReader, PeerClosedError, close_fds, send_with_fds
 
-_FD_SIZE = array.array("i").itemsize
-
-
-class PeerClosedError(Exception):
-    """The peer closed the connection (between messages, or mid-message)."""
+__all__ = ["Channel", "PeerClosedError"]
 
 
 class Channel:
@@ -45,16 +40,16 @@ class Channel:
         self.limits = limits or SockLimits()
         self.max_outbuf = max_outbuf
         self.partial_timeout = partial_timeout
-        self._buf = bytearray()
-        self._hdr: SockHeader | None = None
-        self._fds: list[int] = []
-        self._partial_since: float | None = None
+        self._reader = FramedReader(sock, wire.HEADER.size, self._body_len)
         self._out: deque[tuple[memoryview, list[int]]] = deque()
         self._out_bytes = 0
         self.closed = False
 
     def fileno(self) -> int:
         return self.sock.fileno()
+
+    def _body_len(self, header: bytes) -> int:
+        return wire.decode_header(header, self.limits).msg_len
 
     # -- receiving -----------------------------------------------------------
 
@@ -65,62 +60,18 @@ class Channel:
         drops the peer) and :class:`PeerClosedError` on end of stream.
         """
         out: list[SockMessage] = []
-        while True:
-            need = (wire.HEADER.size if self._hdr is None else self._hdr.msg_len) - len(self._buf)
-            if need > 0:
-                try:
-                    data, fds = self._recv(need)
-                except BlockingIOError:
-                    break
-                if not data:
-                    where = " mid-message" if self._buf or self._hdr else ""
-                    raise PeerClosedError(f"peer closed the connection{where}")
-                if fds and (self._hdr is not None or self._buf):
-                    # fds belong to the first byte of a message; anywhere else is a framing error.
-                    self._close_fds(fds)
-                    raise ProtocolError("socket fds", "fds arrived after the start of a message")
-                self._fds += fds
-                self._buf += data
-                if self._partial_since is None:
-                    self._partial_since = time.monotonic()
-                if len(data) < need:
-                    continue
-            if self._hdr is None:
-                try:
-                    self._hdr = wire.decode_header(self._buf, self.limits)
-                except ProtocolError:
-                    self._close_fds(self._fds)
-                    self._fds = []
-                    raise
-                self._buf.clear()
-                continue
-            hdr, payload, fds = self._hdr, bytes(self._buf), self._fds
-            self._hdr, self._fds, self._partial_since = None, [], None
-            self._buf.clear()
+        for header, payload, fds in self._reader.read():
             try:
+                hdr = wire.decode_header(header, self.limits)
                 out.append(wire.decode_body(hdr, payload, fds, self.limits))
             except ProtocolError:
-                self._close_fds(fds)
+                close_fds(fds)
                 raise
         return out
 
-    def _recv(self, want: int) -> tuple[bytes, list[int]]:
-        cmsg_space = socket.CMSG_SPACE(wire.SCM_MAX_FD * _FD_SIZE)
-        data, anc, flags, _ = self.sock.recvmsg(want, cmsg_space, socket.MSG_CMSG_CLOEXEC)
-        fds: list[int] = []
-        for level, kind, payload in anc:
-            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                arr = array.array("i")
-                arr.frombytes(payload[: len(payload) - len(payload) % _FD_SIZE])
-                fds += arr.tolist()
-        if flags & socket.MSG_CTRUNC:
-            self._close_fds(fds)
-            raise ProtocolError("socket fds", "more fds than a message may carry (truncated)")
-        return data, fds
-
     def stalled_for(self) -> float:
         """Seconds a partial message has been waiting for its rest (0 when between messages)."""
-        return 0.0 if self._partial_since is None else time.monotonic() - self._partial_since
+        return self._reader.stalled_for()
 
     def partial_timed_out(self) -> bool:
         """True when a peer has sat on half a message longer than ``partial_timeout``."""
@@ -145,9 +96,8 @@ class Channel:
         """Write queued bytes; True when the queue is empty."""
         while self._out:
             data, fds = self._out[0]
-            anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())] if fds else []
             try:
-                n = self.sock.sendmsg([data], anc)
+                n = send_with_fds(self.sock, bytes(data), fds)
             except BlockingIOError:
                 return False
             self._out_bytes -= n
@@ -174,6 +124,5 @@ class Channel:
         if self.closed:
             return
         self.closed = True
-        self._close_fds(self._fds)
-        self._fds = []
+        self._reader.discard()
         self.sock.close()
