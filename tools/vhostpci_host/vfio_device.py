@@ -153,7 +153,11 @@ class VfioUserDevice(Protocol):
         ...
 
     def reset(self) -> None:
-        """``DEVICE_RESET`` (and client disconnect)."""
+        """``DEVICE_RESET``: back to the power-on state (interrupt routing stays)."""
+        ...
+
+    def disconnected(self) -> None:
+        """The client is gone: reset, and close every fd it gave (interrupt eventfds)."""
         ...
 
 

@@ -1,0 +1,379 @@
+"""A vfio-user server (QEMU ``docs/interop/vfio-user.rst``) serving one device model.
+
+One client at a time (a second connection is refused and logged). Requests are
+answered in order; a bad request gets an error reply with an errno and the
+connection carries on; a framing error or a vanished client closes the
+connection, resets the device and drops every DMA mapping the client made, so
+nothing leaks. The client's memory arrives by ``DMA_MAP`` with an fd and is
+mmapped here: the :class:`DmaTable` is what the device reads and writes.
+"""
+
+from __future__ import annotations
+
+import bisect
+import errno
+import logging
+import mmap
+import os
+import selectors
+import socket
+from collections import deque
+from collections.abc import Callable
+
+from vhostpci_driver.errors import ProtocolError, RemoteMemoryError
+from vhostpci_driver.pci import vfio_user_wire as w
+from vhostpci_driver.pci.vfio_user_wire import Command, Header
+from vhostpci_host.framing import FramedReader, PeerClosedError, close_fds, send_with_fds
+from vhostpci_host.vfio_device import (
+    DmaMapping,
+    IrqSpec,
+    RegionFlag,
+    VfioDeviceError,
+    VfioUserDevice,
+)
+
+log = logging.getLogger(__name__)
+
+MAX_MSG_FDS = 16
+MAX_DATA_XFER = 1 << 20
+MAX_DMA_MAPS = 4096
+
+
+class DmaTable:
+    """The client's DMA mappings, mmapped; ``view`` satisfies ``GuestMemory`` (IOVA space)."""
+
+    def __init__(self) -> None:
+        self._starts: list[int] = []
+        self._maps: list[DmaMapping] = []
+        self._mms: list[mmap.mmap] = []
+
+    def __len__(self) -> int:
+        return len(self._maps)
+
+    def map(self, iova: int, size: int, fd: int, offset: int, flags: int) -> None:
+        if size <= 0 or iova + size > 1 << 64 or offset < 0:
+            raise VfioDeviceError(errno.EINVAL, f"bad DMA range {iova:#x}+{size:#x}")
+        if offset % mmap.PAGESIZE:
+            raise VfioDeviceError(errno.EINVAL, f"fd offset {offset:#x} is not page-aligned")
+        if len(self._maps) >= MAX_DMA_MAPS:
+            raise VfioDeviceError(errno.ENOSPC, "too many DMA mappings")
+        i = bisect.bisect_right(self._starts, iova)
+        if (i > 0 and self._starts[i - 1] + self._maps[i - 1].size > iova) or (
+            i < len(self._starts) and self._starts[i] < iova + size
+        ):
+            raise VfioDeviceError(errno.EEXIST, f"DMA range {iova:#x}+{size:#x} overlaps a mapping")
+        prot = (mmap.PROT_READ if flags & w.DMA_FLAG_READ else 0) | (
+            mmap.PROT_WRITE if flags & w.DMA_FLAG_WRITE else 0
+        )
+        try:
+            mm = mmap.mmap(fd, size, mmap.MAP_SHARED, prot or mmap.PROT_READ, offset=offset)
+        except (OSError, ValueError) as e:
+            raise VfioDeviceError(errno.EINVAL, f"cannot map the DMA fd: {e}") from None
+        view = memoryview(mm)
+        self._starts.insert(i, iova)
+        self._maps.insert(i, DmaMapping(iova, size, bool(flags & 1), bool(flags & 2), view))
+        self._mms.insert(i, mm)
+
+    def unmap(self, iova: int, size: int) -> list[tuple[int, int]]:
+        """Remove mappings inside ``[iova, iova+size)``; returns what went. Exact ranges as the spec asks."""
+        i = bisect.bisect_left(self._starts, iova)
+        if i == len(self._starts) or self._starts[i] != iova or self._maps[i].size != size:
+            raise VfioDeviceError(errno.ENOENT, f"no DMA mapping {iova:#x}+{size:#x}")
+        self._drop(i)
+        return [(iova, size)]
+
+    def unmap_all(self) -> list[tuple[int, int]]:
+        gone = [(m.iova, m.size) for m in self._maps]
+        while self._maps:
+            self._drop(len(self._maps) - 1)
+        return gone
+
+    def _drop(self, i: int) -> None:
+        del self._starts[i]
+        m = self._maps.pop(i)
+        mm = self._mms.pop(i)
+        m.view.release()
+        try:
+            mm.close()
+        except BufferError:
+            pass  # a device view is still alive; the mapping goes when it does
+
+    def view(self, addr: int, length: int) -> memoryview:
+        i = bisect.bisect_right(self._starts, addr) - 1
+        if i >= 0 and length >= 0:
+            m = self._maps[i]
+            off = addr - m.iova
+            if off + length <= m.size and m.writable:
+                return m.view[off : off + length]
+        raise RemoteMemoryError(f"IOVA range {addr:#x}+{length:#x} is not DMA-mapped (writable)")
+
+
+class VfioUserServer:
+    """Serves ``device`` on a UNIX socket at ``path``; drive it with :meth:`run_once` from a selector loop."""
+
+    def __init__(self, path: str, device: VfioUserDevice, *, backlog: int = 4) -> None:
+        self.path = path
+        self.device = device
+        self.dma = DmaTable()
+        self.sel = selectors.DefaultSelector()
+        self.conn: socket.socket | None = None
+        self._reader: FramedReader | None = None
+        self._out: deque[tuple[bytes, list[int]]] = deque()
+        self._negotiated = False
+        self.stats = {"messages": 0, "errors": 0, "connections": 0, "refused": 0}
+        device.attach_dma(self.dma)
+        if os.path.lexists(path):
+            os.unlink(path)
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old = os.umask(0o177)  # born 0600: nobody else connects in the window before a chmod
+        try:
+            self.listener.bind(path)
+        finally:
+            os.umask(old)
+        self.listener.listen(backlog)
+        self.listener.setblocking(False)
+        self.sel.register(self.listener, selectors.EVENT_READ, self._accept)
+
+    def fileno(self) -> int:
+        """The selector's fd: readable when this server has work (nest it in another loop)."""
+        return self.sel.fileno()
+
+    def add_reader(self, fd: int, callback: Callable[[], None]) -> None:
+        self.sel.register(fd, selectors.EVENT_READ, callback)
+
+    def remove_reader(self, fd: int) -> None:
+        try:
+            self.sel.unregister(fd)
+        except (KeyError, ValueError):
+            pass
+
+    def run_once(self, timeout: float | None = 0) -> None:
+        for key, mask in self.sel.select(timeout):
+            if mask & selectors.EVENT_WRITE and key.fileobj is self.conn:
+                self._flush()
+            if mask & selectors.EVENT_READ:
+                key.data()
+
+    # -- connections ---------------------------------------------------------------
+
+    def _accept(self) -> None:
+        try:
+            conn, _ = self.listener.accept()
+        except BlockingIOError:
+            return
+        if self.conn is not None:
+            log.warning("%s: refused a second vfio-user client (one at a time)", self.path)
+            self.stats["refused"] += 1
+            conn.close()
+            return
+        conn.setblocking(False)
+        self.conn = conn
+        self._reader = FramedReader(conn, w.HEADER_SIZE, self._body_len, MAX_MSG_FDS)
+        self._negotiated = False
+        self.stats["connections"] += 1
+        self.sel.register(conn, selectors.EVENT_READ, self._readable)
+
+    @staticmethod
+    def _body_len(raw: bytes) -> int:
+        return w.decode_header(raw).size - w.HEADER_SIZE
+
+    def _readable(self) -> None:
+        assert self._reader is not None
+        try:
+            for raw, body, fds in self._reader.read():
+                self._handle(w.decode_header(raw), body, fds)
+        except PeerClosedError as e:
+            self.disconnect(str(e))
+        except ProtocolError as e:
+            log.warning("%s: framing error, closing the client: %s", self.path, e)
+            self.disconnect(str(e))
+        except OSError as e:
+            self.disconnect(f"socket error: {e}")
+
+    def disconnect(self, why: str) -> None:
+        """Drop the client: reset the device, unmap its memory, close everything it gave."""
+        if self.conn is None:
+            return
+        log.info("%s: client gone: %s", self.path, why)
+        self.remove_reader(self.conn.fileno())
+        if self._reader is not None:
+            self._reader.discard()
+        self.conn.close()
+        self.conn, self._reader = None, None
+        for _, fds in self._out:
+            close_fds(fds)
+        self._out.clear()
+        self.device.disconnected()
+        for iova, size in self.dma.unmap_all():
+            self.device.dma_unmapped(iova, size)
+
+    # -- requests ------------------------------------------------------------------
+
+    def _handle(self, hdr: Header, body: bytes, fds: list[int]) -> None:
+        self.stats["messages"] += 1
+        if hdr.is_reply:
+            log.warning("%s: unexpected reply %d to nothing; ignored", self.path, hdr.msg_id)
+            close_fds(fds)
+            return
+        reply_fds: list[int] = []
+        try:
+            reply, reply_fds = self._dispatch(hdr, body, fds)
+        except VfioDeviceError as e:
+            self._error(hdr, e.errno, str(e))
+            return
+        except ProtocolError as e:
+            self._error(hdr, errno.EINVAL, str(e))
+            return
+        finally:
+            close_fds(fds)  # every fd a request brought has been dup'ed or mmapped where kept
+        if not hdr.no_reply:
+            self._send(w.encode(hdr.msg_id, hdr.command, reply, reply=True), reply_fds)
+
+    def _error(self, hdr: Header, err: int, why: str) -> None:
+        self.stats["errors"] += 1
+        log.info("%s: %s refused (%s): %s", self.path, _name(hdr.command), errno.errorcode.get(err, err), why)
+        if not hdr.no_reply:
+            self._send(w.encode(hdr.msg_id, hdr.command, reply=True, error=err), [])
+
+    def _dispatch(self, hdr: Header, body: bytes, fds: list[int]) -> tuple[bytes, list[int]]:
+        cmd = hdr.command
+        if cmd == Command.VERSION:
+            major, _minor, _caps = w.decode_version(body)
+            if major != 0:
+                raise VfioDeviceError(errno.ENOTSUP, f"version {major} not supported")
+            self._negotiated = True
+            # Short on purpose: QEMU rejects a reply longer than its own request.
+            return w.encode_version(
+                0, 0, {"max_msg_fds": MAX_MSG_FDS, "max_data_xfer_size": MAX_DATA_XFER}
+            ), []
+        if not self._negotiated:
+            raise VfioDeviceError(errno.EINVAL, "VERSION must come first")
+        if cmd != Command.DMA_MAP and fds and cmd != Command.DEVICE_SET_IRQS:
+            raise VfioDeviceError(errno.EINVAL, f"{len(fds)} unexpected fds")
+        if cmd == Command.DMA_MAP:
+            _argsz, flags, offset, iova, size = w.unpack(w.DMA_MAP, body, "DMA_MAP")
+            if len(fds) != 1:
+                raise VfioDeviceError(errno.ENOTSUP, "DMA_MAP without an fd (give the VM fd-backed RAM)")
+            self.dma.map(iova, size, fds[0], offset, flags)
+            return b"", []
+        if cmd == Command.DMA_UNMAP:
+            _argsz, flags, iova, size = w.unpack(w.DMA_UNMAP, body, "DMA_UNMAP")
+            gone = self.dma.unmap_all() if flags & w.DMA_UNMAP_ALL else self._unmap_one(iova, size)
+            for a, s in gone:
+                self.device.dma_unmapped(a, s)
+            return w.DMA_UNMAP.pack(w.DMA_UNMAP.size, flags, iova, size), []
+        regions, irqs = self.device.regions(), self.device.irqs()
+        if cmd == Command.DEVICE_GET_INFO:
+            w.unpack(w.DEVICE_INFO, body, "DEVICE_GET_INFO")
+            # Exactly 16 bytes: vfio-user has no cap_offset here (QEMU checks the size).
+            return w.DEVICE_INFO.pack(w.DEVICE_INFO.size, self.device.flags, len(regions), len(irqs)), []
+        if cmd == Command.DEVICE_GET_REGION_INFO:
+            argsz, _flags, index, _cap, _size, _off = w.unpack(w.REGION_INFO, body, "GET_REGION_INFO")
+            if index >= len(regions):
+                raise VfioDeviceError(errno.EINVAL, f"no region {index}")
+            r = regions[index]
+            areas = tuple((a.offset, a.size) for a in r.areas)
+            flags = r.flags | (RegionFlag.CAPS if areas else 0)
+            reply = w.encode_region_info(argsz, flags, index, r.size, r.fd_offset, areas=areas)
+            # The fd goes with the full answer only: a too-small argsz is asked again.
+            need = w.unpack(w.REGION_INFO, reply, "REGION_INFO")[0]
+            send_fd = r.fd is not None and r.flags & RegionFlag.MMAP and argsz >= need
+            return reply, [r.fd] if send_fd and r.fd is not None else []
+        if cmd == Command.DEVICE_GET_IRQ_INFO:
+            _argsz, _flags, index, _count = w.unpack(w.IRQ_INFO, body, "GET_IRQ_INFO")
+            if index >= len(irqs):
+                raise VfioDeviceError(errno.EINVAL, f"no irq index {index}")
+            i = irqs[index]
+            return w.IRQ_INFO.pack(w.IRQ_INFO.size, i.flags, index, i.count), []
+        if cmd == Command.DEVICE_SET_IRQS:
+            return self._set_irqs(body, fds, irqs), []
+        if cmd in (Command.REGION_READ, Command.REGION_WRITE):
+            offset, index, count = w.unpack(w.REGION_RW, body, _name(cmd))
+            if index >= len(regions):
+                raise VfioDeviceError(errno.EINVAL, f"no region {index}")
+            if count > MAX_DATA_XFER or offset + count > regions[index].size:
+                raise VfioDeviceError(errno.EINVAL, f"{count} bytes at {offset:#x} outside region {index}")
+            head = w.REGION_RW.pack(offset, index, count)
+            if cmd == Command.REGION_READ:
+                data = self.device.region_read(index, offset, count)
+                return head + data, []
+            data = body[w.REGION_RW.size :]
+            if len(data) != count:
+                raise VfioDeviceError(
+                    errno.EINVAL, f"REGION_WRITE carries {len(data)} bytes, count says {count}"
+                )
+            self.device.region_write(index, offset, data)
+            return head, []
+        if cmd == Command.DEVICE_RESET:
+            self.device.reset()
+            return b"", []
+        raise VfioDeviceError(errno.ENOSYS, f"command {cmd} not supported")
+
+    def _unmap_one(self, iova: int, size: int) -> list[tuple[int, int]]:
+        self.device.dma_unmapped(iova, size)  # the device drops its views first
+        return self.dma.unmap(iova, size)
+
+    def _set_irqs(self, body: bytes, fds: list[int], irqs: list[IrqSpec]) -> bytes:
+        _argsz, flags, index, start, count = w.unpack(w.IRQ_SET, body, "SET_IRQS")
+        if index >= len(irqs):
+            raise VfioDeviceError(errno.EINVAL, f"no irq index {index}")
+        total = irqs[index].count
+        data = flags & w.IRQ_DATA_MASK
+        if data not in (w.IRQ_DATA_NONE, w.IRQ_DATA_BOOL, w.IRQ_DATA_EVENTFD) or bin(data).count("1") != 1:
+            raise VfioDeviceError(errno.EINVAL, f"bad data flags {flags:#x}")
+        if start + count > total and not (count == 0 and data == w.IRQ_DATA_NONE):
+            raise VfioDeviceError(errno.EINVAL, f"vectors {start}..{start + count} beyond {total}")
+        if data == w.IRQ_DATA_EVENTFD and len(fds) not in (0, count):
+            raise VfioDeviceError(errno.EINVAL, f"{len(fds)} eventfds for {count} vectors")
+        if data != w.IRQ_DATA_EVENTFD and fds:
+            raise VfioDeviceError(errno.EINVAL, "eventfds without DATA_EVENTFD")
+        given = [os.dup(fd) for fd in fds]  # the device owns its copies; ours are closed by _handle
+        try:
+            self.device.set_irqs(index, flags, start, count, given)
+        except BaseException:
+            close_fds(given)
+            raise
+        return b""
+
+    # -- replies -------------------------------------------------------------------
+
+    def _send(self, data: bytes, fds: list[int]) -> None:
+        self._out.append((data, fds))
+        self._flush()
+
+    def _flush(self) -> None:
+        conn = self.conn
+        if conn is None:
+            return
+        while self._out:
+            data, fds = self._out[0]
+            try:
+                n = send_with_fds(conn, data, fds)
+            except BlockingIOError:
+                break
+            except OSError as e:
+                self.disconnect(f"send failed: {e}")
+                return
+            if n < len(data):
+                self._out[0] = (data[n:], [])
+                break
+            self._out.popleft()
+        events = selectors.EVENT_READ | (selectors.EVENT_WRITE if self._out else 0)
+        self.sel.modify(conn, events, self._readable)
+
+    def close(self) -> None:
+        """Stop serving: the client (if any) is dropped, the socket removed."""
+        self.disconnect("server closing")
+        self.sel.close()
+        self.listener.close()
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+
+
+def _name(cmd: int) -> str:
+    try:
+        return Command(cmd).name
+    except ValueError:
+        return f"command {cmd}"

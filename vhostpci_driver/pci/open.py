@@ -1,0 +1,36 @@
+"""Choosing a backend from an address: ``vfio-user:/path.sock`` or a PCI address."""
+
+from __future__ import annotations
+
+import re
+
+from vhostpci_driver.errors import TransportError
+from vhostpci_driver.pci.function import PciFunction
+
+PCI_ADDRESS = re.compile(r"^[0-9a-f]{4}:[0-9a-f]{2}:[0-1][0-9a-f]\.[0-7]$")
+VFIO_USER = "vfio-user:"
+
+
+def open_function(address: str, *, prefer: str = "auto", sysfs_root: str = "/sys") -> PciFunction:
+    """Open ``address`` with the right backend.
+
+    ``vfio-user:PATH`` attaches a device served on a UNIX socket. A PCI address
+    (``0000:00:05.0``) uses kernel VFIO, or UIO when ``prefer="uio"`` or the
+    function is bound to ``uio_pci_generic``.
+    """
+    if address.startswith(VFIO_USER):
+        from vhostpci_driver.pci.vfio_user_client import VfioUserFunction  # noqa: PLC0415
+
+        path = address[len(VFIO_USER) :]
+        if not path:
+            raise TransportError("vfio-user: needs a socket path", "address")
+        return VfioUserFunction(path)
+    addr = address.lower()
+    if not PCI_ADDRESS.match(addr):
+        raise TransportError(
+            f"{address!r} is neither a PCI address (0000:00:05.0) nor vfio-user:/path.sock", "address"
+        )
+    raise TransportError(
+        f"{address}: the kernel VFIO and UIO backends are not part of this build yet; use vfio-user:PATH",
+        "address",
+    )

@@ -1,0 +1,285 @@
+"""The vfio-user backend: a PCI function served over a UNIX socket (no VM, no kernel driver).
+
+This is how the toolkit attaches the reference vhost-pci device with no VM at
+all, for the demo and the fast tests. Regions are mapped from the fds the
+server gives; our DMA memory is shared with the server by memfd (``DMA_MAP``
+with the fd); interrupts are eventfds handed over by ``DEVICE_SET_IRQS``.
+Every request waits for its reply with a timeout: a dead server is a
+:class:`TransportError`, never a hang.
+"""
+
+from __future__ import annotations
+
+import errno
+import mmap
+import os
+import socket
+import struct
+
+from vhostpci_driver.addr import Iova
+from vhostpci_driver.errors import ProtocolError, TransportError
+from vhostpci_driver.pci import vfio_user_wire as w
+from vhostpci_driver.pci.function import CONFIG_REGION, IrqInfo, PciFunction, RegionInfo, SparseArea
+from vhostpci_driver.pci.vfio_user_wire import Command
+
+DEVICE_FLAG_PCI = 2
+REGION_READ, REGION_WRITE, REGION_MMAP = 1, 2, 4
+IRQ_EVENTFD = 1
+MAX_FDS_DEFAULT = 8
+
+
+def _recv_exact(sock: socket.socket, n: int) -> tuple[bytes, list[int]]:
+    """Exactly ``n`` bytes (and the fds that came with them), or TransportError."""
+    buf = bytearray()
+    fds: list[int] = []
+    while len(buf) < n:
+        try:
+            data, anc, _flags, _ = sock.recvmsg(n - len(buf), socket.CMSG_SPACE(16 * 4))
+        except TimeoutError:
+            raise TransportError("no reply from the vfio-user server (timeout)", "vfio-user socket") from None
+        except OSError as e:
+            raise TransportError(f"socket error: {e}", "vfio-user socket") from None
+        if not data:
+            for fd in fds:
+                os.close(fd)
+            raise TransportError("the vfio-user server closed the connection", "vfio-user socket")
+        for level, kind, payload in anc:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                fds += list(struct.unpack(f"{len(payload) // 4}i", payload[: len(payload) // 4 * 4]))
+        buf += data
+    return bytes(buf), fds
+
+
+class _Region:
+    def __init__(self, info: RegionInfo, fd: int | None, fd_offset: int) -> None:
+        self.info = info
+        self.fd = fd
+        self.fd_offset = fd_offset
+
+
+class VfioUserFunction(PciFunction):
+    """A :class:`PciFunction` over vfio-user."""
+
+    def __init__(self, path: str, *, timeout: float = 5.0) -> None:
+        self.address = f"vfio-user:{path}"
+        self.path = path
+        self._closed = False
+        self._next_id = 0
+        self._regions: dict[int, _Region] = {}
+        self._maps: list[mmap.mmap] = []
+        self._dma: dict[int, int] = {}
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(timeout)
+        try:
+            self.sock.connect(path)
+        except OSError as e:
+            self.sock.close()
+            self._closed = True
+            raise TransportError(f"cannot connect to {path}: {e.strerror or e}", "vfio-user socket") from None
+        try:
+            self._negotiate()
+        except BaseException:
+            self.close()
+            raise
+
+    def _negotiate(self) -> None:
+        body, _ = self._request(
+            Command.VERSION, w.encode_version(0, 0, {"max_msg_fds": 16, "max_data_xfer_size": 1 << 20})
+        )
+        major, _minor, caps = w.decode_version(body)
+        if major != 0:
+            raise TransportError(f"server speaks vfio-user {major}.x", "VERSION")
+        max_fds = caps.get("max_msg_fds", MAX_FDS_DEFAULT)
+        self.max_fds = max_fds if isinstance(max_fds, int) and 0 < max_fds <= 253 else MAX_FDS_DEFAULT
+        info, _ = self._request(Command.DEVICE_GET_INFO, w.DEVICE_INFO.pack(w.DEVICE_INFO.size, 0, 0, 0))
+        _argsz, flags, self.num_regions, self.num_irqs = w.unpack(w.DEVICE_INFO, info, "DEVICE_GET_INFO")
+        if not flags & DEVICE_FLAG_PCI:
+            raise TransportError("the device is not a PCI device", "DEVICE_GET_INFO.flags")
+        if self.num_regions <= CONFIG_REGION:
+            raise TransportError(f"only {self.num_regions} regions: no config space", "DEVICE_GET_INFO")
+
+    # -- messages -----------------------------------------------------------------
+
+    def _request(
+        self, cmd: Command, body: bytes = b"", fds: list[int] | None = None, *, no_reply: bool = False
+    ) -> tuple[bytes, list[int]]:
+        if self._closed:
+            raise TransportError("function is closed", cmd.name)
+        self._next_id = (self._next_id + 1) & 0xFFFF
+        msg_id = self._next_id
+        data = w.encode(msg_id, cmd, body, flags=w.FLAG_NO_REPLY if no_reply else 0)
+        anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack(f"{len(fds)}i", *fds))] if fds else []
+        try:
+            self.sock.sendmsg([data], anc)
+        except OSError as e:
+            raise TransportError(f"send failed: {e}", cmd.name) from None
+        if no_reply:
+            return b"", []
+        raw, fds_in = _recv_exact(self.sock, w.HEADER_SIZE)
+        try:
+            hdr = w.decode_header(raw)
+            if not hdr.is_reply or hdr.msg_id != msg_id or hdr.command != cmd:
+                raise ProtocolError(
+                    "vfio-user reply", f"reply {hdr.msg_id}/{hdr.command} to request {msg_id}/{cmd}"
+                )
+            rest, more = _recv_exact(self.sock, hdr.size - w.HEADER_SIZE)
+        except BaseException:
+            for fd in fds_in:
+                os.close(fd)
+            raise
+        fds_in += more
+        if hdr.is_error:
+            for fd in fds_in:
+                os.close(fd)
+            raise TransportError(f"refused: {os.strerror(hdr.error or errno.EIO)}", cmd.name)
+        return rest, fds_in
+
+    # -- config and regions ---------------------------------------------------------
+
+    def config_read(self, offset: int, size: int) -> bytes:
+        return self.region_read(CONFIG_REGION, offset, size)
+
+    def config_write(self, offset: int, data: bytes) -> None:
+        self.region_write(CONFIG_REGION, offset, data)
+
+    def _region(self, index: int) -> _Region:
+        r = self._regions.get(index)
+        if r is None:
+            r = self._query_region(index)
+            self._regions[index] = r
+        return r
+
+    def _query_region(self, index: int) -> _Region:
+        if not 0 <= index < self.num_regions:
+            raise TransportError(f"no region {index} ({self.num_regions} regions)", "GET_REGION_INFO")
+        argsz = w.REGION_INFO.size
+        for _ in range(3):
+            body, fds = self._request(
+                Command.DEVICE_GET_REGION_INFO, w.REGION_INFO.pack(argsz, 0, index, 0, 0, 0)
+            )
+            try:
+                need, flags, idx, size, offset, areas = w.decode_region_info(body)
+            except ProtocolError:
+                for fd in fds:
+                    os.close(fd)
+                raise
+            if need > argsz and need <= 1 << 16:
+                for fd in fds:
+                    os.close(fd)
+                argsz = need  # vfio.h: ask again with the size the reply needs
+                continue
+            if idx != index or len(fds) > 1:
+                for fd in fds:
+                    os.close(fd)
+                raise TransportError(f"bad reply for region {index}", "GET_REGION_INFO")
+            info = RegionInfo(
+                index,
+                size,
+                bool(flags & REGION_READ),
+                bool(flags & REGION_WRITE),
+                bool(flags & REGION_MMAP) and bool(fds),
+                tuple(SparseArea(o, s) for o, s in areas),
+            )
+            return _Region(info, fds[0] if fds else None, offset)
+        raise TransportError("region info argsz keeps growing", "GET_REGION_INFO")
+
+    def region_info(self, index: int) -> RegionInfo:
+        # Sparse areas change as the host adds memory: ask afresh each time (cheap, rare).
+        old = self._regions.pop(index, None)
+        if old is not None and old.fd is not None:
+            os.close(old.fd)
+        return self._region(index).info
+
+    def region_read(self, index: int, offset: int, size: int) -> bytes:
+        body, _ = self._request(Command.REGION_READ, w.REGION_RW.pack(offset, index, size))
+        off, idx, count = w.unpack(w.REGION_RW, body, "REGION_READ")
+        data = body[w.REGION_RW.size :]
+        if (off, idx, count) != (offset, index, size) or len(data) != size:
+            raise TransportError(f"read of {size} at {offset:#x} answered with {len(data)}", "REGION_READ")
+        return data
+
+    def region_write(self, index: int, offset: int, data: bytes) -> None:
+        self._request(Command.REGION_WRITE, w.REGION_RW.pack(offset, index, len(data)) + data)
+
+    def region_mmap(self, index: int, offset: int, size: int) -> mmap.mmap:
+        r = self._region(index)
+        if r.fd is None or not r.info.mmappable:
+            raise TransportError("region is not mappable", f"region {index}")
+        areas = r.info.sparse or (SparseArea(0, r.info.size),)
+        if not any(a.offset <= offset and offset + size <= a.offset + a.size for a in areas):
+            raise TransportError(
+                f"{size:#x} bytes at {offset:#x} are not inside one mappable area", f"region {index}"
+            )
+        try:
+            mm = mmap.mmap(
+                r.fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE, offset=r.fd_offset + offset
+            )
+        except (OSError, ValueError) as e:
+            raise TransportError(f"mmap failed: {e}", f"region {index}") from None
+        self._maps.append(mm)
+        return mm
+
+    # -- interrupts -----------------------------------------------------------------
+
+    def irq_info(self, index: int) -> IrqInfo:
+        body, _ = self._request(Command.DEVICE_GET_IRQ_INFO, w.IRQ_INFO.pack(w.IRQ_INFO.size, 0, index, 0))
+        _argsz, flags, idx, count = w.unpack(w.IRQ_INFO, body, "GET_IRQ_INFO")
+        return IrqInfo(idx, count, bool(flags & IRQ_EVENTFD))
+
+    def set_irq_eventfds(self, index: int, start: int, fds: list[int]) -> None:
+        flags = w.IRQ_DATA_EVENTFD | w.IRQ_ACTION_TRIGGER
+        i = 0
+        while i < len(fds):
+            if fds[i] < 0:  # de-assign one vector: DATA_EVENTFD with no fd
+                self._request(
+                    Command.DEVICE_SET_IRQS, w.IRQ_SET.pack(w.IRQ_SET.size, flags, index, start + i, 1)
+                )
+                i += 1
+                continue
+            run: list[int] = []
+            while i + len(run) < len(fds) and fds[i + len(run)] >= 0 and len(run) < self.max_fds:
+                run.append(fds[i + len(run)])
+            body = w.IRQ_SET.pack(w.IRQ_SET.size, flags, index, start + i, len(run))
+            self._request(Command.DEVICE_SET_IRQS, body, run)
+            i += len(run)
+
+    def disable_irqs(self, index: int) -> None:
+        flags = w.IRQ_DATA_NONE | w.IRQ_ACTION_TRIGGER
+        self._request(Command.DEVICE_SET_IRQS, w.IRQ_SET.pack(w.IRQ_SET.size, flags, index, 0, 0))
+
+    # -- DMA ------------------------------------------------------------------------
+
+    def dma_map(self, fd: int, fd_offset: int, vaddr_view: memoryview, iova: Iova) -> None:
+        size = len(vaddr_view)
+        body = w.DMA_MAP.pack(w.DMA_MAP.size, w.DMA_FLAG_READ | w.DMA_FLAG_WRITE, fd_offset, iova, size)
+        self._request(Command.DMA_MAP, body, [fd])
+        self._dma[iova] = size
+
+    def dma_unmap(self, iova: Iova, size: int) -> None:
+        self._request(Command.DMA_UNMAP, w.DMA_UNMAP.pack(w.DMA_UNMAP.size, 0, iova, size))
+        self._dma.pop(iova, None)
+
+    def reset(self) -> None:
+        self._request(Command.DEVICE_RESET)
+
+    def close(self) -> None:
+        """Unmap DMA (best effort), unmap regions, close region fds and the socket; idempotent."""
+        if self._closed:
+            return
+        for iova, size in list(self._dma.items()):
+            try:
+                self.dma_unmap(Iova(iova), size)
+            except TransportError:
+                break
+        self._closed = True
+        for mm in self._maps:
+            try:
+                mm.close()
+            except BufferError:
+                pass  # an app still holds a view; the mapping goes when the view does
+        self._maps.clear()
+        for r in self._regions.values():
+            if r.fd is not None:
+                os.close(r.fd)
+        self._regions.clear()
+        self.sock.close()

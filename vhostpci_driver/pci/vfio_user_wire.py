@@ -1,0 +1,200 @@
+"""vfio-user messages (QEMU ``docs/interop/vfio-user.rst``), shared by our client and our server.
+
+Every message is a 16-byte header (host byte order: little-endian here) and a
+command-specific body; fds travel as ``SCM_RIGHTS`` with the header. Bodies are
+the VFIO ioctl structures they are named after. Decoders validate sizes and
+fields and raise only :class:`ProtocolError`, naming the field.
+
+Layouts follow the specification; QEMU's own ``DMA_READ``/``DMA_WRITE`` differ
+from it (see shared notes) and we never send those to QEMU.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import struct
+from dataclasses import dataclass
+
+from vhostpci_driver.errors import ProtocolError
+
+HEADER = struct.Struct("<HHIII")  # msg_id, command, size, flags, error
+HEADER_SIZE = HEADER.size
+MAX_MESSAGE = (1 << 20) + 64  # max_data_xfer_size plus headers
+
+TYPE_COMMAND = 0x0
+TYPE_REPLY = 0x1
+TYPE_MASK = 0xF
+FLAG_NO_REPLY = 0x10
+FLAG_ERROR = 0x20
+
+DMA_MAP = struct.Struct("<IIQQQ")  # argsz, flags, offset (in fd), address (iova), size
+DMA_UNMAP = struct.Struct("<IIQQ")  # argsz, flags, address, size
+DEVICE_INFO = struct.Struct("<IIII")  # argsz, flags, num_regions, num_irqs
+REGION_INFO = struct.Struct("<IIIIQQ")  # argsz, flags, index, cap_offset, size, offset
+CAP_HEADER = struct.Struct("<HHI")  # id, version, next
+SPARSE_HEAD = struct.Struct("<II")  # nr_areas, reserved
+SPARSE_AREA = struct.Struct("<QQ")  # offset, size
+IRQ_INFO = struct.Struct("<IIII")  # argsz, flags, index, count
+IRQ_SET = struct.Struct("<IIIII")  # argsz, flags, index, start, count
+REGION_RW = struct.Struct("<QII")  # offset, region, count
+DMA_RW = struct.Struct("<QQ")  # address, count (spec layout)
+VERSION = struct.Struct("<HH")  # major, minor
+
+DMA_FLAG_READ = 1
+DMA_FLAG_WRITE = 2
+DMA_UNMAP_ALL = 2
+CAP_SPARSE_MMAP = 1
+IRQ_DATA_NONE = 1
+IRQ_DATA_BOOL = 2
+IRQ_DATA_EVENTFD = 4
+IRQ_ACTION_MASK = 8
+IRQ_ACTION_UNMASK = 0x10
+IRQ_ACTION_TRIGGER = 0x20
+IRQ_DATA_MASK = 0x7
+IRQ_ACTION_MASK_ALL = 0x38
+
+
+class Command(enum.IntEnum):
+    """``vfio_user_command``."""
+
+    VERSION = 1
+    DMA_MAP = 2
+    DMA_UNMAP = 3
+    DEVICE_GET_INFO = 4
+    DEVICE_GET_REGION_INFO = 5
+    DEVICE_GET_REGION_IO_FDS = 6
+    DEVICE_GET_IRQ_INFO = 7
+    DEVICE_SET_IRQS = 8
+    REGION_READ = 9
+    REGION_WRITE = 10
+    DMA_READ = 11
+    DMA_WRITE = 12
+    DEVICE_RESET = 13
+    DIRTY_PAGES = 14
+    REGION_WRITE_MULTI = 15
+    DEVICE_FEATURE = 16
+
+
+@dataclass(frozen=True)
+class Header:
+    msg_id: int
+    command: int
+    size: int
+    flags: int
+    error: int = 0
+
+    @property
+    def is_reply(self) -> bool:
+        return self.flags & TYPE_MASK == TYPE_REPLY
+
+    @property
+    def no_reply(self) -> bool:
+        return bool(self.flags & FLAG_NO_REPLY)
+
+    @property
+    def is_error(self) -> bool:
+        return bool(self.flags & FLAG_ERROR)
+
+
+def decode_header(raw: bytes, max_size: int = MAX_MESSAGE) -> Header:
+    """A header, checked for a sane size and type."""
+    if len(raw) < HEADER_SIZE:
+        raise ProtocolError("vfio-user header", f"{len(raw)} bytes, needs {HEADER_SIZE}")
+    msg_id, command, size, flags, error = HEADER.unpack_from(raw, 0)
+    if size < HEADER_SIZE or size > max_size:
+        raise ProtocolError("vfio-user header.size", f"{size} not in {HEADER_SIZE}..{max_size}")
+    if flags & TYPE_MASK not in (TYPE_COMMAND, TYPE_REPLY):
+        raise ProtocolError("vfio-user header.flags", f"unknown message type {flags & TYPE_MASK}")
+    return Header(msg_id, command, size, flags, error)
+
+
+def encode(
+    msg_id: int, command: int, body: bytes = b"", *, reply: bool = False, flags: int = 0, error: int = 0
+) -> bytes:
+    """Header plus body."""
+    f = (TYPE_REPLY if reply else TYPE_COMMAND) | flags | (FLAG_ERROR if error else 0)
+    return HEADER.pack(msg_id, command, HEADER_SIZE + len(body), f, error) + body
+
+
+def unpack(st: struct.Struct, body: bytes, what: str, *, exact: bool = False) -> tuple[int, ...]:
+    """Unpack a fixed structure at the start of ``body``; short (or, with ``exact``, long) is an error."""
+    if len(body) < st.size or (exact and len(body) != st.size):
+        raise ProtocolError(what, f"{len(body)} bytes, needs {'exactly ' if exact else ''}{st.size}")
+    return st.unpack_from(body, 0)
+
+
+# -- VERSION ---------------------------------------------------------------------------
+
+
+def encode_version(major: int, minor: int, caps: dict[str, object]) -> bytes:
+    """A VERSION body: the JSON capabilities, NUL-terminated (QEMU checks the NUL)."""
+    text = json.dumps({"capabilities": caps}, separators=(",", ":")).encode() + b"\0"
+    return VERSION.pack(major, minor) + text
+
+
+def decode_version(body: bytes) -> tuple[int, int, dict[str, object]]:
+    major, minor = unpack(VERSION, body, "VERSION")
+    text = body[VERSION.size :]
+    if not text or text[-1] != 0:
+        raise ProtocolError("VERSION.capabilities", "not NUL-terminated")
+    try:
+        doc = json.loads(text[:-1].decode())
+    except (UnicodeDecodeError, ValueError) as e:
+        raise ProtocolError("VERSION.capabilities", f"not JSON: {e}") from None
+    if not isinstance(doc, dict):
+        raise ProtocolError("VERSION.capabilities", "not a JSON object")
+    caps = doc.get("capabilities", {})
+    if not isinstance(caps, dict):
+        raise ProtocolError("VERSION.capabilities", "'capabilities' is not an object")
+    return major, minor, caps
+
+
+# -- region info and its sparse-mmap capability -------------------------------------------
+
+
+def encode_region_info(
+    argsz: int, flags: int, index: int, size: int, offset: int, *, areas: tuple[tuple[int, int], ...]
+) -> bytes:
+    """A region info reply; with ``areas`` a sparse-mmap capability at offset 32 (when ``argsz`` allows).
+
+    vfio.h: a too-small argsz gets the fixed part with ``argsz`` raised to what
+    the whole reply needs, so the client can ask again.
+    """
+    caps = b""
+    if areas:
+        caps = CAP_HEADER.pack(CAP_SPARSE_MMAP, 1, 0) + SPARSE_HEAD.pack(len(areas), 0)
+        caps += b"".join(SPARSE_AREA.pack(o, s) for o, s in areas)
+    need = REGION_INFO.size + len(caps)
+    if caps and argsz >= need:
+        return REGION_INFO.pack(need, flags, index, REGION_INFO.size, size, offset) + caps
+    return REGION_INFO.pack(need, flags, index, 0, size, offset)
+
+
+def decode_region_info(body: bytes) -> tuple[int, int, int, int, int, tuple[tuple[int, int], ...]]:
+    """``(argsz, flags, index, size, offset, sparse areas)``, walking the capability chain bounded."""
+    argsz, flags, index, cap_offset, size, offset = unpack(REGION_INFO, body, "REGION_INFO")
+    areas: list[tuple[int, int]] = []
+    seen = 0
+    while cap_offset:
+        seen += 1
+        if seen > 16 or cap_offset < REGION_INFO.size or cap_offset + CAP_HEADER.size > len(body):
+            raise ProtocolError("REGION_INFO.cap_offset", f"capability at {cap_offset} outside the reply")
+        cap_id, _ver, nxt = CAP_HEADER.unpack_from(body, cap_offset)
+        if cap_id == CAP_SPARSE_MMAP:
+            start = cap_offset + CAP_HEADER.size
+            if start + SPARSE_HEAD.size > len(body):
+                raise ProtocolError("REGION_INFO.sparse", "truncated sparse-mmap capability")
+            (nr, _res) = SPARSE_HEAD.unpack_from(body, start)
+            first = start + SPARSE_HEAD.size
+            if nr > 4096 or first + nr * SPARSE_AREA.size > len(body):
+                raise ProtocolError("REGION_INFO.sparse.nr_areas", f"{nr} areas do not fit the reply")
+            for i in range(nr):
+                o, s = SPARSE_AREA.unpack_from(body, first + i * SPARSE_AREA.size)
+                if o + s > size:
+                    raise ProtocolError(f"REGION_INFO.sparse.areas[{i}]", "area outside the region")
+                areas.append((o, s))
+        if nxt and nxt <= cap_offset:
+            raise ProtocolError("REGION_INFO.cap.next", "capability chain goes backwards")
+        cap_offset = nxt
+    return argsz, flags, index, size, offset, tuple(areas)
