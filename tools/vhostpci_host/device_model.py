@@ -1,0 +1,680 @@
+"""The reference vhost-pci device (protocol.md, sections 2, 3 and 6), behind a vfio-user server.
+
+It behaves as a strict virtio-pci modern device so the guest toolkit cannot
+pass against a lenient one: queue registers only before DRIVER_OK, FEATURES_OK
+only for offered features including VERSION_1, DEVICE_NEEDS_RESET (and a
+config interrupt) when the driver breaks a rule, a message never truncated
+into a short buffer. The host side talks to it through :meth:`send_control`,
+``on_ack``, :meth:`set_remote`, the window mapping and the notification slots.
+Nothing the guest writes can raise out of it except :class:`VfioDeviceError`.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import logging
+import mmap
+import os
+import struct
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from vhostpci_driver.errors import ProtocolError, RingError
+from vhostpci_driver.virtqueue.device import DeviceQueue
+from vhostpci_driver.wire import ctrl
+from vhostpci_driver.wire import device as d
+from vhostpci_host.pci_config import NUM_QUEUES, PciConfig
+from vhostpci_host.vfio_device import (
+    CONFIG_REGION,
+    INTX_IRQ,
+    MSIX_IRQ,
+    NUM_PCI_REGIONS,
+    DeviceFlag,
+    DmaSpace,
+    IrqSpec,
+    MmapArea,
+    RegionFlag,
+    RegionSpec,
+    VfioDeviceError,
+)
+
+log = logging.getLogger(__name__)
+
+# virtio 1.2, 4.1.4.3: struct virtio_pci_common_cfg, (offset, width) by name
+COMMON = {
+    "device_feature_select": (0, 4), "device_feature": (4, 4), "driver_feature_select": (8, 4),
+    "driver_feature": (12, 4), "config_msix_vector": (16, 2), "num_queues": (18, 2), "device_status": (20, 1),
+    "config_generation": (21, 1), "queue_select": (22, 2), "queue_size": (24, 2),
+    "queue_msix_vector": (26, 2),
+    "queue_enable": (28, 2), "queue_notify_off": (30, 2), "queue_desc": (32, 8), "queue_driver": (40, 8),
+    "queue_device": (48, 8), "queue_notify_data": (56, 2), "queue_reset": (58, 2),
+}  # fmt: skip
+FIELD_AT = {off: (name, width) for name, (off, width) in COMMON.items()}
+ACKNOWLEDGE, DRIVER, DRIVER_OK, FEATURES_OK, NEEDS_RESET, FAILED = 1, 2, 4, 8, 0x40, 0x80
+ISR_QUEUE, ISR_CONFIG = 1, 2
+MAX_MSG_LEN = 4096
+
+
+@dataclass
+class QueueState:
+    """One virtqueue's registers (virtio 1.2, 4.1.4.3)."""
+
+    size: int = d.MAX_QUEUE_SIZE
+    vector: int = d.NO_VECTOR
+    enable: int = 0
+    desc: int = 0
+    driver: int = 0
+    device: int = 0
+
+
+@dataclass
+class _WindowRegion:
+    window_offset: int
+    size: int
+    fd: int
+    fd_offset: int
+    ident: tuple[int, int]
+    mm: mmap.mmap
+
+
+@dataclass
+class _Slot:
+    kick_fd: int
+    call_fd: int
+    vector: int = d.NO_VECTOR
+
+
+class VhostPciDeviceModel:
+    """The device; implements ``VfioUserDevice``."""
+
+    flags = DeviceFlag.PCI | DeviceFlag.RESET
+
+    def __init__(
+        self,
+        *,
+        window_size: int,
+        virtio_id: int = d.DEFAULT_VIRTIO_ID,
+        num_slots: int = d.DEFAULT_SLOTS,
+        max_regions: int = 64,
+        max_frontends: int = 64,
+    ) -> None:
+        if window_size & (window_size - 1) or window_size < 4096:
+            raise ValueError("the window size must be a power of two of at least 4 KiB")
+        if not 0 < num_slots <= d.MAX_SLOTS:
+            raise ValueError(f"num_slots must be 1..{d.MAX_SLOTS}")
+        self.window_size = window_size
+        self.num_slots = num_slots
+        self.max_regions = max_regions
+        self.max_frontends = max_frontends
+        self.nvectors = d.Vector.FIRST_SLOT + num_slots
+        self.config = PciConfig(virtio_id, window_size, self.nvectors)
+        self.config.on_msix = lambda enabled, masked: self._deliver_pending()
+        self.msix_table = bytearray(
+            d.BAR_MSIX_SIZE
+        )  # vector control 0: unmasked (QEMU masks in its own copy)
+        self.pba = 0
+        self.msix_fds: dict[int, int] = {}
+        self.intx_fd: int | None = None
+        self.remote_uuid = bytes(16)
+        self.remote_status = 0
+        self.window: list[_WindowRegion] = []
+        self.slots: dict[int, _Slot] = {}
+        self.pending_slots = 0
+        self.dma: DmaSpace | None = None
+        self.next_request_id = 1
+        self.backlog: deque[tuple[int, bytes]] = deque()
+        self.outstanding: dict[int, bytes] = {}
+        self.acked: set[int] = set()
+        self.on_ack: Callable[[int, ctrl.Ack], None] = lambda rid, ack: None
+        self.on_ack_error: Callable[[str, int | None], None] = lambda reason, rid: None
+        self.on_reset: Callable[[list[int]], None] = lambda lost: None
+        self.on_driver_ok: Callable[[], None] = lambda: None
+        self._add_reader: Callable[[int, Callable[[], None]], None] | None = None
+        self._remove_reader: Callable[[int], None] | None = None
+        self.counters = {"messages_sent": 0, "acks": 0, "ack_errors": 0, "kicks": 0, "doorbells": 0,
+                         "stray_doorbells": 0, "interrupts": 0, "driver_errors": 0}  # fmt: skip
+        self._power_on()
+
+    def _power_on(self) -> None:
+        self.status = 0
+        self.device_feature_select = 0
+        self.driver_feature_select = 0
+        self.driver_features = 0
+        self.config_vector = d.NO_VECTOR
+        self.config_generation = 0
+        self.queue_select = 0
+        self.queues = [QueueState() for _ in range(NUM_QUEUES)]
+        self.rings: list[DeviceQueue | None] = [None] * NUM_QUEUES
+        self.isr = 0
+        for slot in self.slots.values():
+            slot.vector = d.NO_VECTOR
+
+    # -- VfioUserDevice: regions and irqs ------------------------------------------------
+
+    def regions(self) -> list[RegionSpec]:
+        rw = RegionFlag.READ | RegionFlag.WRITE
+        specs = [RegionSpec(i, 0, RegionFlag(0)) for i in range(NUM_PCI_REGIONS)]
+        specs[d.BAR_VIRTIO] = RegionSpec(d.BAR_VIRTIO, d.BAR_VIRTIO_SIZE, rw)
+        specs[d.BAR_MSIX] = RegionSpec(d.BAR_MSIX, d.BAR_MSIX_SIZE, rw)
+        specs[d.BAR_WINDOW] = self._window_spec()
+        specs[CONFIG_REGION] = RegionSpec(CONFIG_REGION, 4096, rw)
+        return specs
+
+    def _window_spec(self) -> RegionSpec:
+        """BAR 2: one fd; the areas are the regions of that file at a consistent offset (protocol.md 9)."""
+        rw = RegionFlag.READ | RegionFlag.WRITE
+        if not self.window:
+            return RegionSpec(d.BAR_WINDOW, self.window_size, rw)
+        first = min(self.window, key=lambda r: r.window_offset)
+        delta = first.fd_offset - first.window_offset
+        areas = tuple(
+            MmapArea(r.window_offset, r.size)
+            for r in sorted(self.window, key=lambda r: r.window_offset)
+            if r.ident == first.ident and r.fd_offset - r.window_offset == delta
+        )
+        if delta < 0:
+            return RegionSpec(d.BAR_WINDOW, self.window_size, rw)  # cannot express: accesses by message
+        return RegionSpec(d.BAR_WINDOW, self.window_size, rw | RegionFlag.MMAP, first.fd, delta, areas)
+
+    def irqs(self) -> list[IrqSpec]:
+        return [
+            IrqSpec(INTX_IRQ, 1),
+            IrqSpec(1, 0),
+            IrqSpec(MSIX_IRQ, self.nvectors),
+            IrqSpec(3, 0),
+            IrqSpec(4, 0),
+        ]
+
+    def set_irqs(self, index: int, flags: int, start: int, count: int, fds: list[int]) -> None:
+        data = flags & 0x7
+        if index == MSIX_IRQ:
+            targets = range(start, start + count) if count else list(self.msix_fds)
+            for i, v in enumerate(targets):
+                old = self.msix_fds.pop(v, None)
+                if old is not None:
+                    os.close(old)
+                if data == 4 and i < len(fds):  # DATA_EVENTFD with an fd assigns; without, de-assigns
+                    self.msix_fds[v] = fds[i]
+        elif index == INTX_IRQ:
+            if self.intx_fd is not None:
+                os.close(self.intx_fd)
+                self.intx_fd = None
+            if data == 4 and fds:
+                self.intx_fd = fds[0]
+        else:
+            for fd in fds:
+                os.close(fd)
+            raise VfioDeviceError(errno.EINVAL, f"irq index {index} has no vectors")
+        for fd in fds[count:] if index == MSIX_IRQ else fds[1:]:
+            os.close(fd)
+
+    def attach_dma(self, dma: DmaSpace) -> None:
+        self.dma = dma
+
+    def dma_unmapped(self, iova: int, size: int) -> None:
+        for i, q in enumerate(self.queues):
+            if self.rings[i] is not None and any(
+                iova <= a < iova + size for a in (q.desc, q.driver, q.device)
+            ):
+                self._driver_error(f"queue {i}'s memory was unmapped while in use")
+
+    def attach_loop(
+        self, add_reader: Callable[[int, Callable[[], None]], None], remove_reader: Callable[[int], None]
+    ) -> None:
+        """Where to watch the frontends' kick eventfds (the server's selector)."""
+        self._add_reader, self._remove_reader = add_reader, remove_reader
+
+    def reset(self) -> None:
+        """Power-on state. Messages not yet acked are dropped and reported: the host replays its
+        state to the next driver at DRIVER_OK (a fresh driver knows nothing)."""
+        self._power_on()
+        lost = sorted(self.outstanding)
+        self.backlog.clear()
+        self.outstanding.clear()
+        if lost:
+            self.on_reset(lost)
+
+    def disconnected(self) -> None:
+        self.reset()
+        for fd in self.msix_fds.values():
+            os.close(fd)
+        self.msix_fds.clear()
+        if self.intx_fd is not None:
+            os.close(self.intx_fd)
+            self.intx_fd = None
+
+    # -- region access -----------------------------------------------------------------
+
+    def region_read(self, index: int, offset: int, count: int) -> bytes:
+        if index == CONFIG_REGION:
+            return self._config_read(offset, count)
+        if index == d.BAR_VIRTIO:
+            return self._bar0_read(offset, count)
+        if index == d.BAR_MSIX:
+            if offset >= d.MSIX_PBA_OFFSET:
+                pba = self.pba.to_bytes(d.BAR_MSIX_SIZE - d.MSIX_PBA_OFFSET, "little")
+                rel = offset - d.MSIX_PBA_OFFSET
+                return pba[rel : rel + count]
+            return bytes(self.msix_table[offset : offset + count])
+        if index == d.BAR_WINDOW:
+            return self._window_rw(offset, count, None)
+        raise VfioDeviceError(errno.EINVAL, f"region {index} is not implemented")
+
+    def region_write(self, index: int, offset: int, data: bytes) -> None:
+        if index == CONFIG_REGION:
+            self._config_write(offset, data)
+        elif index == d.BAR_VIRTIO:
+            self._bar0_write(offset, data)
+        elif index == d.BAR_MSIX:
+            if offset + len(data) <= d.MSIX_PBA_OFFSET:  # the PBA is read-only
+                self.msix_table[offset : offset + len(data)] = data
+                self._deliver_pending()
+        elif index == d.BAR_WINDOW:
+            self._window_rw(offset, len(data), data)
+        else:
+            raise VfioDeviceError(errno.EINVAL, f"region {index} is not implemented")
+
+    def _config_read(self, offset: int, count: int) -> bytes:
+        bar, off, length = self.config.pci_cfg_window()
+        data_at = 0x90 + 16
+        raw = bytearray(self.config.read(offset, count))
+        if offset < data_at + 4 and data_at < offset + count and bar == d.BAR_VIRTIO and length in (1, 2, 4):
+            # virtio 1.2, 4.1.4.9: pci_cfg_data reads through to the BAR.
+            val = self._bar0_read(off, length).ljust(4, b"\0")
+            for i in range(4):
+                if offset <= data_at + i < offset + count:
+                    raw[data_at + i - offset] = val[i]
+        return bytes(raw)
+
+    def _config_write(self, offset: int, data: bytes) -> None:
+        self.config.write(offset, data)
+        bar, off, length = self.config.pci_cfg_window()
+        data_at = 0x90 + 16
+        if offset == data_at and bar == d.BAR_VIRTIO and length in (1, 2, 4) and len(data) >= length:
+            self._bar0_write(off, data[:length])
+
+    # -- BAR 0: virtio structures and notification slots ------------------------------------
+
+    def _bar0_read(self, offset: int, count: int) -> bytes:
+        if count not in (1, 2, 4, 8) or offset % count:
+            raise VfioDeviceError(errno.EINVAL, f"{count}-byte read at {offset:#x}")
+        if offset < d.ISR_OFFSET:
+            return self._common_read(offset, count)
+        if offset == d.ISR_OFFSET:
+            isr, self.isr = self.isr, 0  # virtio 1.2, 4.1.4.5: reading clears
+            return bytes([isr]) + bytes(count - 1)
+        if d.DEVICE_CFG_OFFSET <= offset < d.DEVICE_CFG_OFFSET + d.VHOST_PCI_CONFIG.size:
+            rel = offset - d.DEVICE_CFG_OFFSET
+            return self._device_config()[rel : rel + count].ljust(count, b"\0")
+        if d.VECTOR_OFFSET <= offset < d.VECTOR_OFFSET + 2 * self.num_slots and count == 2:
+            slot = self.slots.get((offset - d.VECTOR_OFFSET) // 2)
+            return struct.pack("<H", slot.vector if slot else d.NO_VECTOR)
+        if d.PENDING_OFFSET <= offset < d.PENDING_OFFSET + 4 * ((self.num_slots + 31) // 32) and count == 4:
+            word = (offset - d.PENDING_OFFSET) // 4
+            return struct.pack("<I", (self.pending_slots >> (32 * word)) & 0xFFFFFFFF)
+        return bytes(count)
+
+    def _bar0_write(self, offset: int, data: bytes) -> None:
+        count = len(data)
+        if count not in (1, 2, 4, 8) or offset % count:
+            raise VfioDeviceError(errno.EINVAL, f"{count}-byte write at {offset:#x}")
+        value = int.from_bytes(data, "little")
+        if offset < d.ISR_OFFSET:
+            self._common_write(offset, count, value)
+        elif d.NOTIFY_OFFSET <= offset < d.NOTIFY_OFFSET + NUM_QUEUES * d.NOTIFY_OFF_MULTIPLIER:
+            self._queue_notify((offset - d.NOTIFY_OFFSET) // d.NOTIFY_OFF_MULTIPLIER)
+        elif d.DOORBELL_OFFSET <= offset < d.DOORBELL_OFFSET + 4 * self.num_slots:
+            self._doorbell((offset - d.DOORBELL_OFFSET) // 4)
+        elif d.VECTOR_OFFSET <= offset < d.VECTOR_OFFSET + 2 * self.num_slots and count == 2:
+            slot = self.slots.get((offset - d.VECTOR_OFFSET) // 2)
+            if slot is not None:
+                slot.vector = value if value < self.nvectors else d.NO_VECTOR
+        elif d.PENDING_OFFSET <= offset < d.PENDING_OFFSET + 4 * ((self.num_slots + 31) // 32) and count == 4:
+            word = (offset - d.PENDING_OFFSET) // 4
+            self.pending_slots &= ~(value << (32 * word))  # write 1 to clear
+
+    def _device_config(self) -> bytes:
+        return d.VHOST_PCI_CONFIG.pack(
+            self.remote_uuid, self.window_size, self.max_regions, self.max_frontends, MAX_MSG_LEN,
+            self.remote_status, self.num_slots, d.BAR_VIRTIO, 0, d.DOORBELL_OFFSET, d.VECTOR_OFFSET,
+            d.PENDING_OFFSET,
+        )  # fmt: skip
+
+    def _common_read(self, offset: int, count: int) -> bytes:
+        out = bytearray()
+        pos = offset
+        while pos < offset + count:
+            name_width = FIELD_AT.get(pos) or FIELD_AT.get(pos - 4)
+            if name_width is None:
+                out.append(0)
+                pos += 1
+                continue
+            name, width = name_width
+            base = COMMON[name][0]
+            value = self._common_value(name).to_bytes(width, "little")
+            take = min(width - (pos - base), offset + count - pos)
+            out += value[pos - base : pos - base + take]
+            pos += take
+        return bytes(out)
+
+    def _common_value(self, name: str) -> int:
+        q = self.queues[self.queue_select] if self.queue_select < NUM_QUEUES else None
+        if name == "device_feature":
+            return (
+                (d.OFFERED_FEATURES >> (32 * self.device_feature_select)) & 0xFFFFFFFF
+                if self.device_feature_select < 2
+                else 0
+            )
+        if name == "driver_feature":
+            return (
+                (self.driver_features >> (32 * self.driver_feature_select)) & 0xFFFFFFFF
+                if self.driver_feature_select < 2
+                else 0
+            )
+        simple = {
+            "device_feature_select": self.device_feature_select,
+            "driver_feature_select": self.driver_feature_select,
+            "config_msix_vector": self.config_vector, "num_queues": NUM_QUEUES, "device_status": self.status,
+            "config_generation": self.config_generation & 0xFF, "queue_select": self.queue_select,
+        }  # fmt: skip
+        if name in simple:
+            return simple[name]
+        if q is None:
+            return 0  # virtio 1.2, 4.1.4.3: a queue that does not exist reads as size 0
+        per_queue = {
+            "queue_size": q.size, "queue_msix_vector": q.vector, "queue_enable": q.enable,
+            "queue_notify_off": self.queue_select, "queue_desc": q.desc, "queue_driver": q.driver,
+            "queue_device": q.device, "queue_notify_data": self.queue_select, "queue_reset": 0,
+        }  # fmt: skip
+        return per_queue[name]
+
+    def _common_write(self, offset: int, count: int, value: int) -> None:
+        entry = FIELD_AT.get(offset)
+        high = False
+        if entry is None:
+            entry = FIELD_AT.get(offset - 4)
+            high = True
+            if entry is None or entry[1] != 8 or count != 4:
+                return  # not a field: ignored, as a device ignores writes to reserved space
+        name, width = entry
+        if count != width and not (width == 8 and count == 4):
+            raise VfioDeviceError(errno.EINVAL, f"{count}-byte write to {name} ({width} bytes)")
+        if name == "device_feature_select":
+            self.device_feature_select = value
+        elif name == "driver_feature_select":
+            self.driver_feature_select = value
+        elif name == "driver_feature":
+            if self.status & FEATURES_OK or self.driver_feature_select > 1:
+                return
+            shift = 32 * self.driver_feature_select
+            self.driver_features = (self.driver_features & ~(0xFFFFFFFF << shift)) | (value << shift)
+        elif name == "config_msix_vector":
+            self.config_vector = value if value < self.nvectors else d.NO_VECTOR
+        elif name == "device_status":
+            self._set_status(value)
+        elif name == "queue_select":
+            self.queue_select = value
+        elif self.queue_select < NUM_QUEUES:
+            self._queue_write(name, value, high, count)
+
+    def _queue_write(self, name: str, value: int, high: bool, count: int) -> None:
+        q = self.queues[self.queue_select]
+        if name == "queue_msix_vector":
+            q.vector = value if value < self.nvectors else d.NO_VECTOR
+            return
+        # virtio 1.2, 4.1.4.3.2: queue setup only before DRIVER_OK, and not on an enabled queue.
+        if self.status & DRIVER_OK or q.enable:
+            if name != "queue_enable" or value != 1:
+                self._driver_error(f"{name} written on a live queue {self.queue_select}")
+            return
+        if name == "queue_size":
+            if value == 0 or value & (value - 1) or value > d.MAX_QUEUE_SIZE:
+                self._driver_error(f"queue_size {value} is not a power of two <= {d.MAX_QUEUE_SIZE}")
+                return
+            q.size = value
+        elif name == "queue_enable":
+            q.enable = 1 if value == 1 else q.enable  # writing 0 is not allowed: ignored
+        elif name in ("queue_desc", "queue_driver", "queue_device"):
+            # virtio 1.2, 4.1.3.1: 64-bit fields may come as two 32-bit halves.
+            attr = name.removeprefix("queue_")
+            old = getattr(q, attr)
+            if count == 8:
+                new = value
+            elif high:
+                new = (old & 0xFFFFFFFF) | (value << 32)
+            else:
+                new = (old & ~0xFFFFFFFF) | value
+            setattr(q, attr, new)
+
+    def _set_status(self, value: int) -> None:
+        if value == 0:
+            self.reset()
+            return
+        if value & ~self.status & FEATURES_OK:
+            feats = self.driver_features
+            if feats & ~d.OFFERED_FEATURES or not feats >> d.Feature.VERSION_1 & 1:
+                value &= ~FEATURES_OK  # virtio 1.2, 2.2.2: the device refuses; the driver reads it back
+        if value & ~self.status & DRIVER_OK:
+            self.status = value
+            self._start_queues()
+            return
+        self.status = (self.status & NEEDS_RESET) | value
+
+    def _start_queues(self) -> None:
+        if self.dma is None:
+            self._driver_error("DRIVER_OK with no DMA memory mapped")
+            return
+        event_idx = bool(self.driver_features >> d.Feature.RING_EVENT_IDX & 1)
+        for i, q in enumerate(self.queues):
+            if not q.enable:
+                continue
+            try:
+                self.rings[i] = DeviceQueue(self.dma, q.size, q.desc, q.driver, q.device, event_idx=event_idx)
+            except RingError as e:
+                self._driver_error(f"queue {i}: {e}")
+                return
+        self.on_driver_ok()
+        self._deliver_control()
+
+    def _driver_error(self, why: str) -> None:
+        """The driver broke a rule: DEVICE_NEEDS_RESET and a config interrupt (virtio 1.2, 2.1.2)."""
+        log.warning("driver error: %s", why)
+        self.counters["driver_errors"] += 1
+        self.status |= NEEDS_RESET
+        self.rings = [None] * NUM_QUEUES
+        self._config_changed()
+
+    # -- interrupts ------------------------------------------------------------------
+
+    def _raise(self, vector: int, isr_bit: int) -> None:
+        self.counters["interrupts"] += 1
+        if self.config.msix_enabled:
+            if vector >= self.nvectors:
+                return
+            masked = self.config.msix_masked or self.msix_table[16 * vector + 12] & 1
+            fd = self.msix_fds.get(vector)
+            if masked or fd is None:
+                self.pba |= 1 << vector  # pending: delivered when unmasked
+                return
+            os.eventfd_write(fd, 1)
+        else:
+            self.isr |= isr_bit
+            if self.intx_fd is not None and not self.config.command & 0x400:
+                os.eventfd_write(self.intx_fd, 1)
+
+    def _deliver_pending(self) -> None:
+        if not self.config.msix_enabled or self.config.msix_masked:
+            return
+        for v in range(self.nvectors):
+            if self.pba >> v & 1 and not self.msix_table[16 * v + 12] & 1 and v in self.msix_fds:
+                self.pba &= ~(1 << v)
+                os.eventfd_write(self.msix_fds[v], 1)
+
+    def _config_changed(self) -> None:
+        self.config_generation += 1
+        self._raise(self.config_vector, ISR_CONFIG)
+
+    # -- controlq and ackq (protocol.md 2.5, 3-5) -------------------------------------
+
+    def send_control(self, body: ctrl.MemoryInfo | ctrl.DeviceInfo | ctrl.FeatureBits) -> int:
+        """Queue a message with the next request id (from 1, never reused); returns the id."""
+        rid = self.next_request_id
+        self.next_request_id += 1
+        raw = ctrl.encode_message(rid, body)
+        self.outstanding[rid] = raw
+        self.backlog.append((rid, raw))
+        self._deliver_control()
+        return rid
+
+    def send_raw(self, raw: bytes) -> None:
+        """Put arbitrary bytes on the controlq (hostile-input tests of the driver)."""
+        self.backlog.append((0, raw))
+        self._deliver_control()
+
+    def _deliver_control(self) -> None:
+        ring = self.rings[d.Queue.CONTROLQ]
+        if ring is None or not self.backlog:
+            return
+        try:
+            chains = ring.pop_batch(len(self.backlog))
+            used = []
+            for chain in chains:
+                raw = self.backlog[0][1]
+                if chain.writable_len < len(raw):
+                    self._driver_error(
+                        f"controlq buffer of {chain.writable_len} bytes < message of {len(raw)}"
+                    )
+                    return
+                pos = 0
+                for view in chain.writable:
+                    n = min(len(view), len(raw) - pos)
+                    view[:n] = raw[pos : pos + n]
+                    pos += n
+                    if pos == len(raw):
+                        break
+                self.backlog.popleft()
+                used.append((chain.head, len(raw)))
+                self.counters["messages_sent"] += 1
+            ring.push_batch(used)
+            if used and ring.need_notify():
+                self._raise(self.queues[d.Queue.CONTROLQ].vector, ISR_QUEUE)
+        except RingError as e:
+            self._driver_error(f"controlq: {e}")
+
+    def _queue_notify(self, index: int) -> None:
+        if index == d.Queue.CONTROLQ:
+            self._deliver_control()
+        elif index == d.Queue.ACKQ:
+            self._consume_acks()
+
+    def _consume_acks(self) -> None:
+        ring = self.rings[d.Queue.ACKQ]
+        if ring is None:
+            return
+        try:
+            chains = ring.pop_batch(ring.size)
+            ring.push_batch([(c.head, 0) for c in chains])
+            if chains and ring.need_notify():
+                self._raise(self.queues[d.Queue.ACKQ].vector, ISR_QUEUE)
+        except RingError as e:
+            self._driver_error(f"ackq: {e}")
+            return
+        for chain in chains:
+            try:
+                rid, ack = ctrl.decode_ack(chain.read_all())
+            except ProtocolError as e:
+                self.counters["ack_errors"] += 1
+                self.on_ack_error(f"undecodable ack: {e}", None)
+                continue
+            if rid in self.outstanding:
+                del self.outstanding[rid]
+                self.acked.add(rid)
+                self.counters["acks"] += 1
+                self.on_ack(rid, ack)
+            else:
+                self.counters["ack_errors"] += 1
+                self.on_ack_error("duplicate ack" if rid in self.acked else "ack of an unknown id", rid)
+
+    def missing_acks(self) -> list[int]:
+        """Ids delivered or queued and not yet acked."""
+        return sorted(self.outstanding)
+
+    def set_remote(self, vm_uuid: bytes, up: bool) -> None:
+        self.remote_uuid = vm_uuid
+        new = d.STATUS_REMOTE_UP if up else 0
+        if new != self.remote_status:
+            self.remote_status = new
+            self._config_changed()
+
+    # -- the remote window ---------------------------------------------------------
+
+    def map_region(self, window_offset: int, size: int, fd: int, fd_offset: int) -> None:
+        if window_offset < 0 or window_offset + size > self.window_size:
+            raise VfioDeviceError(errno.EINVAL, "region outside the window")
+        st = os.fstat(fd)
+        mm = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE, offset=fd_offset)
+        self.window.append(_WindowRegion(window_offset, size, fd, fd_offset, (st.st_dev, st.st_ino), mm))
+
+    def unmap_region(self, window_offset: int) -> None:
+        for r in self.window:
+            if r.window_offset == window_offset:
+                self.window.remove(r)
+                try:
+                    r.mm.close()
+                except BufferError:
+                    pass
+                return
+
+    def _window_rw(self, offset: int, count: int, data: bytes | None) -> bytes:
+        for r in self.window:
+            if r.window_offset <= offset and offset + count <= r.window_offset + r.size:
+                rel = offset - r.window_offset
+                if data is None:
+                    return bytes(r.mm[rel : rel + count])
+                r.mm[rel : rel + count] = data
+                return b""
+        return b"\xff" * count if data is None else b""  # holes read as ones, writes are dropped
+
+    # -- notification slots (protocol.md 6) ---------------------------------------------
+
+    def assign_slot(self, kick_fd: int, call_fd: int) -> int:
+        for s in range(self.num_slots):
+            if s not in self.slots:
+                self.slots[s] = _Slot(kick_fd, call_fd)
+                if self._add_reader is not None:
+                    self._add_reader(kick_fd, functools.partial(self._kick, s))
+                return s
+        raise VfioDeviceError(errno.ENOSPC, f"all {self.num_slots} notification slots are taken")
+
+    def release_slot(self, slot: int) -> None:
+        sl = self.slots.pop(slot, None)
+        if sl is not None and self._remove_reader is not None:
+            self._remove_reader(sl.kick_fd)
+        self.pending_slots &= ~(1 << slot)
+
+    def _kick(self, slot: int) -> None:
+        sl = self.slots.get(slot)
+        if sl is None:
+            return
+        try:
+            os.eventfd_read(sl.kick_fd)
+        except BlockingIOError:
+            return
+        self.counters["kicks"] += 1
+        self.pending_slots |= 1 << slot
+        if sl.vector != d.NO_VECTOR:
+            self._raise(sl.vector, ISR_QUEUE)
+
+    def _doorbell(self, slot: int) -> None:
+        sl = self.slots.get(slot)
+        if sl is None:
+            self.counters["stray_doorbells"] += 1
+            return
+        self.counters["doorbells"] += 1
+        os.eventfd_write(sl.call_fd, 1)
+
+    def stats(self) -> dict[str, object]:
+        return {**self.counters, "outstanding": len(self.outstanding), "backlog": len(self.backlog),
+                "status": self.status, "slots": len(self.slots)}  # fmt: skip
