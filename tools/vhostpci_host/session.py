@@ -70,12 +70,15 @@ class _Pending:
     regions: tuple[MemoryRegion, ...] = ()
     key: FrontendKey | None = None
     offered: int = 0
+    op: Op = Op.ADD
 
 
 @dataclass
 class _Frontend:
     slots: list[int]
     fds: list[int]
+    info: DeviceInfo  # as sent on the controlq (with slots), for replays
+    offered: int | None = None
 
 
 @dataclass
@@ -94,6 +97,7 @@ class Session:
     _pings_out: int = 0
     _next_ping: float = 0.0
     gone: bool = False
+    _lost: list[_Pending] = field(default_factory=list)
     stats: dict[str, int] = field(default_factory=lambda: {"requests": 0, "acks": 0, "fail_acks": 0})
 
     # -- from the driver VM ----------------------------------------------------
@@ -111,6 +115,9 @@ class Session:
         elif isinstance(b, SockDeviceInfo):
             self._device(msg.request_id, b)
         elif isinstance(b, FeatureBits):
+            fe = self._frontends.get(FrontendKey(b.device_type, b.device_id))
+            if fe is not None:
+                fe.offered = b.features
             self._pending_control(
                 SockMsgType.FEATURE_BITS,
                 msg.request_id,
@@ -188,7 +195,7 @@ class Session:
         info = d.info
         key = FrontendKey(info.device_type, info.device_id)
         if info.op == Op.DEL:
-            self._pending_control(SockMsgType.DEVICE_INFO, client_id, info, key=key)
+            self._pending_control(SockMsgType.DEVICE_INFO, client_id, info, key=key, op=Op.DEL)
             return
         if key in self._frontends:
             for fd in (*d.kick_fds, *d.call_fds):
@@ -200,8 +207,8 @@ class Session:
             type(v)(v.index, v.size, v.desc, v.avail, v.used, v.last_avail_idx, v.last_used_idx, slot)
             for v, slot in zip(info.virtqs, slots, strict=True)
         )
-        self._frontends[key] = _Frontend(slots, [*d.kick_fds, *d.call_fds])
         body = DeviceInfo(Op.ADD, info.device_type, info.device_id, virtqs)
+        self._frontends[key] = _Frontend(slots, [*d.kick_fds, *d.call_fds], body)
         self._pending_control(SockMsgType.DEVICE_INFO, client_id, body, key=key)
 
     # -- from the device driver (acks) -----------------------------------------
@@ -219,9 +226,14 @@ class Session:
             if ack.result in (AckResult.DEL_DONE, AckResult.ADD_FAIL):
                 for r in p.regions:
                     self._drop_region(r)
-        elif p.kind == SockMsgType.DEVICE_INFO and p.key is not None and ack.result in (
-            AckResult.DEL_DONE,
-            AckResult.ADD_FAIL,
+        elif (
+            p.kind == SockMsgType.DEVICE_INFO
+            and p.key is not None
+            and ack.result
+            in (
+                AckResult.DEL_DONE,
+                AckResult.ADD_FAIL,
+            )
         ):
             self._drop_frontend(p.key)
         if p.client_id is None:
@@ -247,6 +259,54 @@ class Session:
                 self.device.release_slot(slot)
             for fd in fe.fds:
                 os.close(fd)
+
+    # -- the device driver restarted ------------------------------------------
+
+    def on_reset(self, lost: list[int]) -> None:
+        """The device was reset: requests delivered or queued but not acked are gone."""
+        self._lost = [p for rid in lost if (p := self._pending.pop(rid, None)) is not None]
+
+    def on_driver_ok(self) -> None:
+        """A (re)started driver knows nothing: replay memory, frontends and features, then lost DELs."""
+        lost, self._lost = self._lost, []
+
+        def client(kind: SockMsgType, key: FrontendKey | None = None, op: Op = Op.ADD) -> int | None:
+            for p in lost:
+                if p.kind == kind and p.key == key and p.client_id is not None and p.op == op:
+                    lost.remove(p)
+                    return p.client_id
+            return None
+
+        regions = tuple(r for r, _ in self._regions.values())
+        if regions:
+            self._pending_control(
+                SockMsgType.MEMORY_INFO, client(SockMsgType.MEMORY_INFO), MemoryInfo(Op.ADD, regions)
+            )
+        for key, fe in self._frontends.items():
+            self._pending_control(SockMsgType.DEVICE_INFO, client(SockMsgType.DEVICE_INFO, key), fe.info)
+            if fe.offered is not None:
+                self._pending_control(
+                    SockMsgType.FEATURE_BITS,
+                    client(SockMsgType.FEATURE_BITS, key),
+                    FeatureBits(key.device_type, key.device_id, fe.offered),
+                    key=key,
+                    offered=fe.offered,
+                )
+        for p in lost:  # DELs that were lost: ask again
+            if p.op == Op.DEL and p.kind == SockMsgType.DEVICE_INFO and p.key is not None:
+                self._pending_control(
+                    p.kind,
+                    p.client_id,
+                    DeviceInfo(Op.DEL, p.key.device_type, p.key.device_id),
+                    key=p.key,
+                    op=Op.DEL,
+                )
+            elif p.op == Op.DEL and p.kind == SockMsgType.MEMORY_INFO:
+                self._pending_control(
+                    p.kind, p.client_id, MemoryInfo(Op.DEL, p.regions), regions=p.regions, op=Op.DEL
+                )
+            elif p.client_id is not None:
+                self._reply(p.kind, p.client_id, AckResult.ADD_DONE)  # its state is in the replay above
 
     # -- liveness --------------------------------------------------------------
 

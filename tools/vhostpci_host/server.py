@@ -1,0 +1,261 @@
+"""The vhost-pci server: driver VMs connect here; each gets a vhost-pci device on its own vfio-user socket.
+
+One thread, one selector: the listening socket, every driver VM's channel,
+every device's vfio-user server and the frontends' kick eventfds all wait in
+the same loop, so nothing needs a lock and a stuck peer cannot block another
+(every socket is non-blocking; a peer that stalls mid-message past its timeout
+is dropped). Status goes to stdout as JSON lines when asked.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import selectors
+import signal
+import socket
+import stat
+import struct
+import sys
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from vhostpci_driver.errors import FailReason, ProtocolError
+from vhostpci_driver.wire.ctrl import AckResult, Op
+from vhostpci_driver.wire.sock import SockAck, SockLimits, SockMemoryInfo, SockMessage, SockMsgType
+from vhostpci_host.channel import Channel, PeerClosedError
+from vhostpci_host.device_model import VhostPciDeviceModel
+from vhostpci_host.session import Session
+from vhostpci_host.vfio_user_server import VfioUserServer
+
+log = logging.getLogger(__name__)
+
+MIN_WINDOW = 2 << 20
+
+
+def window_size_for(regions_end: int) -> int:
+    """A power of two at least twice the driver VM's memory (protocol.md 2.2), so hot-plug fits."""
+    size = MIN_WINDOW
+    while size < 2 * regions_end:
+        size <<= 1
+    return size
+
+
+@dataclass
+class ServerConfig:
+    """What ``vhostpci-host serve`` takes."""
+
+    socket_path: Path
+    devices_dir: Path
+    ping_interval: float = 1.0
+    ping_misses: int = 3
+    virtio_id: int = 63
+    window_size: int | None = None
+    limits: SockLimits = field(default_factory=SockLimits)
+    partial_timeout: float = 5.0
+    allow_uids: frozenset[int] = field(default_factory=lambda: frozenset({0, os.getuid()}))
+    json_status: bool = False
+
+
+@dataclass
+class _Device:
+    model: VhostPciDeviceModel
+    vfio: VfioUserServer
+    session: Session
+    path: Path
+
+
+class VhostPciServer:
+    """Accepts driver VMs and serves one vhost-pci device per UUID."""
+
+    def __init__(self, config: ServerConfig) -> None:
+        self.config = config
+        self.sel = selectors.DefaultSelector()
+        self.devices: dict[uuid.UUID, _Device] = {}
+        self.clients: dict[Channel, uuid.UUID | None] = {}
+        self.running = True
+        self._listener: socket.socket | None = None
+
+    # -- status ----------------------------------------------------------------
+
+    def status(self, event: str, **fields: object) -> None:
+        log.info("%s %s", event, fields)
+        if self.config.json_status:
+            sys.stdout.write(json.dumps({"event": event, **fields}, default=str) + "\n")
+            sys.stdout.flush()
+
+    # -- set-up ----------------------------------------------------------------
+
+    def listen(self) -> None:
+        path = self.config.socket_path
+        self.config.devices_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if path.exists() or path.is_symlink():
+            if not stat.S_ISSOCK(path.lstat().st_mode):
+                raise SystemExit(f"{path} exists and is not a socket: refusing to replace it")
+            path.unlink()  # a stale socket of a previous run
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old = os.umask(0o177)  # the socket is born 0600: no window in which others could connect
+        try:
+            s.bind(str(path))
+        finally:
+            os.umask(old)
+        s.listen(16)
+        s.setblocking(False)
+        self._listener = s
+        self.sel.register(s, selectors.EVENT_READ, self._accept)
+        self.status("listening", socket=str(path), devices_dir=str(self.config.devices_dir))
+
+    def add_reader(self, fd: int, callback: Callable[[], None]) -> None:
+        self.sel.register(fd, selectors.EVENT_READ, callback)
+
+    def remove_reader(self, fd: int) -> None:
+        try:
+            self.sel.unregister(fd)
+        except (KeyError, ValueError):
+            pass
+
+    # -- driver VMs --------------------------------------------------------------
+
+    def _accept(self) -> None:
+        assert self._listener is not None
+        try:
+            conn, _ = self._listener.accept()
+        except BlockingIOError:
+            return
+        pid, uid, _gid = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
+        if uid not in self.config.allow_uids:
+            log.warning(
+                "refused a driver VM connection from uid %d (pid %d): not in the allow list", uid, pid
+            )
+            self.status("refused", uid=uid, pid=pid)
+            conn.close()
+            return
+        ch = Channel(conn, self.config.limits, partial_timeout=self.config.partial_timeout)
+        self.clients[ch] = None
+        self.sel.register(conn, selectors.EVENT_READ, lambda: self._client_readable(ch))
+        self.status("client-connected", pid=pid, uid=uid)
+
+    def _client_readable(self, ch: Channel) -> None:
+        try:
+            for msg in ch.receive():
+                self._client_message(ch, msg)
+        except PeerClosedError as e:
+            self._drop_client(ch, str(e))
+        except ProtocolError as e:
+            self._drop_client(ch, f"protocol error: {e}")
+
+    def _client_message(self, ch: Channel, msg: SockMessage) -> None:
+        bound = self.clients[ch]
+        if bound is not None and bound != msg.vm_uuid:
+            raise ProtocolError("socket header.vm_uuid", f"connection belongs to {bound}, not {msg.vm_uuid}")
+        dev = self.devices.get(msg.vm_uuid)
+        if bound is None:
+            # First message of a connection: it names the driver VM (protocol.md 7.2, step 1).
+            for other, u in list(self.clients.items()):
+                if u == msg.vm_uuid and other is not ch:
+                    self._drop_client(other, "replaced by a new connection of the same UUID")
+            dev = self.devices.get(msg.vm_uuid)
+            if dev is None:
+                if not (isinstance(msg.body, SockMemoryInfo) and msg.body.op == Op.ADD):
+                    ch.send(
+                        SockMessage(
+                            SockMsgType.MEMORY_INFO_ACK,
+                            msg.vm_uuid,
+                            msg.request_id,
+                            SockAck(AckResult.ADD_FAIL, FailReason.NOT_FOUND),
+                        )
+                    )
+                    return
+                dev = self._create_device(msg.vm_uuid, msg.body)
+            self.clients[ch] = msg.vm_uuid
+            dev.session.send = ch.send
+            dev.session.gone = False
+            dev.model.set_remote(msg.vm_uuid.bytes, True)
+            self.status("remote-up", uuid=str(msg.vm_uuid))
+        assert dev is not None
+        dev.session.on_message(msg)
+
+    def _create_device(self, vm_uuid: uuid.UUID, first: SockMemoryInfo) -> _Device:
+        end = max(r.mmap_offset + r.memory_size for r in first.regions)
+        size = self.config.window_size or window_size_for(end)
+        model = VhostPciDeviceModel(window_size=size, virtio_id=self.config.virtio_id)
+        path = self.config.devices_dir / f"{vm_uuid}.sock"
+        vfio = VfioUserServer(str(path), model)
+        model.attach_loop(self.add_reader, self.remove_reader)
+        self.add_reader(vfio.fileno(), lambda: vfio.run_once(0))
+        session = Session(vm_uuid, model, lambda _m: None, self.config.ping_interval, self.config.ping_misses)
+        model.on_ack = session.on_ack
+        model.on_reset = session.on_reset
+        model.on_driver_ok = session.on_driver_ok
+        model.on_ack_error = lambda reason, rid: self.status(
+            "ack-error", uuid=str(vm_uuid), reason=reason, id=rid
+        )
+        dev = _Device(model, vfio, session, path)
+        self.devices[vm_uuid] = dev
+        self.status("device", uuid=str(vm_uuid), socket=str(path), window_size=size)
+        return dev
+
+    def _drop_client(self, ch: Channel, why: str) -> None:
+        vm = self.clients.pop(ch, None)
+        self.remove_reader(ch.fileno())
+        ch.close()
+        log.info("driver VM %s disconnected: %s", vm, why)
+        if vm is not None and vm in self.devices:
+            self.devices[vm].session.teardown()
+            self.status("remote-down", uuid=str(vm), why=why)
+
+    # -- the loop ----------------------------------------------------------------
+
+    def _tick(self) -> None:
+        for ch, vm in list(self.clients.items()):
+            if ch.partial_timed_out():
+                self._drop_client(ch, f"stalled mid-message for {ch.stalled_for():.1f}s")
+                continue
+            if vm is not None and not self.devices[vm].session.tick():
+                self._drop_client(ch, f"missed {self.config.ping_misses} heartbeats")
+                continue
+            try:
+                ch.flush()
+            except OSError as e:
+                self._drop_client(ch, f"send failed: {e}")
+
+    def serve_forever(self) -> None:
+        """Run until SIGTERM/SIGINT; then close every device and socket."""
+        stop_r, stop_w = os.pipe()
+        os.set_blocking(stop_w, False)
+        signal.set_wakeup_fd(stop_w)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: setattr(self, "running", False))
+        self.sel.register(stop_r, selectors.EVENT_READ, lambda: os.read(stop_r, 64))
+        tick = min(0.1, self.config.ping_interval / 4)
+        try:
+            while self.running:
+                for key, _ in self.sel.select(tick):
+                    key.data()
+                self._tick()
+        finally:
+            signal.set_wakeup_fd(-1)
+            os.close(stop_r)
+            os.close(stop_w)
+            self.close()
+
+    def close(self) -> None:
+        for ch in list(self.clients):
+            self._drop_client(ch, "server shutting down")
+        for dev in self.devices.values():
+            dev.session.close()
+            dev.vfio.close()
+        self.devices.clear()
+        if self._listener is not None:
+            self._listener.close()
+            self._listener = None
+            try:
+                self.config.socket_path.unlink()
+            except FileNotFoundError:
+                pass
+        self.sel.close()
+        self.status("stopped", at=time.time())
