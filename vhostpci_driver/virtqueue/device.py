@@ -181,6 +181,18 @@ class DeviceQueue:
                 raise self._break("desc-index", f"next {nxt} >= table size {tsize}", nxt)
             i = nxt
 
+    def discard(self, chains: Sequence[Chain]) -> None:
+        """Give back the last ``chains`` popped, unused (Linux ``vhost_discard_vq_desc``).
+
+        For a backend that popped RX buffers and then found them too few: the
+        chains become available again, in the same order.
+        """
+        if self.broken:
+            raise self.broken
+        for c in chains:
+            self._inflight[c.head] = -1
+        self.last_avail_idx = (self.last_avail_idx - len(chains)) & 0xFFFF
+
     def push(self, head: int, written: int) -> None:
         self.push_batch(((head, written),))
 
@@ -218,15 +230,24 @@ class DeviceQueue:
             return need_event(self._avail[2 + self.size], new, old)
         return not self._avail[0] & VIRTQ_AVAIL_F_NO_INTERRUPT
 
+    def avail_idx(self) -> int:
+        """The driver's avail index as it is now (for re-arm races; not validated)."""
+        return int(self._avail[1])
+
     def disable_notifications(self) -> None:
         """Ask the driver not to kick (busy polling); a hint the driver may ignore."""
         if not self.event_idx:
             self._used16[0] = VIRTQ_USED_F_NO_NOTIFY
 
     def enable_notifications(self) -> None:
-        """Ask for a kick on the next available buffer (after ours, with EVENT_IDX)."""
+        """Ask for a kick when the driver makes more buffers available than we have seen.
+
+        With EVENT_IDX the event is the avail index as we read it now, not our
+        ``last_avail_idx``: a backend that left entries unpopped (waiting for
+        room elsewhere) must still hear of new ones (Linux ``vhost_enable_notify``).
+        """
         if self.event_idx:
-            self._used16[2 + 4 * self.size] = self.last_avail_idx
+            self._used16[2 + 4 * self.size] = self._avail[1]
         else:
             self._used16[0] = 0
 

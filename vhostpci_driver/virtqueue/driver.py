@@ -139,6 +139,17 @@ class DriverQueue:
             self._avail[2 + self.size] = idx  # used_event: interrupt us at the next entry
         return out
 
+    def state(self) -> dict[str, int]:
+        """Indices as both sides see them (for status and debugging)."""
+        return {
+            "avail_idx": self.avail_idx,
+            "last_used_idx": self.last_used_idx,
+            "used_idx": int(self._used16[1]),
+            "used_event": int(self._avail[2 + self.size]),
+            "avail_event": int(self._used16[2 + 4 * self.size]),
+            "free": len(self._free),
+        }
+
     def disable_interrupts(self) -> None:
         """Hint the device not to interrupt (polling); with EVENT_IDX we simply stop moving used_event."""
         if not self.event_idx:

@@ -1,0 +1,1 @@
+"""Applications built only on the public API: backends for frontend device types."""

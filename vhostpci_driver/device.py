@@ -1,0 +1,421 @@
+"""``VhostPciDevice``: a vhost-pci function brought up, its controlq served, its frontends handed out.
+
+Bring-up (virtio 1.2, 3.1.1) with an ExitStack, so a failure at any step undoes
+the steps before it: open the function, reset, negotiate, map the remote window,
+allocate DMA memory for the controlq and ackq, post controlq buffers, route
+MSI-X vectors (config 0, controlq 1, ackq 2, one per notification slot),
+DRIVER_OK. Then every controlq message goes through the engine and its ack is
+posted on the ackq. Applications get events by iteration, callbacks or asyncio.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import select
+import uuid
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass
+from typing import TypeVar, cast
+
+from vhostpci_driver.engine import Engine, FeaturePolicy
+from vhostpci_driver.errors import DeviceError, RingError, TransportError, VhostPciError
+from vhostpci_driver.events import (
+    DeviceErrorEvent,
+    Event,
+    FeaturesNegotiated,
+    FrontendAdded,
+    FrontendKey,
+    FrontendRemoved,
+    MemoryAdded,
+    RemoteDown,
+    RemoteUp,
+)
+from vhostpci_driver.frontends import Frontend
+from vhostpci_driver.memory import RegionTable
+from vhostpci_driver.pci.access import registers_for
+from vhostpci_driver.pci.dma import DmaPool
+from vhostpci_driver.pci.function import PciFunction
+from vhostpci_driver.pci.mmio import Registers
+from vhostpci_driver.virtio.transport import Status, VirtioPciTransport
+from vhostpci_driver.virtqueue.driver import DriverQueue
+from vhostpci_driver.window import BarWindow
+from vhostpci_driver.wire import device as dev_wire
+from vhostpci_driver.wire.ctrl import NO_SLOT, Limits
+from vhostpci_driver.wire.device import Feature, Queue, Vector
+
+log = logging.getLogger(__name__)
+E = TypeVar("E", bound=Event)
+
+ACK_BUF = 64  # an ACK is 32 bytes; room to spare
+
+
+@dataclass(frozen=True)
+class DeviceConfig:
+    """``struct vhost_pci_config`` as read at bring-up (protocol.md 2.4)."""
+
+    remote_uuid: uuid.UUID
+    window_size: int
+    max_regions: int
+    max_frontends: int
+    max_msg_len: int
+    status: int
+    num_slots: int
+    slot_bar: int
+    doorbell_offset: int
+    vector_offset: int
+    pending_offset: int
+
+    @classmethod
+    def decode(cls, raw: bytes) -> DeviceConfig:
+        f = dev_wire.VHOST_PCI_CONFIG.unpack_from(raw, 0, "vhost_pci_config")
+        (u, wsize, mreg, mfe, mlen, status, slots, slot_bar, _res, door, vec, pend) = f
+        cfg = cls(uuid.UUID(bytes=bytes(u)), wsize, mreg, mfe, mlen, status, slots, slot_bar, door, vec, pend)
+        if not 64 <= cfg.max_msg_len <= 1 << 20:
+            raise TransportError(
+                f"max_msg_len {cfg.max_msg_len} outside 64..1MiB", "vhost_pci_config.max_msg_len"
+            )
+        if cfg.num_slots > dev_wire.MAX_SLOTS:
+            raise TransportError(
+                f"{cfg.num_slots} slots, at most {dev_wire.MAX_SLOTS}", "vhost_pci_config.num_slots"
+            )
+        return cfg
+
+
+class VhostPciDevice:
+    """One vhost-pci function, served. Use as a context manager; ``close()`` is idempotent."""
+
+    def __init__(
+        self,
+        address: str | PciFunction,
+        *,
+        policies: dict[int, FeaturePolicy] | None = None,
+        polling: bool = False,
+        queue_size: int = 64,
+    ) -> None:
+        self.polling = polling
+        self.queue_size = queue_size
+        self.frontends: dict[FrontendKey, Frontend] = {}
+        self._events: deque[Event] = deque()
+        self._callbacks: list[tuple[type[Event], Callable[[Event], None]]] = []
+        self._ack_backlog: deque[bytes] = deque()
+        self._closed = False
+        self.remote_up = False
+        self.stats = {"controlq_messages": 0, "acks_posted": 0, "interrupts": 0}
+        self._stack = contextlib.ExitStack()
+        try:
+            self._bring_up(address, policies)
+        except BaseException:
+            self._stack.close()
+            self._closed = True
+            raise
+
+    # -- bring-up ----------------------------------------------------------------
+
+    def _bring_up(self, address: str | PciFunction, policies: dict[int, FeaturePolicy] | None) -> None:
+        if isinstance(address, str):
+            from vhostpci_driver.pci.open import open_function  # noqa: PLC0415  (backends load on demand)
+
+            fn = open_function(address)
+        else:
+            fn = address
+        self.function = fn
+        self._stack.callback(fn.close)
+        t = self.transport = VirtioPciTransport(fn)
+        self._stack.callback(t.close)
+        t.reset()
+        self._stack.callback(self._reset_quietly)
+        t.enable_bus_master()
+        wanted = (1 << Feature.VERSION_1) | (1 << Feature.RING_EVENT_IDX) | (1 << Feature.ACCESS_PLATFORM)
+        self.features = t.negotiate(wanted)
+        event_idx = bool(self.features >> Feature.RING_EVENT_IDX & 1)
+        self.config = DeviceConfig.decode(t.read_device_config(0, dev_wire.VHOST_PCI_CONFIG.size))
+        cfg = self.config
+        self.window = BarWindow(fn, dev_wire.BAR_WINDOW)
+        self.table = RegionTable(self.window, max_regions=max(cfg.max_regions * 8, 512))
+        self.engine = Engine(
+            self.table,
+            limits=Limits(max_regions=cfg.max_regions, max_virtqs=64, max_msg_len=cfg.max_msg_len),
+            max_frontends=cfg.max_frontends,
+            policies=policies,
+        )
+        self._slots: Registers = registers_for(fn, cfg.slot_bar)
+
+        qs = self.queue_size
+        ring_bytes = DriverQueue.layout(qs)[3]
+        pool_size = 2 * ring_bytes + qs * cfg.max_msg_len + qs * ACK_BUF + 8 * 4096
+        self.pool = DmaPool(fn, pool_size)
+        self._stack.callback(self.pool.close)
+        # Stop the device before its rings' memory goes away (the callbacks run in reverse).
+        self._stack.callback(self._reset_quietly)
+        self.ctrlq = self._queue(Queue.CONTROLQ, event_idx)
+        self.ackq = self._queue(Queue.ACKQ, event_idx)
+        self._ctrl_bufs = [self.pool.alloc(cfg.max_msg_len, 8) for _ in range(qs)]
+        self._ack_bufs = [self.pool.alloc(ACK_BUF, 8) for _ in range(qs)]
+        self._ack_free = list(range(qs))
+
+        vectors = not self.polling and self.transport.caps.msix is not None
+        if vectors:
+            self.irq_fds = t.enable_msix(Vector.FIRST_SLOT + cfg.num_slots)
+            t.set_config_vector(Vector.CONFIG)
+        else:
+            self.irq_fds = []
+        for q, vec in ((Queue.CONTROLQ, Vector.CONTROLQ), (Queue.ACKQ, Vector.ACKQ)):
+            d, a, u = self._ring_addrs[q]
+            t.setup_queue(q, qs, d, a, u, vector=vec if vectors else dev_wire.NO_VECTOR)
+        self._kick_ctrl = t.notifier(Queue.CONTROLQ)
+        self._kick_ack = t.notifier(Queue.ACKQ)
+        for i, b in enumerate(self._ctrl_bufs):
+            self.ctrlq.add((), ((b.iova, b.size),), i)
+        self.ctrlq.publish()
+        t.driver_ok()
+        if self.ctrlq.kick_needed():
+            self._kick_ctrl()
+        self._check_status()
+        self._config_changed()
+
+    _ring_addrs: dict[int, tuple[int, int, int]]
+
+    def _queue(self, index: int, event_idx: bool) -> DriverQueue:
+        d, a, u, total = DriverQueue.layout(self.queue_size)
+        ring = self.pool.alloc(total, 4096)
+        if not hasattr(self, "_ring_addrs"):
+            self._ring_addrs = {}
+        self._ring_addrs[index] = (ring.iova + d, ring.iova + a, ring.iova + u)
+        return DriverQueue(
+            self.pool, self.queue_size, ring.iova + d, ring.iova + a, ring.iova + u, event_idx=event_idx
+        )
+
+    def _reset_quietly(self) -> None:
+        try:
+            self.transport.reset()
+        except VhostPciError as e:
+            log.warning("reset at close failed: %s", e)
+
+    # -- serving -------------------------------------------------------------------
+
+    def fileno_list(self) -> list[int]:
+        """The eventfds to wait on (config, controlq, ackq, then one per notification slot)."""
+        return list(self.irq_fds)
+
+    def process(self) -> list[Event]:
+        """Serve everything pending: config changes, controlq messages, returned ack buffers."""
+        if self._closed:
+            raise DeviceError("device is closed")
+        for fd in self.irq_fds[: Vector.FIRST_SLOT]:
+            try:
+                os.eventfd_read(fd)
+                self.stats["interrupts"] += 1
+            except BlockingIOError:
+                pass
+        self._check_status()
+        if self.irq_fds == [] or self._config_gen != self.transport.config_generation():
+            self._config_changed()
+        self._serve_controlq()
+        self._reap_acks()
+        out = list(self._events)
+        self._events.clear()
+        for ev in out:
+            for kind, fn in self._callbacks:
+                if isinstance(ev, kind):
+                    fn(ev)
+        return out
+
+    def _emit(self, ev: Event) -> None:
+        self._events.append(ev)
+
+    def _check_status(self) -> None:
+        st = self.transport.status
+        if st & Status.DEVICE_NEEDS_RESET:
+            self._emit(DeviceErrorEvent("device", "the device set DEVICE_NEEDS_RESET"))
+            raise DeviceError("the device needs a reset (DEVICE_NEEDS_RESET)")
+
+    _config_gen = -1
+
+    def _config_changed(self) -> None:
+        self._config_gen = self.transport.config_generation()
+        raw = self.transport.read_device_config(0, dev_wire.VHOST_PCI_CONFIG.size)
+        cfg = DeviceConfig.decode(raw)
+        up = bool(cfg.status & dev_wire.STATUS_REMOTE_UP)
+        if up and not self.remote_up:
+            self._emit(RemoteUp(cfg.remote_uuid))
+        elif not up and self.remote_up:
+            # The host removes frontends and memory first (rule 7); anything left goes now.
+            for ev in self.engine.remote_gone():
+                self._apply(ev)
+            self._emit(RemoteDown(cfg.remote_uuid))
+        self.remote_up = up
+        self.config = cfg
+
+    def _serve_controlq(self) -> None:
+        # Harvest until quiet after used_event moved (virtio 1.2, 2.7.10), or a message
+        # that lands between our read and that write would wait for the next interrupt.
+        while True:
+            used = self.ctrlq.harvest()
+            if not used:
+                return
+            self._handle_controlq(used)
+
+    def _handle_controlq(self, used: list[tuple[object, int]]) -> None:
+        for token, written in used:
+            i = int(token)  # type: ignore[call-overload]
+            buf = self._ctrl_bufs[i]
+            outcome = self.engine.handle(bytes(buf.view[: min(written, buf.size)]))
+            self.stats["controlq_messages"] += 1
+            for ev in outcome.events:
+                self._apply(ev)
+            ack = outcome.ack_bytes()
+            if ack is not None:
+                self._ack_backlog.append(ack)
+            self.ctrlq.add((), ((buf.iova, buf.size),), i)
+        self.ctrlq.publish()
+        if self.ctrlq.kick_needed():
+            self._kick_ctrl()
+        self._post_acks()
+
+    def _post_acks(self) -> None:
+        posted = False
+        while self._ack_backlog and self._ack_free:
+            ack = self._ack_backlog.popleft()
+            i = self._ack_free.pop()
+            b = self._ack_bufs[i]
+            b.view[: len(ack)] = ack
+            self.ackq.add(((b.iova, len(ack)),), (), i)
+            posted = True
+            self.stats["acks_posted"] += 1
+        if posted:
+            self.ackq.publish()
+            if self.ackq.kick_needed():
+                self._kick_ack()
+
+    def _reap_acks(self) -> None:
+        while True:
+            done = self.ackq.harvest()
+            if not done:
+                break
+            self._ack_free.extend(int(token) for token, _ in done)  # type: ignore[call-overload]
+        self._post_acks()
+
+    def _apply(self, ev: Event) -> None:
+        """Keep the app-facing frontend objects in step with the engine."""
+        if isinstance(ev, FrontendAdded):
+            self.frontends[ev.key] = Frontend(
+                ev.key, ev.virtqs, self.table, self._doorbell, self._kick_fds(ev)
+            )
+        elif isinstance(ev, FrontendRemoved):
+            fe = self.frontends.pop(ev.key, None)
+            if fe is not None:
+                fe.remove("DEVICE_INFO DEL" if self.remote_up else "the driver VM is gone")
+        elif isinstance(ev, FeaturesNegotiated):
+            fe = self.frontends.get(ev.key)
+            if fe is not None:
+                try:
+                    fe.start(ev.accepted)
+                except RingError as e:
+                    fe.remove(f"rings unusable: {e}")
+                    ev2 = DeviceErrorEvent(f"frontend {ev.key}", str(e))
+                    self._emit(ev2)
+        elif isinstance(ev, MemoryAdded):
+            pass
+        self._emit(ev)
+
+    def _kick_fds(self, ev: FrontendAdded) -> dict[int, int]:
+        """Give each of the frontend's slots its MSI-X vector (read back) and return slot -> eventfd."""
+        fds: dict[int, int] = {}
+        for v in ev.virtqs:
+            slot = v.notify_slot
+            if slot == NO_SLOT or slot >= self.config.num_slots:
+                continue
+            vector = Vector.FIRST_SLOT + slot
+            if vector >= len(self.irq_fds):
+                continue  # polling: no vector
+            off = self.config.vector_offset + 2 * slot
+            self._slots.write16(off, vector)
+            if self._slots.read16(off) == vector:
+                fds[slot] = self.irq_fds[vector]
+        return fds
+
+    def _doorbell(self, slot: int) -> None:
+        self._slots.write32(self.config.doorbell_offset + 4 * slot, 1)
+
+    # -- events for applications --------------------------------------------------------
+
+    def on(self, kind: type[E], callback: Callable[[E], None]) -> None:
+        """Call ``callback`` for every event of ``kind`` (from :meth:`process`)."""
+        self._callbacks.append((kind, callback))  # type: ignore[arg-type]
+
+    def wait(self, timeout: float | None) -> bool:
+        """Block until an interrupt (or, polling, ``timeout``) ; True if something fired."""
+        fds = self.irq_fds[: Vector.FIRST_SLOT]
+        if not fds:
+            if timeout:
+                select.select([], [], [], min(timeout, 0.001))
+            return True
+        ready, _, _ = select.select(fds, [], [], timeout)
+        return bool(ready)
+
+    def events(self, timeout: float | None = None) -> Iterator[Event]:
+        """Serve the device and yield events until closed (or until ``timeout`` passes idle)."""
+        while not self._closed:
+            evs = self.process()
+            yield from evs
+            if not evs and not self.wait(timeout) and timeout is not None:
+                return
+
+    async def aevents(self) -> AsyncIterator[Event]:
+        """The same, for asyncio: the eventfds are registered with the running loop."""
+        loop = asyncio.get_running_loop()
+        fired = asyncio.Event()
+        fds = self.irq_fds[: Vector.FIRST_SLOT]
+        for fd in fds:
+            loop.add_reader(fd, fired.set)
+        try:
+            while not self._closed:
+                for ev in self.process():
+                    yield ev
+                fired.clear()
+                if fds:
+                    await fired.wait()
+                else:
+                    await asyncio.sleep(0.001)
+        finally:
+            for fd in fds:
+                loop.remove_reader(fd)
+
+    def dump(self) -> dict[str, object]:
+        """Everything ``vhostpci status`` shows."""
+        state = self.engine.dump()
+        state.update(
+            remote_uuid=str(self.config.remote_uuid),
+            remote_up=self.remote_up,
+            window_size=self.config.window_size,
+            window_mapped=self.window.mapped_bytes(),
+            features=self.features,
+            stats={**self.stats, **cast(dict[str, object], state["stats"])},
+        )
+        return state
+
+    # -- teardown -------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Reset the device and release every fd, mapping and DMA map; idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        for fe in self.frontends.values():
+            fe.remove("the device was closed")
+        self.frontends.clear()
+        self.table.clear()
+        # Drop our views into DMA memory before the pool unmaps it.
+        self._ctrl_bufs, self._ack_bufs = [], []
+        del self.ctrlq, self.ackq
+        self._stack.close()
+
+    def __enter__(self) -> VhostPciDevice:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,123 @@
+"""What an application holds for one frontend device: its rings and its notifications.
+
+A :class:`Frontend` gives the frontend's virtqueues as device-side rings over
+the remote window, the eventfd that fires when the driver VM kicks a queue,
+and :meth:`Frontend.notify` to interrupt the driver VM (protocol.md, section 6).
+When the frontend is removed (DEVICE_INFO DEL, or the driver VM vanished)
+every later ring call raises :class:`FrontendGoneError`: the app's next call
+fails clearly instead of touching memory the driver VM no longer lends us.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+from vhostpci_driver.addr import GuestMemory
+from vhostpci_driver.errors import FrontendGoneError
+from vhostpci_driver.events import FrontendKey
+from vhostpci_driver.virtqueue.device import Chain, DeviceQueue
+from vhostpci_driver.wire.ctrl import NO_SLOT, VirtqInfo
+
+RING_EVENT_IDX = 29
+
+
+class Queue:
+    """A frontend virtqueue: the device-side ring, guarded against the frontend's removal."""
+
+    def __init__(self, frontend: Frontend, info: VirtqInfo, ring: DeviceQueue) -> None:
+        self.frontend = frontend
+        self.info = info
+        self.index = info.index
+        self._ring = ring
+
+    @property
+    def ring(self) -> DeviceQueue:
+        """The ring itself; raises :class:`FrontendGoneError` once the frontend is removed."""
+        if self.frontend.removed:
+            raise FrontendGoneError(f"frontend {self.frontend.key} was removed ({self.frontend.removed})")
+        return self._ring
+
+    def pop_batch(self, max_chains: int = 32) -> list[Chain]:
+        return self.ring.pop_batch(max_chains)
+
+    def push_batch(self, used: Sequence[tuple[int, int]]) -> None:
+        self.ring.push_batch(used)
+
+    def pending(self) -> int:
+        return self.ring.pending()
+
+    def notify(self) -> None:
+        """Interrupt the driver VM for this queue when the ring says it wants one (event idx)."""
+        if self.ring.need_notify():
+            self.frontend.doorbell(self.info.notify_slot)
+
+    @property
+    def kick_fd(self) -> int | None:
+        """The eventfd that fires when the driver VM kicks this queue (None: poll)."""
+        return self.frontend.kick_fds.get(self.info.notify_slot)
+
+
+class Frontend:
+    """One frontend device of the driver VM, as an app sees it."""
+
+    def __init__(
+        self,
+        key: FrontendKey,
+        virtqs: tuple[VirtqInfo, ...],
+        memory: GuestMemory,
+        doorbell: Callable[[int], None],
+        kick_fds: dict[int, int],
+    ) -> None:
+        self.key = key
+        self.virtqs = virtqs
+        self.memory = memory
+        self.kick_fds = kick_fds
+        self._doorbell = doorbell
+        self.features: int | None = None
+        self.removed: str | None = None
+        self.queues: dict[int, Queue] = {}
+
+    @property
+    def device_type(self) -> int:
+        return self.key.device_type
+
+    @property
+    def device_id(self) -> int:
+        return self.key.device_id
+
+    def start(self, features: int) -> None:
+        """Build the rings once the features are known (EVENT_IDX changes the ring protocol)."""
+        self.features = features
+        event_idx = bool(features >> RING_EVENT_IDX & 1)
+        self.queues = {
+            v.index: Queue(
+                self,
+                v,
+                DeviceQueue(
+                    self.memory,
+                    v.size,
+                    v.desc,
+                    v.avail,
+                    v.used,
+                    event_idx=event_idx,
+                    last_avail_idx=v.last_avail_idx,
+                    last_used_idx=v.last_used_idx,
+                ),
+            )
+            for v in self.virtqs
+        }
+
+    def queue(self, index: int) -> Queue:
+        if self.removed:
+            raise FrontendGoneError(f"frontend {self.key} was removed ({self.removed})")
+        try:
+            return self.queues[index]
+        except KeyError:
+            raise FrontendGoneError(f"frontend {self.key} has no started queue {index}") from None
+
+    def doorbell(self, slot: int) -> None:
+        if slot != NO_SLOT and not self.removed:
+            self._doorbell(slot)
+
+    def remove(self, why: str) -> None:
+        self.removed = why
