@@ -1,8 +1,11 @@
-"""The serving loop: one device, optionally one app, driven by its eventfds.
+"""The serving loop: devices, optionally one app, driven by their eventfds.
 
-``vhostpci run`` and the tests run this. Interrupt-driven by default: it sleeps
-in ``select`` on the device's vectors and the app's kick eventfds; with
-``polling`` it spins on the rings instead (lower latency, one core busy).
+``vhostpci run`` and the tests run this. One app may span several devices:
+the net switch forwards between frontends of different driver VMs, each
+behind its own vhost-pci function, which is what vhost-pci is for.
+Interrupt-driven by default: it sleeps in ``select`` on the devices' vectors
+and the app's kick eventfds; with ``polling`` it spins on the rings instead
+(lower latency, one core busy).
 """
 
 from __future__ import annotations
@@ -22,46 +25,46 @@ log = logging.getLogger(__name__)
 
 
 class Service:
-    """Serves ``device`` and feeds its events to ``app`` until stopped."""
+    """Serves ``devices`` and feeds their events to ``app`` until stopped."""
 
     def __init__(
-        self, device: VhostPciDevice, app: NetBackend | None = None, *, polling: bool = False
+        self, devices: list[VhostPciDevice], app: NetBackend | None = None, *, polling: bool = False
     ) -> None:
-        self.device = device
+        self.devices = devices
         self.app = app
         self.polling = polling
         self.stop = threading.Event()
         self.events: list[Event] = []
         self.error: str | None = None
-        if app is not None:
-            app.attach(device.frontends)
 
-    def run_once(self, timeout: float) -> None:
-        """Serve what is pending, then wait (bounded) for the next interrupt or kick."""
-        for ev in self.device.process():
-            self.events.append(ev)
-            if self.app is not None:
-                self.app.on_event(ev)
-            if isinstance(ev, DeviceErrorEvent):
-                log.warning("%s: %s", ev.where, ev.message)
+    def run_once(self, timeout: float) -> int:
+        """Serve what is pending, then wait (bounded) for the next interrupt or kick; returns frames moved."""
+        for dev in self.devices:
+            for ev in dev.process():
+                self.events.append(ev)
+                if self.app is not None:
+                    self.app.on_event(ev, dev.frontends)
+                if isinstance(ev, DeviceErrorEvent):
+                    log.warning("%s: %s", ev.where, ev.message)
         moved = self.app.poll() if self.app is not None else 0
         if moved or self.polling:
-            return
-        device_fds = self.device.fileno_list()[:3]  # config, controlq, ackq: process() drains them
+            return moved
+        device_fds = [fd for dev in self.devices for fd in dev.fileno_list()[:3]]
         kicks = self.app.kick_fds() if self.app is not None else []
         if not device_fds:
             time.sleep(min(timeout, 0.001))
-            return
+            return 0
         ready, _, _ = select.select(device_fds + kicks, [], [], timeout)
         for fd in ready:
-            if fd not in device_fds:
+            if fd not in device_fds:  # a frontend kick: the next poll() serves it
                 try:
-                    os.eventfd_read(fd)  # a frontend kick: the next poll() serves it
+                    os.eventfd_read(fd)
                 except BlockingIOError:
                     pass
+        return 0
 
     def run(self, tick: float = 0.1) -> None:
-        """Serve until :attr:`stop` is set or the device fails."""
+        """Serve until :attr:`stop` is set or a device fails."""
         try:
             while not self.stop.is_set():
                 self.run_once(tick)

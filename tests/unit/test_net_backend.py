@@ -57,9 +57,8 @@ def test_switch_moves_mixed_frames_both_ways(mergeable: bool) -> None:
     feats = NET_FEATURES if mergeable else NET_FEATURES & ~(1 << VIRTIO_NET_F_MRG_RXBUF)
     a, b = Vm("52:54:00:00:00:01", feats), Vm("52:54:00:00:00:02", feats)
     be = NetBackend("switch")
-    be.attach({a.key: a.backend_side, b.key: b.backend_side})
     for vm in (a, b):
-        be.on_event(FeaturesNegotiated(vm.key, feats, vm.accepted))
+        be.on_event(FeaturesNegotiated(vm.key, feats, vm.accepted), {vm.key: vm.backend_side})
     n = 600
     moved = 0
     for _ in range(20_000):  # bounded: a stall fails instead of hanging

@@ -539,6 +539,10 @@ class VhostPciDeviceModel:
             return
         try:
             chains = ring.pop_batch(len(self.backlog))
+            if len(chains) < len(self.backlog):
+                # Out of buffers: the driver's next repost must kick us (and we look again for a race).
+                ring.enable_notifications()
+                chains += ring.pop_batch(len(self.backlog) - len(chains))
             used = []
             for chain in chains:
                 raw = self.backlog[0][1]
@@ -573,9 +577,18 @@ class VhostPciDeviceModel:
         ring = self.rings[d.Queue.ACKQ]
         if ring is None:
             return
+        chains = []
         try:
-            chains = ring.pop_batch(ring.size)
-            ring.push_batch([(c.head, 0) for c in chains])
+            while True:
+                got = ring.pop_batch(ring.size)
+                chains += got
+                if got:
+                    ring.push_batch([(c.head, 0) for c in got])
+                    continue
+                # virtio 1.2, 2.7.10: ask for the next kick, then look once more for what raced it.
+                ring.enable_notifications()
+                if not ring.pending():
+                    break
             if chains and ring.need_notify():
                 self._raise(self.queues[d.Queue.ACKQ].vector, ISR_QUEUE)
         except RingError as e:

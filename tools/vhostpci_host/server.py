@@ -30,6 +30,7 @@ from vhostpci_driver.wire.sock import SockAck, SockLimits, SockMemoryInfo, SockM
 from vhostpci_host.channel import Channel, PeerClosedError
 from vhostpci_host.device_model import VhostPciDeviceModel
 from vhostpci_host.session import Session
+from vhostpci_host.vfio_device import VfioDeviceError
 from vhostpci_host.vfio_user_server import VfioUserServer
 
 log = logging.getLogger(__name__)
@@ -147,6 +148,11 @@ class VhostPciServer:
             self._drop_client(ch, str(e))
         except ProtocolError as e:
             self._drop_client(ch, f"protocol error: {e}")
+        except (OSError, VfioDeviceError) as e:
+            # One peer's failure (a device socket that cannot be made, a refused mapping) ends that
+            # peer's connection, never the server.
+            log.warning("driver VM request failed: %s", e)
+            self._drop_client(ch, f"request failed: {e}")
 
     def _client_message(self, ch: Channel, msg: SockMessage) -> None:
         bound = self.clients[ch]

@@ -84,6 +84,7 @@ class DriverVm:
         self.running = True
         self.renegotiations = 0
         self.acks: dict[str, int] = {}
+        self._stdin = b""
 
     def request(self, msg_type: SockMsgType, body: object, what: str) -> None:
         self.next_id += 1
@@ -227,11 +228,14 @@ class DriverVm:
             for msg in self.channel.receive():
                 self.on_message(msg)
         elif data == "stdin":
-            line = sys.stdin.readline()
-            if not line:
+            # Raw reads: a Python-buffered readline() would leave a second line where select() cannot see it.
+            chunk = os.read(sys.stdin.fileno(), 4096)
+            if not chunk:
                 self.running = False
-            else:
-                self.command(line)
+            self._stdin += chunk
+            while b"\n" in self._stdin:
+                line, self._stdin = self._stdin.split(b"\n", 1)
+                self.command(line.decode(errors="replace"))
         elif data == "signal":
             pass
         else:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import struct
 from collections import deque
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from vhostpci_driver.errors import FrontendGoneError, RingError
@@ -78,20 +79,20 @@ class NetBackend:
             raise ValueError(f"unknown mode {mode!r}")
         self.mode = mode
         self.ports: dict[bytes, Port] = {}
-        self.frontends: dict[FrontendKey, Frontend] = {}
 
     # -- the device's events -----------------------------------------------------------
 
-    def attach(self, frontends: dict[FrontendKey, Frontend]) -> None:
-        """Give the backend the device's live frontend table (``VhostPciDevice.frontends``)."""
-        self.frontends = frontends
-
-    def on_event(self, ev: Event) -> None:
+    def on_event(self, ev: Event, frontends: Mapping[FrontendKey, Frontend]) -> None:
+        """Follow one device's events; ``frontends`` is that device's live table."""
         if isinstance(ev, FeaturesNegotiated) and ev.key.device_type == VIRTIO_NET:
-            fe = self.frontends.get(ev.key)
+            fe = frontends.get(ev.key)
             if fe is None or fe.removed:
                 return
             mac = ev.key.device_id.to_bytes(6, "big")
+            old = self.ports.get(mac)
+            if old is not None and old.frontend is not fe and not old.frontend.removed:
+                log.warning("net frontend %s: MAC already served by another frontend; ignored", ev.key)
+                return
             try:
                 port = Port(
                     fe, mac, fe.queue(RX), fe.queue(TX), bool(ev.accepted >> VIRTIO_NET_F_MRG_RXBUF & 1)
@@ -104,7 +105,10 @@ class NetBackend:
                 q.ring.enable_notifications()
             log.info("net port %s up (mergeable=%s)", ev.key, port.mergeable)
         elif isinstance(ev, FrontendRemoved) and ev.key.device_type == VIRTIO_NET:
-            self.ports.pop(ev.key.device_id.to_bytes(6, "big"), None)
+            mac = ev.key.device_id.to_bytes(6, "big")
+            gone = self.ports.get(mac)
+            if gone is not None and gone.frontend.removed:
+                del self.ports[mac]
 
     def kick_fds(self) -> list[int]:
         """The eventfds worth waiting on (the ports' queues that have a vector)."""
