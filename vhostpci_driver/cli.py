@@ -1,13 +1,272 @@
-"""The ``vhostpci`` command (guest side)."""
+"""The ``vhostpci`` command (guest side).
+
+Every command that reads has ``--json``. Exit codes: 0 success, 1 failure, 2
+usage. An error is one line saying what was wrong and what to do; ``--debug``
+shows the traceback.
+"""
 
 from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import signal
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
 
 import click
 
 from vhostpci_driver import __version__
+from vhostpci_driver.errors import VhostPciError
+
+F = TypeVar("F", bound=Callable[..., Any])
+APPS = ("net-switch", "net-loopback", "none")
+
+
+class Failure(click.ClickException):
+    """A one-line failure: exit status 1."""
+
+    exit_code = 1
+
+    def show(self, file: Any = None) -> None:
+        click.echo(f"vhostpci: error: {self.message}", err=True)
+
+
+def friendly(fn: F) -> F:
+    """Turn the toolkit's errors into one line and exit 1 (the traceback only with --debug)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except (VhostPciError, OSError) as e:
+            if click.get_current_context().find_root().params.get("debug"):
+                raise
+            raise Failure(str(e)) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def setup_logging(verbose: bool) -> None:
+    """Plain lines on a terminal, one JSON object per line under journald (JOURNAL_STREAM is set)."""
+    handler = logging.StreamHandler(sys.stderr)
+    if os.environ.get("JOURNAL_STREAM") and not sys.stderr.isatty():
+        handler.setFormatter(_JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, handlers=[handler], force=True)
+
+
+class _JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        return json.dumps({"level": record.levelname, "logger": record.name, "message": record.getMessage()})
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="vhostpci")
-def main() -> None:
+@click.option("--debug", is_flag=True, help="Show tracebacks.")
+def main(debug: bool) -> None:
     """Drive vhost-pci functions from inside the device VM."""
+
+
+# -- run ----------------------------------------------------------------------------------------
+
+
+@main.command()
+@click.argument("addresses", nargs=-1, required=True)
+@click.option(
+    "--app",
+    type=click.Choice(APPS),
+    default="net-switch",
+    show_default=True,
+    help="What serves the frontends: the net switch, net loopback, or nothing (control plane only).",
+)
+@click.option("--polling", is_flag=True, help="Spin on the rings instead of sleeping on interrupts.")
+@click.option("-v", "--verbose", is_flag=True)
+@friendly
+def run(addresses: tuple[str, ...], app: str, polling: bool, verbose: bool) -> None:
+    """Serve vhost-pci functions (PCI addresses or vfio-user:PATH) until SIGTERM.
+
+    Acks in flight are finished and every device is reset on the way out.
+    """
+    from vhostpci_driver.apps.net import NetBackend, net_policy
+    from vhostpci_driver.device import VhostPciDevice
+    from vhostpci_driver.service import Service
+    from vhostpci_driver.status import StatusServer, run_dir, socket_name
+
+    setup_logging(verbose)
+    log = logging.getLogger("vhostpci.run")
+    devices: list[VhostPciDevice] = []
+    statuses: list[StatusServer] = []
+    backend = NetBackend("switch" if app == "net-switch" else "loopback") if app != "none" else None
+    try:
+        for address in addresses:
+            dev = VhostPciDevice(address, policies={1: net_policy} if backend else None, polling=polling)
+            devices.append(dev)
+            path = run_dir() / socket_name(address)
+            statuses.append(StatusServer(path, _status_of(address, dev, backend), dev.table_dump))
+            log.info("serving %s (status socket %s)", address, path)
+        service = Service(devices, backend, polling=polling)
+        stop_r, stop_w = os.pipe()
+        os.set_blocking(stop_w, False)
+        signal.set_wakeup_fd(stop_w)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: service.stop.set())
+
+        def drain_wakeups() -> None:
+            os.read(stop_r, 64)  # the signal already set service.stop; this only woke select()
+
+        service.readers[stop_r] = drain_wakeups
+        for st in statuses:
+            service.readers[st.fileno()] = st.serve_ready
+        service.run()
+        if service.error:
+            raise Failure(f"a device failed: {service.error}")
+        # Finish what is in flight (acks of messages already taken) before resetting.
+        for dev in devices:
+            dev.process()
+        log.info("stopping: %d device(s) reset", len(devices))
+    finally:
+        for st in statuses:
+            st.close()
+        for dev in devices:
+            dev.close()
+
+
+def _status_of(address: str, dev: Any, backend: Any) -> Callable[[], dict[str, Any]]:
+    def status() -> dict[str, Any]:
+        out = {"address": address, "pid": os.getpid(), **dev.dump()}
+        if backend is not None:
+            out["ports"] = backend.stats()
+        return out
+
+    return status
+
+
+# -- status and dump ------------------------------------------------------------------------------
+
+
+def _sockets(address: str | None) -> list[Path]:
+    from vhostpci_driver.status import run_dir, socket_name
+
+    d = run_dir()
+    if address is not None:
+        return [d / socket_name(address)]
+    return sorted(d.glob("*.sock")) if d.is_dir() else []
+
+
+def _ask(path: Path, request: dict[str, Any]) -> dict[str, Any]:
+    from vhostpci_driver.status import ask
+
+    try:
+        return ask(path, request)
+    except PermissionError:
+        raise Failure(
+            f"{path}: permission denied; run as root or as a member of the service's group "
+            "(see 'vhostpci run --user' in README)"
+        ) from None
+    except (FileNotFoundError, ConnectionRefusedError):
+        raise Failure(
+            f"{path}: no service is running for this device (start one with 'vhostpci run')"
+        ) from None
+
+
+@main.command()
+@click.argument("address", required=False)
+@click.option("--json", "as_json", is_flag=True, help="One JSON object.")
+@friendly
+def status(address: str | None, as_json: bool) -> None:
+    """Show what running services serve: remote UUID, regions, frontends, counters."""
+    answers = [(_ask(p, {"cmd": "status"}), p) for p in _sockets(address)]
+    if not answers:
+        raise Failure("no vhostpci service is running (start one with 'vhostpci run')")
+    states = [a.get("status", a) for a, _ in answers]
+    if as_json:
+        click.echo(json.dumps({"services": states}, default=str))
+        return
+    for st in states:
+        click.echo(
+            f"{st.get('address')}  remote {st.get('remote_uuid')} {'up' if st.get('remote_up') else 'down'}"
+            f"  window {st.get('window_size', 0) >> 20} MiB"
+        )
+        for r in st.get("regions", []):
+            click.echo(f"  region xgpa {r['xgpa']:#x} size {r['size']:#x} window {r['window_offset']:#x}")
+        for fe in st.get("frontends", []):
+            click.echo(
+                f"  frontend type {fe['device_type']} id {fe['device_id']:#x} features {fe['accepted']}"
+            )
+        click.echo(f"  stats {st.get('stats')}")
+        for mac, port in (st.get("ports") or {}).items():
+            click.echo(f"  port {mac} {port}")
+
+
+@main.command()
+@click.argument("address")
+@click.option("--xgpa", required=True, type=lambda v: int(v, 0), help="Driver-VM physical address.")
+@click.option("--len", "length", default=256, show_default=True, type=click.IntRange(1, 1 << 20))
+@click.option("--json", "as_json", is_flag=True)
+@friendly
+def dump(address: str, xgpa: int, length: int, as_json: bool) -> None:
+    """Hexdump driver-VM memory through the running service's window (mapped regions only)."""
+    (path,) = _sockets(address)
+    ans = _ask(path, {"cmd": "dump", "xgpa": xgpa, "len": length})
+    if "error" in ans:
+        raise Failure(ans["error"])
+    data = bytes.fromhex(ans["hex"])
+    if as_json:
+        click.echo(json.dumps({"xgpa": xgpa, "hex": ans["hex"]}))
+        return
+    for off in range(0, len(data), 16):
+        row = data[off : off + 16]
+        text = "".join(chr(b) if 32 <= b < 127 else "." for b in row)
+        click.echo(f"{xgpa + off:016x}  {row.hex(' '):<47}  {text}")
+
+
+# -- demo -------------------------------------------------------------------------------------------
+
+
+@main.command()
+@click.option("--frontends", default=2, show_default=True, type=click.IntRange(1, 16))
+@click.option("--packets", default=20000, show_default=True, type=click.IntRange(1, 10_000_000))
+@click.option(
+    "--size", default="mixed", show_default=True, help="Frame size in bytes (64..65536) or 'mixed'."
+)
+@click.option("--json", "as_json", is_flag=True, help="One JSON object with the summary.")
+@friendly
+def demo(frontends: int, packets: int, size: str, as_json: bool) -> None:
+    """Run the whole system here: host side, simulated driver VMs, this driver, the net switch."""
+    from vhostpci_driver.demo import run_demo
+
+    if size != "mixed" and not (size.isdigit() and 64 <= int(size) <= 65536):
+        raise click.BadParameter("a size in 64..65536 or 'mixed'", param_hint="--size")
+    show = sys.stderr.isatty() and not as_json
+    if show:
+        with click.progressbar(length=packets, label="frames", file=sys.stderr) as bar:
+            done = [0]
+
+            def progress(received: int, total: int) -> None:
+                bar.update(received - done[0])
+                done[0] = received
+
+            result = run_demo(frontends, packets, size, progress=progress)
+    else:
+        result = run_demo(frontends, packets, size)
+    summary = result.as_dict()
+    if as_json:
+        click.echo(json.dumps(summary))
+    else:
+        p, t = summary["packets"], summary["throughput"]
+        click.echo(
+            f"{summary['frontends']} frontends, {summary['requests']} controlq requests, "
+            f"acks {summary['acks']['done']} done / {summary['acks']['fail']} failed"
+        )
+        click.echo(
+            f"frames: sent {p['sent']}, received {p['received']}, lost {p['lost']}, corrupt {p['corrupt']}"
+        )
+        click.echo(f"throughput: {t['pps']:.0f} frames/s, {t['gbps']:.3f} Gbit/s in {summary['elapsed_s']} s")
+    bad = summary["packets"]["lost"] or summary["packets"]["corrupt"] or summary["acks"]["fail"]
+    if bad:
+        raise Failure("frames were lost or corrupted, or requests failed (see the summary)")

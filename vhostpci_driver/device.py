@@ -385,6 +385,10 @@ class VhostPciDevice:
             for fd in fds:
                 loop.remove_reader(fd)
 
+    def table_dump(self, xgpa: int, length: int) -> bytes:
+        """A copy of driver-VM memory through the region table (refused outside mapped regions)."""
+        return bytes(self.table.view(xgpa, length))
+
     def dump(self) -> dict[str, object]:
         """Everything ``vhostpci status`` shows."""
         state = self.engine.dump()

@@ -14,7 +14,7 @@ import logging
 import os
 import select
 import threading
-import time
+from collections.abc import Callable
 
 from vhostpci_driver.apps.net import NetBackend
 from vhostpci_driver.device import VhostPciDevice
@@ -36,6 +36,8 @@ class Service:
         self.stop = threading.Event()
         self.events: list[Event] = []
         self.error: str | None = None
+        #: extra fds to wait on (a status socket, a signal pipe) and what to do when readable
+        self.readers: dict[int, Callable[[], None]] = {}
 
     def run_once(self, timeout: float) -> int:
         """Serve what is pending, then wait (bounded) for the next interrupt or kick; returns frames moved."""
@@ -51,12 +53,13 @@ class Service:
             return moved
         device_fds = [fd for dev in self.devices for fd in dev.fileno_list()[:3]]
         kicks = self.app.kick_fds() if self.app is not None else []
-        if not device_fds:
-            time.sleep(min(timeout, 0.001))
-            return 0
-        ready, _, _ = select.select(device_fds + kicks, [], [], timeout)
+        if not device_fds:  # polling devices: keep the loop turning, but let readers in
+            timeout = min(timeout, 0.001)
+        ready, _, _ = select.select(device_fds + kicks + list(self.readers), [], [], timeout)
         for fd in ready:
-            if fd not in device_fds:  # a frontend kick: the next poll() serves it
+            if fd in self.readers:
+                self.readers[fd]()
+            elif fd not in device_fds:  # a frontend kick: the next poll() serves it
                 try:
                     os.eventfd_read(fd)
                 except BlockingIOError:

@@ -1,0 +1,105 @@
+"""The vhostpci command as a user runs it: real subprocesses, real devices over vfio-user."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+from click.testing import CliRunner
+
+from tests.integration.conftest import MAC_A, UUIDS, wait_for
+from vhostpci_driver.cli import main
+from vhostpci_host.harness import DriverVmProcess, HostServer
+
+
+def vhostpci(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "vhostpci_driver", *args],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+    )
+
+
+def test_demo_prints_the_summary_object() -> None:
+    out = vhostpci("demo", "--frontends", "2", "--packets", "20000", "--json")
+    assert out.returncode == 0, out.stderr
+    summary = json.loads(out.stdout)
+    assert summary["frontends"] == 2
+    assert summary["packets"] == {"sent": 20000, "received": 20000, "lost": 0, "corrupt": 0, "duplicates": 0}
+    assert summary["acks"] == {"done": summary["requests"], "fail": 0}
+    assert summary["throughput"]["pps"] > 0 and summary["elapsed_s"] > 0
+
+
+def test_run_serves_answers_status_and_dump_and_stops_on_sigterm(short_dir: Path) -> None:
+    server = HostServer(short_dir)
+    vm = DriverVmProcess(server.socket, [MAC_A], vm_uuid=UUIDS[0], memory="64M")
+    address = f"vfio-user:{server.device_socket(vm.uuid)}"
+    env = {"VHOSTPCI_RUN_DIR": str(short_dir / "run")}
+    svc = subprocess.Popen(
+        [sys.executable, "-m", "vhostpci_driver", "run", address, "--app", "net-loopback"],
+        env={**os.environ, **env},
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        vm.read_event("ready", timeout=30)
+        vm.send(f"send {MAC_A} 500 256")
+        wait_for(lambda: vm.stats()["frontends"][0]["received"] >= 500, 30, "loopback traffic")
+        st = vhostpci("status", "--json", env=env)
+        assert st.returncode == 0, st.stderr
+        (service,) = json.loads(st.stdout)["services"]
+        assert service["remote_uuid"] == str(UUIDS[0]) and service["remote_up"]
+        assert len(service["regions"]) == 2 and len(service["frontends"]) == 1
+        assert service["ports"][MAC_A]["rx_frames"] >= 500
+        text = vhostpci("status", env=env)
+        assert text.returncode == 0 and "frontend type 1" in text.stdout
+        ok = vhostpci("dump", address, "--xgpa", "0x0", "--len", "32", "--json", env=env)
+        assert ok.returncode == 0 and len(bytes.fromhex(json.loads(ok.stdout)["hex"])) == 32
+        bad = vhostpci("dump", address, "--xgpa", "0x200000000", "--len", "16", env=env)
+        assert (
+            bad.returncode == 1
+            and bad.stderr.startswith("vhostpci: error:")
+            and "Traceback" not in bad.stderr
+        )
+        svc.send_signal(signal.SIGTERM)
+        assert svc.wait(20) == 0
+        assert not list((short_dir / "run").glob("*.sock"))  # the status socket is gone
+        gone = vhostpci("status", env=env)
+        assert gone.returncode == 1 and "no vhostpci service is running" in gone.stderr
+    finally:
+        if svc.poll() is None:
+            svc.kill()
+            svc.wait(5)
+        if svc.stderr is not None:
+            svc.stderr.close()
+        vm.stop()
+        server.stop()
+
+
+def test_errors_are_one_line_with_exit_codes(short_dir: Path) -> None:
+    missing = vhostpci("run", f"vfio-user:{short_dir}/nothing.sock")
+    assert missing.returncode == 1
+    assert missing.stderr.strip().count("\n") == 0 and missing.stderr.startswith("vhostpci: error:")
+    assert "cannot connect" in missing.stderr
+    bad = vhostpci("run", "not-an-address")
+    assert bad.returncode == 1 and "neither a PCI address" in bad.stderr
+    usage = vhostpci("demo", "--frontends", "0")
+    assert usage.returncode == 2
+    debug = vhostpci("--debug", "run", f"vfio-user:{short_dir}/nothing.sock")
+    assert debug.returncode == 1 and "Traceback" in debug.stderr
+
+
+def test_help_through_click() -> None:
+    runner = CliRunner()
+    for cmd in ([], ["run"], ["status"], ["dump"], ["demo"]):
+        res = runner.invoke(main, [*cmd, "--help"])
+        assert res.exit_code == 0 and "Usage:" in res.output
