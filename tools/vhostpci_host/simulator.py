@@ -12,6 +12,7 @@ demo run it as a real process:
     hostile KIND [FRONTEND]                    break a TX ring: desc-loop, oob-addr, huge-len,
                                                avail-jump or bad-index
     rings-outside                              announce a frontend whose rings lie outside memory
+    poke XGPA HEX                              write bytes into guest memory
     quit                                       leave (also on end of stdin, SIGTERM, SIGINT)
 """
 
@@ -30,6 +31,7 @@ from dataclasses import dataclass
 from typing import cast
 
 from vhostpci_driver.addr import Xgpa
+from vhostpci_driver.errors import RemoteMemoryError
 from vhostpci_driver.wire.ctrl import AckResult, DeviceInfo, FeatureBits, Op, VirtqInfo
 from vhostpci_driver.wire.sock import (
     Empty,
@@ -173,11 +175,14 @@ class DriverVm:
                 self.request(SockMsgType.DEVICE_INFO, body, "hostile-device")
                 for fd in fds:
                     os.close(fd)
+            elif cmd == "poke":  # tests read these bytes back through BAR 2
+                self.ram.view(int(args[0], 0), len(bytes.fromhex(args[1])))[:] = bytes.fromhex(args[1])
+                emit("poked", xgpa=int(args[0], 0))
             elif cmd == "quit":
                 self.running = False
             else:
                 emit("error", message=f"unknown command {cmd!r}")
-        except (IndexError, ValueError) as e:
+        except (IndexError, ValueError, RemoteMemoryError) as e:
             emit("error", message=f"bad command {line.strip()!r}: {e}")
 
     def report(self) -> None:
