@@ -1,0 +1,225 @@
+"""The reference device is strict, so the toolkit cannot pass against a lenient one."""
+
+from __future__ import annotations
+
+import os
+import struct
+
+import pytest
+
+from vhostpci_driver.virtqueue.driver import DriverQueue
+from vhostpci_driver.wire import ctrl
+from vhostpci_driver.wire import device as d
+from vhostpci_host.device_model import (
+    DRIVER_OK,
+    FEATURES_OK,
+    NEEDS_RESET,
+    VhostPciDeviceModel,
+)
+from vhostpci_host.vfio_device import VfioDeviceError
+from vhostpci_host.vfio_user_server import DmaTable
+
+IOVA = 0x4000_0000
+COMMON = {"dfs": 0, "df": 4, "gfs": 8, "gf": 12, "cvec": 16, "status": 20, "qsel": 22, "qsize": 24,
+          "qvec": 26, "qen": 28, "qdesc": 32, "qdrv": 40, "qdev": 48}  # fmt: skip
+
+
+class Bench:
+    """The model with real DMA memory (a memfd mapped by the server's DMA table) and real eventfds."""
+
+    def __init__(self) -> None:
+        self.m = VhostPciDeviceModel(window_size=1 << 24)
+        self.dma = DmaTable()
+        self.fd = os.memfd_create("dma")
+        os.ftruncate(self.fd, 1 << 20)
+        self.dma.map(IOVA, 1 << 20, self.fd, 0, 3)
+        self.m.attach_dma(self.dma)
+        self.irq = [os.eventfd(0, os.EFD_NONBLOCK) for _ in range(3)]
+        self.m.set_irqs(2, 0x24, 0, 3, [os.dup(fd) for fd in self.irq])
+        self.m.region_write(7, 0x42, struct.pack("<H", 0x8000 | (self.m.nvectors - 1)))  # MSI-X enable
+        self.w("cvec", 0, 2)  # config changes on vector 0
+
+    def w(self, field: str, value: int, width: int) -> None:
+        self.m.region_write(0, COMMON[field], value.to_bytes(width, "little"))
+
+    def r(self, field: str, width: int) -> int:
+        return int.from_bytes(self.m.region_read(0, COMMON[field], width), "little")
+
+    def fired(self, vector: int) -> bool:
+        try:
+            os.eventfd_read(self.irq[vector])
+            return True
+        except BlockingIOError:
+            return False
+
+    def negotiate(self, features: int) -> int:
+        self.w("status", 1 | 2, 1)
+        for page in (0, 1):
+            self.w("gfs", page, 4)
+            self.w("gf", (features >> (32 * page)) & 0xFFFFFFFF, 4)
+        self.w("status", 1 | 2 | FEATURES_OK, 1)
+        return self.r("status", 1)
+
+    def setup_queue(self, q: int, base: int, size: int = 16) -> DriverQueue | None:
+        doff, aoff, uoff, _ = DriverQueue.layout(size)
+        self.w("qsel", q, 2)
+        self.w("qsize", size, 2)
+        self.w("qdesc", base + doff, 8)
+        self.w("qdrv", base + aoff, 8)
+        self.w("qdev", base + uoff, 8)
+        self.w("qvec", 1 + q, 2)
+        self.w("qen", 1, 2)
+        if base + uoff >= IOVA + (1 << 20):
+            return None  # deliberately outside DMA memory
+        return DriverQueue(self.dma, size, base + doff, base + aoff, base + uoff)
+
+    def close(self) -> None:
+        self.m.disconnected()
+        for fd in (*self.irq, self.fd):
+            os.close(fd)
+
+
+@pytest.fixture
+def b() -> Bench:
+    bench = Bench()
+    yield bench  # type: ignore[misc]
+    bench.close()
+
+
+def test_features_ok_only_for_offered_bits_with_version_1(b: Bench) -> None:
+    assert not b.negotiate(1 << 5) & FEATURES_OK  # a device-specific bit nobody offered
+    b.w("status", 0, 1)
+    assert not b.negotiate(1 << d.Feature.RING_EVENT_IDX) & FEATURES_OK  # no VERSION_1
+    b.w("status", 0, 1)
+    assert b.negotiate(1 << d.Feature.VERSION_1) & FEATURES_OK
+
+
+def test_queue_setup_rules_and_reset(b: Bench) -> None:
+    b.negotiate(1 << d.Feature.VERSION_1)
+    b.w("qsel", 0, 2)
+    b.w("qsize", 12, 2)  # not a power of two: a driver error
+    assert b.r("status", 1) & NEEDS_RESET and b.fired(0)
+    b.w("status", 0, 1)
+    assert b.r("status", 1) == 0  # reset completes at once
+    b.negotiate(1 << d.Feature.VERSION_1)
+    b.setup_queue(0, IOVA)
+    b.setup_queue(1, IOVA + 0x4000)
+    b.w("status", 1 | 2 | FEATURES_OK | DRIVER_OK, 1)
+    assert not b.r("status", 1) & NEEDS_RESET
+    b.w("qsel", 0, 2)
+    b.w("qsize", 8, 2)  # after DRIVER_OK: refused, and the driver is told
+    assert b.r("status", 1) & NEEDS_RESET
+
+
+def test_driver_ok_with_rings_outside_dma_memory(b: Bench) -> None:
+    b.negotiate(1 << d.Feature.VERSION_1)
+    b.setup_queue(0, IOVA + (1 << 21))  # beyond the 1 MiB mapped
+    b.w("status", 1 | 2 | FEATURES_OK | DRIVER_OK, 1)
+    assert b.r("status", 1) & NEEDS_RESET and b.fired(0)
+
+
+def test_controlq_ids_and_acks(b: Bench) -> None:
+    acks: list[tuple[int, int]] = []
+    errors: list[tuple[str, int | None]] = []
+    b.m.on_ack = lambda rid, ack: acks.append((rid, ack.result))
+    b.m.on_ack_error = lambda why, rid: errors.append((why, rid))
+    b.negotiate(1 << d.Feature.VERSION_1)
+    cq = b.setup_queue(0, IOVA)
+    aq = b.setup_queue(1, IOVA + 0x4000)
+    assert cq is not None and aq is not None
+    for i in range(4):
+        cq.add((), ((IOVA + 0x10000 + 4096 * i, 4096),), i)
+    cq.publish()
+    b.w("status", 1 | 2 | FEATURES_OK | DRIVER_OK, 1)
+    ids = [b.m.send_control(ctrl.FeatureBits(1, i, 1 << 32)) for i in range(3)]
+    assert ids == [1, 2, 3] and b.fired(1)
+    got = cq.harvest()
+    assert len(got) == 3
+    seen = []
+    for token, n in got:
+        raw = bytes(b.dma.view(IOVA + 0x10000 + 4096 * int(token), n))  # type: ignore[call-overload]
+        seen.append(ctrl.decode_message(raw)[0].request_id)
+    assert seen == [1, 2, 3]
+    for k, rid in enumerate([2, 1, 2, 99]):  # out of order, a duplicate, an unknown id
+        raw = ctrl.encode_ack(rid, ctrl.Ack(3, ctrl.AckResult.ADD_DONE))
+        b.dma.view(IOVA + 0x20000 + 64 * k, len(raw))[:] = raw
+        aq.add(((IOVA + 0x20000 + 64 * k, len(raw)),), (), k)
+    aq.publish()
+    b.m.region_write(0, d.NOTIFY_OFFSET + d.NOTIFY_OFF_MULTIPLIER, struct.pack("<H", 1))
+    assert acks == [(2, ctrl.AckResult.ADD_DONE), (1, ctrl.AckResult.ADD_DONE)]
+    assert [e[1] for e in errors] == [2, 99] and "duplicate" in errors[0][0]
+    assert b.m.missing_acks() == [3]
+
+
+def test_short_controlq_buffer_is_a_driver_error(b: Bench) -> None:
+    b.negotiate(1 << d.Feature.VERSION_1)
+    cq = b.setup_queue(0, IOVA)
+    assert cq is not None
+    cq.add((), ((IOVA + 0x10000, 16),), 0)
+    cq.publish()
+    b.w("status", 1 | 2 | FEATURES_OK | DRIVER_OK, 1)
+    b.m.send_control(ctrl.FeatureBits(1, 1, 1))
+    assert b.r("status", 1) & NEEDS_RESET
+
+
+def test_masked_vectors_pend_and_deliver_on_unmask(b: Bench) -> None:
+    b.m.region_write(1, 16 * 0 + 12, b"\x01\x00\x00\x00")  # mask vector 0
+    b.m.set_remote(b"\x11" * 16, True)
+    assert not b.fired(0)
+    assert int.from_bytes(b.m.region_read(1, d.MSIX_PBA_OFFSET, 8), "little") & 1
+    b.m.region_write(1, 16 * 0 + 12, b"\x00\x00\x00\x00")
+    assert b.fired(0)
+    cfg = b"".join(
+        b.m.region_read(0, d.DEVICE_CFG_OFFSET + off, 4) for off in range(0, d.VHOST_PCI_CONFIG.size, 4)
+    )
+    fields = d.VHOST_PCI_CONFIG.unpack_from(cfg, 0, "config")
+    assert fields[0] == b"\x11" * 16 and fields[5] == d.STATUS_REMOTE_UP
+
+
+def test_slots_relay_kicks_and_doorbells(b: Bench) -> None:
+    kick, call = os.eventfd(0, os.EFD_NONBLOCK), os.eventfd(0, os.EFD_NONBLOCK)
+    readers: dict[int, object] = {}
+    b.m.attach_loop(readers.__setitem__, readers.pop)
+    slot = b.m.assign_slot(kick, call)
+    b.m.region_write(0, d.VECTOR_OFFSET + 2 * slot, struct.pack("<H", 2))
+    assert b.m.region_read(0, d.VECTOR_OFFSET + 2 * slot, 2) == struct.pack("<H", 2)
+    os.eventfd_write(kick, 1)
+    readers[kick]()  # type: ignore[operator]
+    assert b.fired(2)
+    assert struct.unpack("<I", b.m.region_read(0, d.PENDING_OFFSET, 4))[0] == 1 << slot
+    b.m.region_write(0, d.PENDING_OFFSET, struct.pack("<I", 1 << slot))  # write 1 to clear
+    assert struct.unpack("<I", b.m.region_read(0, d.PENDING_OFFSET, 4))[0] == 0
+    b.m.region_write(0, d.DOORBELL_OFFSET + 4 * slot, struct.pack("<I", 1))
+    assert os.eventfd_read(call) == 1
+    b.m.region_write(0, d.DOORBELL_OFFSET + 4 * 9, struct.pack("<I", 1))  # no frontend: counted
+    assert b.m.counters["stray_doorbells"] == 1
+    b.m.release_slot(slot)
+    assert kick not in readers
+    os.close(kick)
+    os.close(call)
+
+
+def test_window_holes_read_as_ones_and_regions_map_by_fd(b: Bench) -> None:
+    assert b.m.region_read(2, 0, 4) == b"\xff" * 4
+    mem = os.memfd_create("vm")
+    os.ftruncate(mem, 1 << 17)
+    os.pwrite(mem, b"abcd", 0x100)
+    b.m.map_region(0x10000, 1 << 16, mem, 0)  # window offset != file offset: served by message only
+    spec = b.m.regions()[2]
+    assert spec.fd is None and b.m.region_read(2, 0x10100, 4) == b"abcd"
+    b.m.unmap_region(0x10000)
+    b.m.map_region(0, 1 << 16, mem, 0)  # the server's placement: window offset == file offset
+    b.m.map_region(1 << 16, 1 << 16, mem, 1 << 16)
+    spec = b.m.regions()[2]
+    assert spec.fd == mem and spec.fd_offset == 0
+    assert [(a.offset, a.size) for a in spec.areas] == [(0, 1 << 16), (1 << 16, 1 << 16)]
+    b.m.unmap_region(0)
+    b.m.unmap_region(1 << 16)
+    os.close(mem)
+
+
+def test_bad_widths_are_refused(b: Bench) -> None:
+    with pytest.raises(VfioDeviceError):
+        b.m.region_read(0, 1, 2)  # misaligned
+    with pytest.raises(VfioDeviceError):
+        b.m.region_write(0, 0, b"abc")
