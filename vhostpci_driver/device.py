@@ -413,6 +413,7 @@ class VhostPciDevice:
             fe.remove("the device was closed")
         self.frontends.clear()
         self.table.clear()
+        self.window.close()
         # Drop our views into DMA memory before the pool unmaps it.
         self._ctrl_bufs, self._ack_bufs = [], []
         del self.ctrlq, self.ackq

@@ -120,4 +120,6 @@ class Frontend:
             self._doorbell(slot)
 
     def remove(self, why: str) -> None:
+        """Mark the frontend gone; its rings are dropped (their views into the window with them)."""
         self.removed = why
+        self.queues = {}

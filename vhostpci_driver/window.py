@@ -22,8 +22,8 @@ class BarWindow:
         self.function = function
         self.index = index
         info = function.region_info(index)
-        if not info.mmappable:
-            raise TransportError("the remote window BAR cannot be mapped", f"BAR{index}")
+        if info.size == 0:
+            raise TransportError("the remote window BAR is not implemented", f"BAR{index}")
         self.size = info.size
         self._whole: memoryview | None = None
         self._sparse = SparseWindow(self.size)
@@ -34,6 +34,8 @@ class BarWindow:
     def refresh(self) -> None:
         """Map areas the device added since the last look (memory hot-add)."""
         info = self.function.region_info(self.index)
+        if not info.mmappable:
+            return  # no memory yet (or none that maps): areas appear with MEMORY_INFO
         if not info.sparse:
             if self._whole is None:
                 mm = self.function.region_mmap(self.index, 0, info.size)
@@ -60,6 +62,16 @@ class BarWindow:
         except RemoteMemoryError:
             self.refresh()
             return self._sparse.view(offset, length)
+
+    def close(self) -> None:
+        """Drop our views of the BAR, so the backend can unmap it."""
+        if self._whole is not None:
+            self._whole.release()
+            self._whole = None
+        for off in list(self._areas):
+            self._sparse.remove_area(off)
+        self._areas.clear()
+        self._maps.clear()
 
     def mapped_bytes(self) -> int:
         return self.size if self._whole is not None else sum(self._areas.values())

@@ -11,6 +11,7 @@ Every request waits for its reply with a timeout: a dead server is a
 from __future__ import annotations
 
 import errno
+import gc
 import mmap
 import os
 import socket
@@ -276,7 +277,11 @@ class VfioUserFunction(PciFunction):
             try:
                 mm.close()
             except BufferError:
-                pass  # an app still holds a view; the mapping goes when the view does
+                gc.collect()  # views caught in reference cycles: collect them, then try once more
+                try:
+                    mm.close()
+                except BufferError:
+                    pass  # an app still holds a view; the mapping (and its fd) go when the view does
         self._maps.clear()
         for r in self._regions.values():
             if r.fd is not None:
