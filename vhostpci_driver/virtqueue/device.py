@@ -27,6 +27,7 @@ from vhostpci_driver.virtqueue.layout import (
     VIRTQ_USED_F_NO_NOTIFY,
     check_alignment,
     check_size,
+    full_barrier,
     need_event,
     ring_part_sizes,
 )
@@ -226,6 +227,7 @@ class DeviceQueue:
         self._pushed_since_signal = False
         old, new = self._signalled, self.last_used_idx
         self._signalled = new
+        full_barrier()  # our used-idx store before the driver's flags / used_event load (virtio 1.2, 2.7.10)
         if self.event_idx:
             return need_event(self._avail[2 + self.size], new, old)
         return not self._avail[0] & VIRTQ_AVAIL_F_NO_INTERRUPT
@@ -250,6 +252,7 @@ class DeviceQueue:
             self._used16[2 + 4 * self.size] = self._avail[1]
         else:
             self._used16[0] = 0
+        full_barrier()  # the re-arm is visible before the caller looks at the ring again
 
     def in_flight(self) -> int:
         return sum(1 for w in self._inflight if w >= 0)

@@ -22,6 +22,7 @@ from vhostpci_driver.virtqueue.layout import (
     VIRTQ_USED_F_NO_NOTIFY,
     check_alignment,
     check_size,
+    full_barrier,
     need_event,
     ring_part_sizes,
 )
@@ -103,6 +104,7 @@ class DriverQueue:
         self._kicked_idx = new
         if old == new:
             return False
+        full_barrier()  # our avail-idx store before the device's flags / avail_event load
         if self.event_idx:
             return need_event(self._used16[2 + 4 * self.size], new, old)
         return not self._used16[0] & VIRTQ_USED_F_NO_NOTIFY
@@ -137,6 +139,7 @@ class DriverQueue:
         self.last_used_idx = idx
         if self.event_idx and n:
             self._avail[2 + self.size] = idx  # used_event: interrupt us at the next entry
+            full_barrier()  # ...and make it visible before the caller re-checks the used index
         return out
 
     def state(self) -> dict[str, int]:
@@ -161,4 +164,5 @@ class DriverQueue:
             self._avail[2 + self.size] = self.last_used_idx
         else:
             self._avail[0] = 0
+        full_barrier()
         return self.pending_used() > 0

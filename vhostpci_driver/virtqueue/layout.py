@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import struct
 import sys
+import threading
 
 from vhostpci_driver.errors import RingError
 from vhostpci_driver.wire.layout import is_pow2
@@ -55,6 +56,23 @@ def check_alignment(desc: int, avail: int, used: int) -> None:
     ):
         if addr % align:
             raise RingError("ring-align", f"{name} ring at {addr:#x} is not {align}-byte aligned")
+
+
+_FENCE = threading.Lock()
+
+
+def full_barrier() -> None:
+    """A full memory barrier between our store and our next load (virtio_mb / smp_mb).
+
+    Notification suppression is a store-then-load handshake between two CPUs
+    (we publish an index, then read the other side's event index; the other
+    side does the mirror image). x86 may let the load pass the store, and
+    then both sides skip the notification: a lost wakeup. An uncontended
+    lock is a locked read-modify-write, which x86 orders as a full fence;
+    Python has no cheaper way to say it.
+    """
+    _FENCE.acquire()
+    _FENCE.release()
 
 
 def need_event(event: int, new: int, old: int) -> bool:
