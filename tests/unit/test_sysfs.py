@@ -1,0 +1,92 @@
+"""Finding and binding PCI functions, against a fake sysfs tree (the real one is the VM tier's)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from vhostpci_driver.errors import TransportError
+from vhostpci_driver.pci import sysfs
+
+
+def fake_tree(root: Path) -> Path:
+    def function(addr: str, vendor: int, device: int, driver: str | None, group: int) -> None:
+        d = root / "devices/pci0000:00" / addr
+        d.mkdir(parents=True)
+        (d / "vendor").write_text(f"{vendor:#06x}\n")
+        (d / "device").write_text(f"{device:#06x}\n")
+        (d / "class").write_text("0xff0000\n")
+        (d / "driver_override").write_text("(null)\n")
+        link = root / "bus/pci/devices" / addr
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(d)
+        g = root / "kernel/iommu_groups" / str(group)
+        (g / "devices").mkdir(parents=True, exist_ok=True)
+        (g / "devices" / addr).symlink_to(d)
+        (d / "iommu_group").symlink_to(g)
+        if driver:
+            drv = root / "bus/pci/drivers" / driver
+            drv.mkdir(parents=True, exist_ok=True)
+            for f in ("bind", "unbind"):
+                (drv / f).touch()
+            (d / "driver").symlink_to(drv)
+
+    function("0000:00:04.0", 0x1AF4, 0x107F, "virtio-pci", 5)
+    function("0000:00:05.0", 0x1AF4, 0x1041, "virtio-pci", 6)
+    function("0000:00:06.0", 0x8086, 0x100E, "e1000", 6)
+    (root / "bus/pci/drivers_probe").touch()
+    (root / "bus/pci/drivers/vfio-pci").mkdir(parents=True)
+    return root
+
+
+def test_finds_vhost_pci_functions(tmp_path: Path) -> None:
+    root = str(fake_tree(tmp_path))
+    found = sysfs.list_functions(device=0x107F, root=root)
+    assert [(f.address, f.driver, f.iommu_group) for f in found] == [("0000:00:04.0", "virtio-pci", 5)]
+    assert len(sysfs.list_functions(root=root)) == 2
+    assert sysfs.iommu_present(root) and not sysfs.noiommu_enabled(root)
+    assert sysfs.group_members(6, root) == ["0000:00:05.0", "0000:00:06.0"]
+
+
+def test_addresses_are_checked() -> None:
+    assert sysfs.parse_address("00:04.0") == "0000:00:04.0"
+    for bad in ("0000:00:04", "zz:00:04.0", "0000:00:04.8", "../../etc"):
+        with pytest.raises(TransportError, match="not a PCI address"):
+            sysfs.parse_address(bad)
+
+
+def test_bind_then_unbind_restores_the_previous_driver(tmp_path: Path) -> None:
+    root = fake_tree(tmp_path / "sys")
+    state = tmp_path / "state"
+    dev = root / "bus/pci/devices/0000:00:04.0"
+    log = sysfs.bind("0000:00:04.0", "vfio-pci", state, str(root))
+    assert [(Path(p).name, v) for p, v in log] == [
+        ("driver_override", "vfio-pci"),
+        ("unbind", "0000:00:04.0"),
+        ("drivers_probe", "0000:00:04.0"),
+    ]
+    assert (dev / "driver_override").read_text() == "vfio-pci"
+    assert (state / "0000:00:04.0.driver").read_text() == "virtio-pci"
+    # what the kernel would do on drivers_probe: the function moves to vfio-pci
+    (dev / "driver").unlink()
+    os.symlink(root / "bus/pci/drivers/vfio-pci", dev / "driver")
+    (root / "bus/pci/drivers/vfio-pci/unbind").touch()
+    assert sysfs.bind("0000:00:04.0", "vfio-pci", state, str(root)) == []  # already there: nothing to do
+    previous, log = sysfs.unbind("0000:00:04.0", state, str(root))
+    assert previous == "virtio-pci"
+    assert [(Path(p).parent.name, Path(p).name, v) for p, v in log] == [
+        ("0000:00:04.0", "driver_override", "\n"),
+        ("driver", "unbind", "0000:00:04.0"),  # through the function's driver link: vfio-pci now
+        ("virtio-pci", "bind", "0000:00:04.0"),
+    ]
+    assert not (state / "0000:00:04.0.driver").exists()
+
+
+def test_bind_refuses_unknown_drivers_and_missing_functions(tmp_path: Path) -> None:
+    root = str(fake_tree(tmp_path / "sys"))
+    with pytest.raises(TransportError, match="driver must be one of"):
+        sysfs.bind("0000:00:04.0", "nvme", tmp_path, root)
+    with pytest.raises(TransportError, match="no PCI function"):
+        sysfs.bind("0000:00:09.0", "vfio-pci", tmp_path, root)
