@@ -9,6 +9,8 @@ import pytest
 
 from vhostpci_driver.errors import TransportError
 from vhostpci_driver.pci import sysfs
+from vhostpci_driver.pci.open import open_function
+from vhostpci_driver.pci.vfio import PAGEMAP_PRESENT, physical_address
 
 
 def fake_tree(root: Path) -> Path:
@@ -90,3 +92,23 @@ def test_bind_refuses_unknown_drivers_and_missing_functions(tmp_path: Path) -> N
         sysfs.bind("0000:00:04.0", "nvme", tmp_path, root)
     with pytest.raises(TransportError, match="no PCI function"):
         sysfs.bind("0000:00:09.0", "vfio-pci", tmp_path, root)
+
+
+def test_pagemap_parsing(tmp_path: Path) -> None:
+    page = 4096
+    pagemap = tmp_path / "pagemap"
+    entries = [0, PAGEMAP_PRESENT | 0x1234, PAGEMAP_PRESENT]  # absent, present, present with a hidden PFN
+    pagemap.write_bytes(b"".join(e.to_bytes(8, "little") for e in entries))
+    assert physical_address(page + 0x10, str(pagemap)) == 0x1234 * page + 0x10
+    with pytest.raises(TransportError, match="not present"):
+        physical_address(0, str(pagemap))
+    with pytest.raises(TransportError, match="CAP_SYS_ADMIN"):
+        physical_address(2 * page, str(pagemap))
+
+
+def test_opening_a_function_not_bound_to_vfio_explains_the_fix(tmp_path: Path) -> None:
+    root = str(fake_tree(tmp_path / "sys"))
+    with pytest.raises(TransportError, match="vhostpci bind 0000:00:04.0"):
+        open_function("0000:00:04.0", sysfs_root=root)
+    with pytest.raises(TransportError, match="no PCI function"):
+        open_function("0000:00:09.0", sysfs_root=root)

@@ -30,7 +30,13 @@ def open_function(address: str, *, prefer: str = "auto", sysfs_root: str = "/sys
         raise TransportError(
             f"{address!r} is neither a PCI address (0000:00:05.0) nor vfio-user:/path.sock", "address"
         )
-    raise TransportError(
-        f"{address}: the kernel VFIO and UIO backends are not part of this build yet; use vfio-user:PATH",
-        "address",
-    )
+    from vhostpci_driver.pci import sysfs  # noqa: PLC0415  (sysfs and ioctls only when asked for)
+
+    info = sysfs.info(addr, sysfs_root)
+    if prefer == "uio" or info.driver == "uio_pci_generic":
+        raise TransportError(
+            f"{addr}: the UIO backend is not part of this build yet; bind it to vfio-pci", "driver"
+        )
+    from vhostpci_driver.pci.vfio import VfioFunction  # noqa: PLC0415
+
+    return VfioFunction(addr, sysfs_root=sysfs_root)

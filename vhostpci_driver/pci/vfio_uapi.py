@@ -180,7 +180,9 @@ IOCTL_NAMES = {v: k for k, v in IOCTLS.items()}
 
 
 def ioctl(
-    fd: int, request: int, arg: ctypes.Structure | ctypes.Array[ctypes.c_char] | int | None = None
+    fd: int,
+    request: int,
+    arg: ctypes.Structure | ctypes.Array[ctypes.c_char] | ctypes.c_int32 | int | None = None,
 ) -> int:
     """Call ``ioctl(fd, request, arg)``; a struct or buffer goes by pointer, an int by value."""
     if arg is None or isinstance(arg, int):

@@ -1,0 +1,288 @@
+"""The kernel VFIO backend: container, group and device, one object per kernel handle.
+
+Bring-up follows Documentation/driver-api/vfio.rst: open the container, check
+the API version and the IOMMU extension, open the function's group (or its
+``noiommu-N`` node), check it is viable, attach it to the container, set the
+IOMMU type (type1v2, or no-IOMMU), get the device fd. An ExitStack undoes the
+steps already taken when a later one fails, and :meth:`VfioFunction.close`
+undoes all of them in reverse, DMA maps first.
+
+No-IOMMU mode has no DMA mapping: the device sees physical addresses, read from
+``/proc/self/pagemap`` (needs CAP_SYS_ADMIN; the DMA pool must be physically
+contiguous, hence huge pages). Debian kernels have neither no-IOMMU nor the
+iommufd cdev path; the VM tier runs this code through a virtual IOMMU (type1v2).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import mmap
+import os
+import struct
+from pathlib import Path
+
+from vhostpci_driver.addr import Iova
+from vhostpci_driver.errors import TransportError
+from vhostpci_driver.pci import sysfs
+from vhostpci_driver.pci import vfio_uapi as u
+from vhostpci_driver.pci.function import CONFIG_REGION, IrqInfo, PciFunction, RegionInfo, SparseArea
+
+PAGEMAP_PFN_MASK = (1 << 55) - 1
+PAGEMAP_PRESENT = 1 << 63
+
+
+def physical_address(vaddr: int, pagemap: str = "/proc/self/pagemap") -> int:
+    """The physical address behind ``vaddr`` (Documentation/admin-guide/mm/pagemap.rst)."""
+    page = mmap.PAGESIZE
+    with open(pagemap, "rb") as f:
+        f.seek(vaddr // page * 8)
+        raw = f.read(8)
+    if len(raw) != 8:
+        raise TransportError(f"no pagemap entry for {vaddr:#x}", "pagemap")
+    (entry,) = struct.unpack("<Q", raw)
+    if not entry & PAGEMAP_PRESENT:
+        raise TransportError(f"page at {vaddr:#x} is not present (touch it first)", "pagemap")
+    pfn = entry & PAGEMAP_PFN_MASK
+    if pfn == 0:
+        raise TransportError("pagemap hides frame numbers: no-IOMMU DMA needs CAP_SYS_ADMIN", "pagemap")
+    return int(pfn * page + vaddr % page)
+
+
+def _vaddr(view: memoryview) -> int:
+    return int(ctypes.addressof(ctypes.c_char.from_buffer(view)))
+
+
+class VfioFunction(PciFunction):
+    """A PCI function bound to vfio-pci, opened through /dev/vfio."""
+
+    def __init__(self, address: str, *, sysfs_root: str = "/sys", dev_root: str = "/dev") -> None:
+        self.address = sysfs.parse_address(address)
+        self._stack = contextlib.ExitStack()
+        self._dma: dict[int, int] = {}
+        self._maps: list[mmap.mmap] = []
+        self._regions: dict[int, tuple[RegionInfo, int]] = {}
+        self._closed = False
+        try:
+            self._open(sysfs_root, Path(dev_root) / "vfio")
+        except BaseException:
+            self._stack.close()
+            self._closed = True
+            raise
+
+    def _fd(self, path: Path) -> int:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        except OSError as e:
+            raise TransportError(f"cannot open {path}: {e.strerror}", "open") from None
+        self._stack.callback(os.close, fd)
+        return fd
+
+    def _open(self, root: str, vfio: Path) -> None:
+        pci = sysfs.info(self.address, root)
+        if pci.driver != "vfio-pci":
+            raise TransportError(
+                f"{self.address} is bound to {pci.driver or 'no driver'}, not vfio-pci; "
+                f"run 'vhostpci bind {self.address}'",
+                "driver",
+            )
+        if pci.iommu_group is None:
+            raise TransportError(
+                f"{self.address} has no IOMMU group: enable the IOMMU (intel_iommu=on) "
+                "or VFIO's no-IOMMU mode",
+                "iommu_group",
+            )
+        noiommu_node = vfio / f"noiommu-{pci.iommu_group}"
+        self.noiommu = noiommu_node.exists()
+        container = self.container = self._fd(vfio / "vfio")
+        if u.ioctl(container, u.VFIO_GET_API_VERSION) != u.VFIO_API_VERSION:
+            raise TransportError("unknown VFIO API version", "VFIO_GET_API_VERSION")
+        iommu = u.VFIO_NOIOMMU_IOMMU if self.noiommu else u.VFIO_TYPE1v2_IOMMU
+        if not u.ioctl(container, u.VFIO_CHECK_EXTENSION, iommu):
+            raise TransportError(f"the kernel does not offer IOMMU type {iommu}", "VFIO_CHECK_EXTENSION")
+        group = self.group = self._fd(noiommu_node if self.noiommu else vfio / str(pci.iommu_group))
+        status = u.vfio_group_status(argsz=ctypes.sizeof(u.vfio_group_status))
+        u.ioctl(group, u.VFIO_GROUP_GET_STATUS, status)
+        if not status.flags & u.VFIO_GROUP_FLAGS_VIABLE:
+            others = [a for a in sysfs.group_members(pci.iommu_group, root) if a != self.address]
+            raise TransportError(
+                f"IOMMU group {pci.iommu_group} is not viable: bind every device in it to "
+                f"vfio-pci (it also holds {', '.join(others) or 'other devices'})",
+                "group",
+            )
+        fd_arg = ctypes.c_int32(container)
+        u.ioctl(group, u.VFIO_GROUP_SET_CONTAINER, fd_arg)
+        self._stack.callback(self._unset_container)
+        u.ioctl(container, u.VFIO_SET_IOMMU, iommu)
+        name = ctypes.create_string_buffer(self.address.encode())
+        self.device = u.ioctl(group, u.VFIO_GROUP_GET_DEVICE_FD, name)
+        self._stack.callback(os.close, self.device)
+        dinfo = u.vfio_device_info(argsz=ctypes.sizeof(u.vfio_device_info))
+        u.ioctl(self.device, u.VFIO_DEVICE_GET_INFO, dinfo)
+        if not dinfo.flags & u.VFIO_DEVICE_FLAGS_PCI:
+            raise TransportError("the VFIO device is not a PCI device", "VFIO_DEVICE_GET_INFO")
+        self.num_regions, self.num_irqs = dinfo.num_regions, dinfo.num_irqs
+
+    def _unset_container(self) -> None:
+        with contextlib.suppress(TransportError):
+            u.ioctl(self.group, u.VFIO_GROUP_UNSET_CONTAINER)
+
+    # -- regions -------------------------------------------------------------------
+
+    def _region(self, index: int) -> tuple[RegionInfo, int]:
+        if index in self._regions:
+            return self._regions[index]
+        if not 0 <= index < self.num_regions:
+            raise TransportError(f"no region {index}", "VFIO_DEVICE_GET_REGION_INFO")
+        size = ctypes.sizeof(u.vfio_region_info)
+        for _ in range(3):
+            buf = (ctypes.c_char * size)()
+            head = u.vfio_region_info.from_buffer(buf)
+            head.argsz, head.index = size, index
+            u.ioctl(self.device, u.VFIO_DEVICE_GET_REGION_INFO, buf)
+            if head.argsz <= size:
+                break
+            size = head.argsz  # vfio.h: the capability chain needs more room; ask again
+        areas = self._sparse(bytes(buf), head) if head.flags & u.VFIO_REGION_INFO_FLAG_CAPS else ()
+        info = RegionInfo(index, head.size, bool(head.flags & u.VFIO_REGION_INFO_FLAG_READ),
+                          bool(head.flags & u.VFIO_REGION_INFO_FLAG_WRITE),
+                          bool(head.flags & u.VFIO_REGION_INFO_FLAG_MMAP), areas)  # fmt: skip
+        self._regions[index] = (info, head.offset)
+        return info, head.offset
+
+    @staticmethod
+    def _sparse(raw: bytes, head: u.vfio_region_info) -> tuple[SparseArea, ...]:
+        off, seen, areas = head.cap_offset, 0, []
+        while off and seen < 16 and off + 8 <= len(raw):
+            seen += 1
+            cap_id, _ver, nxt = struct.unpack_from("<HHI", raw, off)
+            if cap_id == u.VFIO_REGION_INFO_CAP_SPARSE_MMAP and off + 16 <= len(raw):
+                (nr,) = struct.unpack_from("<I", raw, off + 8)
+                for i in range(min(nr, (len(raw) - off - 16) // 16)):
+                    o, s = struct.unpack_from("<QQ", raw, off + 16 + 16 * i)
+                    areas.append(SparseArea(o, s))
+            if nxt <= off:
+                break
+            off = nxt
+        return tuple(areas)
+
+    def region_info(self, index: int) -> RegionInfo:
+        return self._region(index)[0]
+
+    def region_read(self, index: int, offset: int, size: int) -> bytes:
+        info, base = self._region(index)
+        if offset < 0 or offset + size > info.size:
+            raise TransportError(f"{size} bytes at {offset:#x} outside region {index}", "pread")
+        data = os.pread(self.device, size, base + offset)
+        if len(data) != size:
+            raise TransportError(f"short read of region {index}", "pread")
+        return data
+
+    def region_write(self, index: int, offset: int, data: bytes) -> None:
+        info, base = self._region(index)
+        if offset < 0 or offset + len(data) > info.size:
+            raise TransportError(f"{len(data)} bytes at {offset:#x} outside region {index}", "pwrite")
+        if os.pwrite(self.device, data, base + offset) != len(data):
+            raise TransportError(f"short write to region {index}", "pwrite")
+
+    def config_read(self, offset: int, size: int) -> bytes:
+        return self.region_read(CONFIG_REGION, offset, size)
+
+    def config_write(self, offset: int, data: bytes) -> None:
+        self.region_write(CONFIG_REGION, offset, data)
+
+    def region_mmap(self, index: int, offset: int, size: int) -> mmap.mmap:
+        info, base = self._region(index)
+        areas = info.sparse or (SparseArea(0, info.size),)
+        if not info.mmappable or not any(
+            a.offset <= offset and offset + size <= a.offset + a.size for a in areas
+        ):
+            raise TransportError(f"{size:#x} bytes at {offset:#x} of region {index} are not mappable", "mmap")
+        try:
+            mm = mmap.mmap(
+                self.device, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE, offset=base + offset
+            )
+        except OSError as e:
+            raise TransportError(f"mmap of region {index} failed: {e.strerror}", "mmap") from None
+        self._maps.append(mm)
+        return mm
+
+    # -- interrupts --------------------------------------------------------------------
+
+    def irq_info(self, index: int) -> IrqInfo:
+        i = u.vfio_irq_info(argsz=ctypes.sizeof(u.vfio_irq_info), index=index)
+        u.ioctl(self.device, u.VFIO_DEVICE_GET_IRQ_INFO, i)
+        return IrqInfo(index, i.count, bool(i.flags & u.VFIO_IRQ_INFO_EVENTFD))
+
+    def set_irq_eventfds(self, index: int, start: int, fds: list[int]) -> None:
+        size = ctypes.sizeof(u.vfio_irq_set) + 4 * len(fds)
+        buf = (ctypes.c_char * size)()
+        head = u.vfio_irq_set.from_buffer(buf)
+        head.argsz, head.index, head.start, head.count = size, index, start, len(fds)
+        head.flags = u.VFIO_IRQ_SET_DATA_EVENTFD | u.VFIO_IRQ_SET_ACTION_TRIGGER
+        struct.pack_into(f"<{len(fds)}i", buf, ctypes.sizeof(u.vfio_irq_set), *fds)
+        u.ioctl(self.device, u.VFIO_DEVICE_SET_IRQS, buf)
+
+    def disable_irqs(self, index: int) -> None:
+        head = u.vfio_irq_set(
+            argsz=ctypes.sizeof(u.vfio_irq_set),
+            index=index,
+            flags=u.VFIO_IRQ_SET_DATA_NONE | u.VFIO_IRQ_SET_ACTION_TRIGGER,
+        )
+        u.ioctl(self.device, u.VFIO_DEVICE_SET_IRQS, head)
+
+    # -- DMA -------------------------------------------------------------------------
+
+    def iova_for(self, vaddr_view: memoryview, proposed: Iova) -> Iova:
+        if not self.noiommu:
+            return proposed
+        # No IOMMU: the device sees physical addresses, and the buffer must be contiguous.
+        start = _vaddr(vaddr_view)
+        phys = physical_address(start)
+        for off in range(mmap.PAGESIZE, len(vaddr_view), mmap.PAGESIZE):
+            if physical_address(start + off) != phys + off:
+                raise TransportError(
+                    "DMA memory is not physically contiguous: reserve huge pages "
+                    "(vm.nr_hugepages) for no-IOMMU mode",
+                    "pagemap",
+                )
+        return Iova(phys)
+
+    def dma_map(self, fd: int, fd_offset: int, vaddr_view: memoryview, iova: Iova) -> None:
+        if self.noiommu:
+            return
+        m = u.vfio_iommu_type1_dma_map(
+            argsz=ctypes.sizeof(u.vfio_iommu_type1_dma_map),
+            flags=u.VFIO_DMA_MAP_FLAG_READ | u.VFIO_DMA_MAP_FLAG_WRITE,
+            vaddr=_vaddr(vaddr_view),
+            iova=iova,
+            size=len(vaddr_view),
+        )
+        u.ioctl(self.container, u.VFIO_IOMMU_MAP_DMA, m)
+        self._dma[iova] = len(vaddr_view)
+
+    def dma_unmap(self, iova: Iova, size: int) -> None:
+        if self.noiommu:
+            return
+        m = u.vfio_iommu_type1_dma_unmap(
+            argsz=ctypes.sizeof(u.vfio_iommu_type1_dma_unmap), iova=iova, size=size
+        )
+        u.ioctl(self.container, u.VFIO_IOMMU_UNMAP_DMA, m)
+        self._dma.pop(iova, None)
+
+    def reset(self) -> None:
+        u.ioctl(self.device, u.VFIO_DEVICE_RESET)
+
+    def close(self) -> None:
+        """DMA maps, region maps, then device, container link, group, container fds; idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        for iova, size in list(self._dma.items()):
+            with contextlib.suppress(TransportError):
+                self.dma_unmap(Iova(iova), size)
+        for mm in self._maps:
+            with contextlib.suppress(BufferError):
+                mm.close()
+        self._maps.clear()
+        self._stack.close()
