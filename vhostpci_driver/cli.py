@@ -270,3 +270,128 @@ def demo(frontends: int, packets: int, size: str, as_json: bool) -> None:
     bad = summary["packets"]["lost"] or summary["packets"]["corrupt"] or summary["acks"]["fail"]
     if bad:
         raise Failure("frames were lost or corrupted, or requests failed (see the summary)")
+
+
+# -- list, bind, unbind, install-udev ---------------------------------------------------------------
+
+
+def _sysfs_root() -> str:
+    return os.environ.get("VHOSTPCI_SYSFS_ROOT", "/sys")  # tests point this at a fake tree
+
+
+def _state_dir() -> Path:
+    from vhostpci_driver.status import run_dir
+
+    return run_dir() / "bound"
+
+
+@main.command("list")
+@click.option("--virtio-id", default=63, show_default=True, help="The vhost-pci virtio device id.")
+@click.option("--json", "as_json", is_flag=True)
+@friendly
+def list_(virtio_id: int, as_json: bool) -> None:
+    """Every vhost-pci function: its driver, IOMMU group, and whether a service runs for it."""
+    from vhostpci_driver.pci import sysfs
+    from vhostpci_driver.status import run_dir, socket_name
+    from vhostpci_driver.wire.device import pci_device_id
+
+    root = _sysfs_root()
+    if root == "/sys":
+        import pyudev
+
+        ctx = pyudev.Context()
+        want = f"0x{pci_device_id(virtio_id):04x}"
+        addrs = [
+            d.sys_name
+            for d in ctx.list_devices(subsystem="pci")
+            if d.attributes.get("vendor") == b"0x1af4" and d.attributes.get("device") == want.encode()
+        ]
+        found = [sysfs.info(a, root) for a in addrs]
+    else:
+        found = sysfs.list_functions(device=pci_device_id(virtio_id), root=root)
+    rows = [{"address": f.address, "driver": f.driver, "iommu_group": f.iommu_group,
+             "service": (run_dir() / socket_name(f.address)).exists()} for f in found]  # fmt: skip
+    if as_json:
+        click.echo(json.dumps({"functions": rows}))
+        return
+    if not rows:
+        click.echo("no vhost-pci function found")
+    for r in rows:
+        click.echo(
+            f"{r['address']}  driver={r['driver'] or '-'}  iommu_group={r['iommu_group']}"
+            f"  service={'running' if r['service'] else 'none'}"
+        )
+
+
+@main.command()
+@click.argument("address")
+@click.option(
+    "--driver", type=click.Choice(["vfio-pci", "uio_pci_generic"]), default="vfio-pci", show_default=True
+)
+@click.option("--force", is_flag=True, help="Bind even if the function is not a vhost-pci function.")
+@friendly
+def bind(address: str, driver: str, force: bool) -> None:
+    """Give a function to vfio-pci (or uio_pci_generic); 'vhostpci unbind' gives it back."""
+    from vhostpci_driver.pci import sysfs
+    from vhostpci_driver.wire.device import VIRTIO_PCI_VENDOR, pci_device_id
+
+    root = _sysfs_root()
+    info = sysfs.info(address, root)
+    if not force and (info.vendor, info.device) != (VIRTIO_PCI_VENDOR, pci_device_id()):
+        raise Failure(
+            f"{info.address} is {info.vendor:04x}:{info.device:04x}, not a vhost-pci function "
+            f"({VIRTIO_PCI_VENDOR:04x}:{pci_device_id():04x}); use --force if you mean it"
+        )
+    if driver == "vfio-pci":
+        if info.iommu_group is None and not sysfs.noiommu_enabled(root):
+            raise Failure(
+                "no IOMMU: boot the device VM with intel_iommu=on (QEMU: -device intel-iommu,intremap=on) "
+                "or load vfio with enable_unsafe_noiommu_mode=1, or use --driver uio_pci_generic"
+            )
+        if info.iommu_group is not None:
+            others = [a for a in sysfs.group_members(info.iommu_group, root) if a != info.address]
+            if others:
+                click.echo(
+                    f"note: IOMMU group {info.iommu_group} also holds {', '.join(others)}; "
+                    "VFIO needs every device in it unbound from host drivers",
+                    err=True,
+                )
+    for path, value in sysfs.bind(info.address, driver, _state_dir(), root):
+        click.echo(f"wrote {value.strip()!r} to {path}")
+
+
+@main.command()
+@click.argument("address")
+@friendly
+def unbind(address: str) -> None:
+    """Give a function back to the driver it had before 'vhostpci bind'."""
+    from vhostpci_driver.pci import sysfs
+
+    previous, log = sysfs.unbind(address, _state_dir(), _sysfs_root())
+    for path, value in log:
+        click.echo(f"wrote {value.strip()!r} to {path}")
+    click.echo(f"{sysfs.parse_address(address)} returned to {previous or 'the default driver'}")
+
+
+def _udev_sources() -> Path:
+    for candidate in (Path(__file__).resolve().parents[1] / "udev", Path(sys.prefix) / "share/vhostpci/udev"):
+        if (candidate / "90-vhostpci.rules").exists():
+            return candidate
+    raise Failure("the udev files are not installed (reinstall the package)")
+
+
+@main.command("install-udev")
+@click.option("--prefix", type=click.Path(path_type=Path), default=Path("/"), show_default=True)
+@friendly
+def install_udev(prefix: Path) -> None:
+    """Install the udev rule and the vhostpci@.service unit (then: udevadm control --reload)."""
+    src = _udev_sources()
+    targets = {
+        src / "90-vhostpci.rules": prefix / "etc/udev/rules.d/90-vhostpci.rules",
+        src / "vhostpci@.service": prefix / "etc/systemd/system/vhostpci@.service",
+    }
+    for s, t in targets.items():
+        t.parent.mkdir(parents=True, exist_ok=True)
+        t.write_bytes(s.read_bytes())
+        click.echo(f"installed {t}")
+    click.echo("now: udevadm control --reload && systemctl daemon-reload")
