@@ -76,7 +76,12 @@ def main(debug: bool) -> None:
 
 
 @main.command()
-@click.argument("addresses", nargs=-1, required=True)
+@click.argument("addresses", nargs=-1)
+@click.option(
+    "--watch",
+    is_flag=True,
+    help="Also serve every vhost-pci function bound to vfio-pci now, and those hot-plugged later (pyudev).",
+)
 @click.option(
     "--app",
     type=click.Choice(APPS),
@@ -87,11 +92,13 @@ def main(debug: bool) -> None:
 @click.option("--polling", is_flag=True, help="Spin on the rings instead of sleeping on interrupts.")
 @click.option("-v", "--verbose", is_flag=True)
 @friendly
-def run(addresses: tuple[str, ...], app: str, polling: bool, verbose: bool) -> None:
+def run(addresses: tuple[str, ...], watch: bool, app: str, polling: bool, verbose: bool) -> None:
     """Serve vhost-pci functions (PCI addresses or vfio-user:PATH) until SIGTERM.
 
     Acks in flight are finished and every device is reset on the way out.
     """
+    if not addresses and not watch:
+        raise click.UsageError("name at least one ADDRESS, or use --watch")
     from vhostpci_driver.apps.net import NetBackend, net_policy
     from vhostpci_driver.device import VhostPciDevice
     from vhostpci_driver.service import Service
@@ -102,14 +109,40 @@ def run(addresses: tuple[str, ...], app: str, polling: bool, verbose: bool) -> N
     devices: list[VhostPciDevice] = []
     statuses: list[StatusServer] = []
     backend = NetBackend("switch" if app == "net-switch" else "loopback") if app != "none" else None
+    by_address: dict[str, tuple[VhostPciDevice, StatusServer]] = {}
+
+    def serve(address: str) -> None:
+        dev = VhostPciDevice(address, policies={1: net_policy} if backend else None, polling=polling)
+        path = run_dir() / socket_name(address)
+        try:
+            st = StatusServer(path, _status_of(address, dev, backend), dev.table_dump)
+        except BaseException:
+            dev.close()
+            raise
+        devices.append(dev)
+        statuses.append(st)
+        by_address[address] = (dev, st)
+        if service is not None:
+            service.readers[st.fileno()] = st.serve_ready
+        log.info("serving %s (status socket %s)", address, path)
+
+    def unserve(address: str) -> None:
+        dev, st = by_address.pop(address)
+        if service is not None:
+            service.readers.pop(st.fileno(), None)
+        devices.remove(dev)
+        statuses.remove(st)
+        st.close()
+        dev.close()
+        log.info("%s is gone: stopped serving it", address)
+
+    service: Service | None = None
     try:
         for address in addresses:
-            dev = VhostPciDevice(address, policies={1: net_policy} if backend else None, polling=polling)
-            devices.append(dev)
-            path = run_dir() / socket_name(address)
-            statuses.append(StatusServer(path, _status_of(address, dev, backend), dev.table_dump))
-            log.info("serving %s (status socket %s)", address, path)
+            serve(address)
         service = Service(devices, backend, polling=polling)
+        if watch:
+            _watch(service, serve, unserve, by_address, log)
         stop_r, stop_w = os.pipe()
         os.set_blocking(stop_w, False)
         signal.set_wakeup_fd(stop_w)
@@ -134,6 +167,47 @@ def run(addresses: tuple[str, ...], app: str, polling: bool, verbose: bool) -> N
             st.close()
         for dev in devices:
             dev.close()
+
+
+def _watch(
+    service: Any,
+    serve: Callable[[str], None],
+    unserve: Callable[[str], None],
+    served: dict[str, Any],
+    log: logging.Logger,
+) -> None:
+    """Serve present vhost-pci functions bound to vfio-pci, and follow hot-plug with a pyudev monitor."""
+    import pyudev
+
+    from vhostpci_driver.pci import sysfs
+    from vhostpci_driver.wire.device import pci_device_id
+
+    def try_serve(address: str) -> None:
+        try:
+            serve(address)
+        except VhostPciError as e:  # one function's failure does not stop the others
+            log.warning("cannot serve %s: %s", address, e)
+
+    for f in sysfs.list_functions(device=pci_device_id(), root=_sysfs_root()):
+        if f.driver == "vfio-pci" and f.address not in served:
+            try_serve(f.address)
+    monitor = pyudev.Monitor.from_netlink(pyudev.Context())
+    monitor.filter_by(subsystem="pci")
+    monitor.start()
+
+    def on_event() -> None:
+        for dev in iter(lambda: monitor.poll(timeout=0), None):
+            addr = dev.sys_name
+            if dev.action == "remove" and addr in served:
+                unserve(addr)
+            elif dev.action in ("add", "bind") and addr not in served and (
+                dev.attributes.get("device") == f"0x{pci_device_id():04x}".encode()
+                and dev.driver == "vfio-pci"
+            ):
+                try_serve(addr)
+
+    service.readers[monitor.fileno()] = on_event
+    log.info("watching for vhost-pci functions (serving %d)", len(served))
 
 
 def _status_of(address: str, dev: Any, backend: Any) -> Callable[[], dict[str, Any]]:
@@ -276,7 +350,9 @@ def demo(frontends: int, packets: int, size: str, as_json: bool) -> None:
 
 
 def _sysfs_root() -> str:
-    return os.environ.get("VHOSTPCI_SYSFS_ROOT", "/sys")  # tests point this at a fake tree
+    from vhostpci_driver.pci.sysfs import default_root
+
+    return default_root()
 
 
 def _state_dir() -> Path:

@@ -103,3 +103,37 @@ def test_help_through_click() -> None:
     for cmd in ([], ["run"], ["status"], ["dump"], ["demo"]):
         res = runner.invoke(main, [*cmd, "--help"])
         assert res.exit_code == 0 and "Usage:" in res.output
+
+
+def test_run_watch_follows_the_system_and_stops_on_sigterm(tmp_path: Path) -> None:
+    from tests.unit.test_sysfs import fake_tree  # noqa: PLC0415
+
+    root = fake_tree(tmp_path / "sys")
+    # A vhost-pci function already bound to vfio-pci: --watch tries it (no /dev/vfio here: it says why).
+    dev = root / "devices/pci0000:00/0000:00:04.0"
+    (dev / "driver").unlink()
+    os.symlink(root / "bus/pci/drivers/vfio-pci", dev / "driver")
+    env = {**os.environ, "VHOSTPCI_SYSFS_ROOT": str(root), "VHOSTPCI_RUN_DIR": str(tmp_path / "run")}
+    proc = subprocess.Popen([sys.executable, "-m", "vhostpci_driver", "run", "--watch"], env=env,
+                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        assert proc.stderr is not None
+        lines = []
+        while not any("watching for vhost-pci functions" in ln for ln in lines):
+            line = proc.stderr.readline()
+            assert line, "".join(lines)
+            lines.append(line)
+        assert any("cannot serve 0000:00:04.0" in ln and "/dev/vfio" in ln for ln in lines), "".join(lines)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(20) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(5)
+        if proc.stderr is not None:
+            proc.stderr.close()
+
+
+def test_run_needs_an_address_or_watch() -> None:
+    out = vhostpci("run")
+    assert out.returncode == 2 and "--watch" in out.stderr

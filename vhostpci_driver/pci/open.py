@@ -11,7 +11,7 @@ PCI_ADDRESS = re.compile(r"^[0-9a-f]{4}:[0-9a-f]{2}:[0-1][0-9a-f]\.[0-7]$")
 VFIO_USER = "vfio-user:"
 
 
-def open_function(address: str, *, prefer: str = "auto", sysfs_root: str = "/sys") -> PciFunction:
+def open_function(address: str, *, prefer: str = "auto", sysfs_root: str | None = None) -> PciFunction:
     """Open ``address`` with the right backend.
 
     ``vfio-user:PATH`` attaches a device served on a UNIX socket. A PCI address
@@ -32,11 +32,12 @@ def open_function(address: str, *, prefer: str = "auto", sysfs_root: str = "/sys
         )
     from vhostpci_driver.pci import sysfs  # noqa: PLC0415  (sysfs and ioctls only when asked for)
 
-    info = sysfs.info(addr, sysfs_root)
+    root = sysfs_root or sysfs.default_root()
+    info = sysfs.info(addr, root)
     if prefer == "uio" or info.driver == "uio_pci_generic":
         raise TransportError(
             f"{addr}: the UIO backend is not part of this build yet; bind it to vfio-pci", "driver"
         )
     from vhostpci_driver.pci.vfio import VfioFunction  # noqa: PLC0415
 
-    return VfioFunction(addr, sysfs_root=sysfs_root)
+    return VfioFunction(addr, sysfs_root=root)

@@ -10,6 +10,7 @@ writes it made, in order, so callers can show them (and tests can check them).
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,11 @@ from vhostpci_driver.errors import TransportError
 PCI_ADDRESS = re.compile(r"^[0-9a-f]{4}:[0-9a-f]{2}:[0-1][0-9a-f]\.[0-7]$")
 VIRTIO_VENDOR = 0x1AF4
 DRIVERS = ("vfio-pci", "uio_pci_generic")
+
+
+def default_root() -> str:
+    """``$VHOSTPCI_SYSFS_ROOT`` (tests point it at a fake tree), else ``/sys``."""
+    return os.environ.get("VHOSTPCI_SYSFS_ROOT", "/sys")
 
 
 def parse_address(address: str) -> str:
