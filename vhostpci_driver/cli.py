@@ -200,9 +200,13 @@ def _watch(
             addr = dev.sys_name
             if dev.action == "remove" and addr in served:
                 unserve(addr)
-            elif dev.action in ("add", "bind") and addr not in served and (
-                dev.attributes.get("device") == f"0x{pci_device_id():04x}".encode()
-                and dev.driver == "vfio-pci"
+            elif (
+                dev.action in ("add", "bind")
+                and addr not in served
+                and (
+                    dev.attributes.get("device") == f"0x{pci_device_id():04x}".encode()
+                    and dev.driver == "vfio-pci"
+                )
             ):
                 try_serve(addr)
 
@@ -471,3 +475,28 @@ def install_udev(prefix: Path) -> None:
         t.write_bytes(s.read_bytes())
         click.echo(f"installed {t}")
     click.echo("now: udevadm control --reload && systemctl daemon-reload")
+
+
+@main.command()
+@click.option("--quick", is_flag=True, help="Fewer repetitions (about a minute).")
+@click.option("--only", default=None, help="One benchmark by name (e.g. ring-batch).")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object: machine and rows.")
+@friendly
+def bench(quick: bool, only: str | None, as_json: bool) -> None:
+    """Measure the control and data plane against baselines taken in the same run (never fails a build)."""
+    from vhostpci_driver.bench import run_bench
+
+    result = run_bench(quick, only, progress=None if as_json else lambda m: click.echo(f"... {m}", err=True))
+    if as_json:
+        click.echo(json.dumps(result))
+        return
+    click.echo(f"{'benchmark':<22} {'figure':>12} {'unit':<16} {'baseline':>12} {'ratio':>8}  target")
+    for r in result["benchmarks"]:
+        base = "-" if r["baseline"] is None else f"{r['baseline']}"
+        ratio = "-" if r["ratio"] is None else f"{r['ratio']}"
+        mark = "met" if r["met"] else "MISSED"
+        extra = f" (limited by {r['limited_by']})" if r["limited_by"] else ""
+        click.echo(
+            f"{r['name']:<22} {r['figure']:>12} {r['unit'][:16]:<16} {base:>12} {ratio:>8}  "
+            f"{r['target']} {mark}{extra}"
+        )

@@ -15,6 +15,7 @@ import contextlib
 import logging
 import os
 import select
+import time
 import uuid
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -36,7 +37,7 @@ from vhostpci_driver.events import (
 )
 from vhostpci_driver.frontends import Frontend
 from vhostpci_driver.memory import RegionTable
-from vhostpci_driver.pci.access import registers_for
+from vhostpci_driver.pci.access import AccessRegisters, registers_for
 from vhostpci_driver.pci.dma import DmaPool
 from vhostpci_driver.pci.function import PciFunction
 from vhostpci_driver.pci.mmio import Registers
@@ -51,6 +52,7 @@ log = logging.getLogger(__name__)
 E = TypeVar("E", bound=Event)
 
 ACK_BUF = 64  # an ACK is 32 bytes; room to spare
+POLL_CONFIG_EVERY = 0.01  # seconds between config/status reads when polling (no config vector)
 
 
 @dataclass(frozen=True)
@@ -205,15 +207,23 @@ class VhostPciDevice:
         """Serve everything pending: config changes, controlq messages, returned ack buffers."""
         if self._closed:
             raise DeviceError("device is closed")
-        for fd in self.irq_fds[: Vector.FIRST_SLOT]:
+        config_fired = False
+        for vector, fd in enumerate(self.irq_fds[: Vector.FIRST_SLOT]):
             try:
                 os.eventfd_read(fd)
                 self.stats["interrupts"] += 1
+                config_fired |= vector == Vector.CONFIG
             except BlockingIOError:
                 pass
-        self._check_status()
-        if self.irq_fds == [] or self._config_gen != self.transport.config_generation():
-            self._config_changed()
+        # Status and config are registers (a trip to the device each): read them when the config
+        # vector fired (virtio 1.2, 4.1.5.3: the device signals changes and NEEDS_RESET there),
+        # or, with no vectors, every few milliseconds.
+        now = time.monotonic()
+        if config_fired or (not self.irq_fds and now - self._config_checked > POLL_CONFIG_EVERY):
+            self._config_checked = now
+            self._check_status()
+            if self._config_gen != self.transport.config_generation():
+                self._config_changed()
         self._serve_controlq()
         self._reap_acks()
         out = list(self._events)
@@ -234,6 +244,7 @@ class VhostPciDevice:
             raise DeviceError("the device needs a reset (DEVICE_NEEDS_RESET)")
 
     _config_gen = -1
+    _config_checked = 0.0
 
     def _config_changed(self) -> None:
         self._config_gen = self.transport.config_generation()
@@ -339,7 +350,11 @@ class VhostPciDevice:
         return fds
 
     def _doorbell(self, slot: int) -> None:
-        self._slots.write32(self.config.doorbell_offset + 4 * slot, 1)
+        off = self.config.doorbell_offset + 4 * slot
+        if isinstance(self._slots, AccessRegisters):  # by message: posted, a doorbell needs no answer
+            self.function.region_write_posted(self.config.slot_bar, off, b"\x01\x00\x00\x00")
+        else:
+            self._slots.write32(off, 1)
 
     # -- events for applications --------------------------------------------------------
 

@@ -84,6 +84,10 @@ class PciFunction(abc.ABC):
     def region_write(self, index: int, offset: int, data: bytes) -> None:
         """Write a region by access (not mmap)."""
 
+    def region_write_posted(self, index: int, offset: int, data: bytes) -> None:
+        """A write that need not wait for completion (doorbells); ordered before later accesses."""
+        self.region_write(index, offset, data)
+
     @abc.abstractmethod
     def region_mmap(self, index: int, offset: int, size: int) -> mmap.mmap:
         """Map ``size`` bytes of region ``index`` at ``offset`` (inside one mmappable area).

@@ -202,6 +202,10 @@ class VfioUserFunction(PciFunction):
     def region_write(self, index: int, offset: int, data: bytes) -> None:
         self._request(Command.REGION_WRITE, w.REGION_RW.pack(offset, index, len(data)) + data)
 
+    def region_write_posted(self, index: int, offset: int, data: bytes) -> None:
+        """NO_REPLY: the server handles requests in order, so a later access still sees this write."""
+        self._request(Command.REGION_WRITE, w.REGION_RW.pack(offset, index, len(data)) + data, no_reply=True)
+
     def region_mmap(self, index: int, offset: int, size: int) -> mmap.mmap:
         r = self._region(index)
         if r.fd is None or not r.info.mmappable:

@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable
 
 from vhostpci_driver.errors import TransportError, VhostPciError
-from vhostpci_driver.pci.access import registers_for
+from vhostpci_driver.pci.access import AccessRegisters, registers_for
 from vhostpci_driver.pci.function import IRQ_MSIX, PciFunction
 from vhostpci_driver.pci.mmio import RegisterBlock, Registers
 from vhostpci_driver.virtio import caps
@@ -200,11 +200,19 @@ class VirtioPciTransport:
 
     def notify(self, index: int) -> None:
         """Kick queue ``index`` (virtio 1.2, 4.1.5.2: write the queue index at its notify address)."""
-        self.notify_block.write16(self._notify_offsets[index], index)
+        self.notifier(index)()
 
     def notifier(self, index: int) -> Callable[[], None]:
-        """A bound kick for one queue, for the hot path."""
+        """A bound kick for one queue, for the hot path.
+
+        Through a mapping it is one 16-bit store; by message it is a posted write
+        (a doorbell needs no answer, and the next access is ordered after it).
+        """
         off, block = self._notify_offsets[index], self.notify_block
+        if isinstance(block.regs, AccessRegisters):
+            fn, bar, where = self.function, self.caps.notify.bar, self.caps.notify.offset + off
+            data = struct.pack("<H", index)
+            return lambda: fn.region_write_posted(bar, where, data)
         return lambda: block.write16(off, index)
 
     # -- interrupts (virtio 1.2, 4.1.5.1.2) ----------------------------------
