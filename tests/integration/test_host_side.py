@@ -122,7 +122,9 @@ def test_qemu_realize_sequence_is_accepted(host: tuple[HostServer, DriverVmProce
     for index in (0, 1, 2, 3, 4, 5, 7, 6):
         hdr, body, fds = call(Command.DEVICE_GET_REGION_INFO, w.REGION_INFO.pack(32, 0, index, 0, 0, 0))
         assert len(body) <= 32 + 16  # QEMU's receive buffer for region info is argsz + 16
-        argsz = w.REGION_INFO.unpack_from(body)[0]
+        argsz, rflags, _, cap_off = w.REGION_INFO.unpack_from(body)[:4]
+        if rflags & w.REGION_FLAG_CAPS:  # hw/vfio-user/device.c: CAPS needs 32 <= cap_offset <= argsz
+            assert 32 <= cap_off <= 32
         for fd in fds:
             os.close(fd)
         if argsz > 32:  # QEMU asks again with what the reply said it needs
@@ -130,8 +132,8 @@ def test_qemu_realize_sequence_is_accepted(host: tuple[HostServer, DriverVmProce
                 Command.DEVICE_GET_REGION_INFO, w.REGION_INFO.pack(argsz, 0, index, 0, 0, 0)
             )
             assert len(body) <= argsz + 16 and len(fds) <= 1
-            cap_offset = w.REGION_INFO.unpack_from(body)[3]
-            assert cap_offset == 0 or 32 <= cap_offset <= argsz
+            _, rflags, _, cap_offset = w.REGION_INFO.unpack_from(body)[:4]
+            assert not rflags & w.REGION_FLAG_CAPS or 32 <= cap_offset <= argsz
             for fd in fds:
                 os.close(fd)
     hdr, _, _ = call(Command.DEVICE_GET_IRQ_INFO, w.IRQ_INFO.pack(16, 0, 3, 0))  # ERR: an error is tolerated
@@ -180,7 +182,7 @@ def test_malformed_storm_leaves_the_server_serving_and_leaks_nothing(
             w.encode(3, Command.REGION_READ, w.REGION_RW.pack(1 << 40, 7, 4)),  # out of range
             w.encode(4, Command.REGION_WRITE, w.REGION_RW.pack(0, 0, 64) + b"x"),  # count disagrees
             w.encode(5, Command.DEVICE_GET_REGION_INFO, b"\x00" * 3),  # too short
-            w.encode(6, Command.DMA_MAP, w.DMA_MAP.pack(32, 3, 0, 0, 4096)),  # no fd
+            w.encode(6, Command.DEVICE_GET_IRQ_INFO, w.IRQ_INFO.pack(16, 0, 99, 0)),  # no such irq index
             w.encode(7, Command.DEVICE_SET_IRQS, w.IRQ_SET.pack(20, 0x24, 2, 500, 1)),  # vector out of range
         ]
         for msg in bad:

@@ -46,6 +46,7 @@ class DmaTable:
         self._starts: list[int] = []
         self._maps: list[DmaMapping] = []
         self._mms: list[mmap.mmap] = []
+        self._opaque: dict[int, int] = {}  # iova -> size of fd-less ranges
 
     def __len__(self) -> int:
         return len(self._maps)
@@ -74,15 +75,26 @@ class DmaTable:
         self._maps.insert(i, DmaMapping(iova, size, bool(flags & 1), bool(flags & 2), view))
         self._mms.insert(i, mm)
 
+    def map_opaque(self, iova: int, size: int) -> None:
+        """Record a range the client mapped without an fd (spec: reachable by DMA_READ/WRITE only)."""
+        if size <= 0 or any(a < iova + size and iova < a + s for a, s in self._opaque.items()):
+            raise VfioDeviceError(errno.EEXIST, f"DMA range {iova:#x}+{size:#x} overlaps a mapping")
+        self._opaque[iova] = size
+
     def unmap(self, iova: int, size: int) -> list[tuple[int, int]]:
-        """Remove mappings inside ``[iova, iova+size)``; returns what went. Exact ranges as the spec asks."""
+        """Remove every mapping inside ``[iova, iova+size)`` (type1 semantics: none is not an error)."""
+        gone = []
         i = bisect.bisect_left(self._starts, iova)
-        if i == len(self._starts) or self._starts[i] != iova or self._maps[i].size != size:
-            raise VfioDeviceError(errno.ENOENT, f"no DMA mapping {iova:#x}+{size:#x}")
-        self._drop(i)
-        return [(iova, size)]
+        while i < len(self._starts) and self._starts[i] + self._maps[i].size <= iova + size:
+            gone.append((self._starts[i], self._maps[i].size))
+            self._drop(i)
+        for a, s in list(self._opaque.items()):
+            if iova <= a and a + s <= iova + size:
+                del self._opaque[a]
+        return gone
 
     def unmap_all(self) -> list[tuple[int, int]]:
+        self._opaque.clear()
         gone = [(m.iova, m.size) for m in self._maps]
         while self._maps:
             self._drop(len(self._maps) - 1)
@@ -252,9 +264,15 @@ class VfioUserServer:
             raise VfioDeviceError(errno.EINVAL, f"{len(fds)} unexpected fds")
         if cmd == Command.DMA_MAP:
             _argsz, flags, offset, iova, size = w.unpack(w.DMA_MAP, body, "DMA_MAP")
-            if len(fds) != 1:
-                raise VfioDeviceError(errno.ENOTSUP, "DMA_MAP without an fd (give the VM fd-backed RAM)")
-            self.dma.map(iova, size, fds[0], offset, flags)
+            if len(fds) > 1:
+                raise VfioDeviceError(errno.EINVAL, f"DMA_MAP with {len(fds)} fds")
+            if fds:
+                self.dma.map(iova, size, fds[0], offset, flags)
+            else:
+                # Memory the client cannot share (a VM's ROMs): recorded, never touched. Our
+                # queues must live in fd-backed memory; a device access there is refused.
+                self.dma.map_opaque(iova, size)
+                log.info("%s: DMA range %#x+%#x has no fd; the device will not use it", self.path, iova, size)
             return b"", []
         if cmd == Command.DMA_UNMAP:
             _argsz, flags, iova, size = w.unpack(w.DMA_UNMAP, body, "DMA_UNMAP")
@@ -273,8 +291,7 @@ class VfioUserServer:
                 raise VfioDeviceError(errno.EINVAL, f"no region {index}")
             r = regions[index]
             areas = tuple((a.offset, a.size) for a in r.areas)
-            flags = r.flags | (RegionFlag.CAPS if areas else 0)
-            reply = w.encode_region_info(argsz, flags, index, r.size, r.fd_offset, areas=areas)
+            reply = w.encode_region_info(argsz, r.flags, index, r.size, r.fd_offset, areas=areas)
             # The fd goes with the full answer only: a too-small argsz is asked again.
             need = w.unpack(w.REGION_INFO, reply, "REGION_INFO")[0]
             send_fd = r.fd is not None and r.flags & RegionFlag.MMAP and argsz >= need

@@ -41,6 +41,7 @@ REGION_RW = struct.Struct("<QII")  # offset, region, count
 DMA_RW = struct.Struct("<QQ")  # address, count (spec layout)
 VERSION = struct.Struct("<HH")  # major, minor
 
+REGION_FLAG_CAPS = 1 << 3  # VFIO_REGION_INFO_FLAG_CAPS
 DMA_FLAG_READ = 1
 DMA_FLAG_WRITE = 2
 DMA_UNMAP_ALL = 2
@@ -167,8 +168,10 @@ def encode_region_info(
         caps += b"".join(SPARSE_AREA.pack(o, s) for o, s in areas)
     need = REGION_INFO.size + len(caps)
     if caps and argsz >= need:
-        return REGION_INFO.pack(need, flags, index, REGION_INFO.size, size, offset) + caps
-    return REGION_INFO.pack(need, flags, index, 0, size, offset)
+        return REGION_INFO.pack(need, flags | REGION_FLAG_CAPS, index, REGION_INFO.size, size, offset) + caps
+    # Without room for the chain, no CAPS flag either: QEMU refuses CAPS with cap_offset 0
+    # (hw/vfio-user/device.c) and asks again with the argsz we return.
+    return REGION_INFO.pack(need, flags & ~REGION_FLAG_CAPS, index, 0, size, offset)
 
 
 def decode_region_info(body: bytes) -> tuple[int, int, int, int, int, tuple[tuple[int, int], ...]]:

@@ -1,0 +1,41 @@
+"""The VM tier, from the host: boot a real guest with our device on vfio-user-pci and run tests/vm in it.
+
+Runs only when asked (``VHOSTPCI_VM=1``, as .ci/run does after tools/vm/prepare),
+since it needs root, the prepared chroot and about a minute; otherwise it says so.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+CACHE = Path(os.environ.get("VHOSTPCI_VM_CACHE", "/var/tmp/vhostpci-vm"))
+
+pytestmark = pytest.mark.vm
+
+
+@pytest.mark.skipif(os.environ.get("VHOSTPCI_IN_GUEST") is not None, reason="this one runs on the host")
+def test_guest_tier_passes_in_a_real_vm() -> None:
+    if not os.environ.get("VHOSTPCI_VM"):
+        pytest.skip("the VM tier runs with VHOSTPCI_VM=1 (after tools/vm/prepare); .ci/run does that")
+    if not (CACHE / "sid/.vhostpci-ready").exists():
+        pytest.fail(f"VHOSTPCI_VM=1 but no prepared cache at {CACHE}: run tools/vm/prepare")
+    out = subprocess.run(
+        [sys.executable, str(REPO / "tools/vm/run.py"), "--send", "1000", "--",
+         "python3 -m pytest -q -s -p no:cacheprovider -m vm tests/vm/test_in_guest.py"],
+        capture_output=True, text=True, timeout=600, check=False,
+    )  # fmt: skip
+    print(out.stdout[-6000:])
+    print(out.stderr[-3000:])
+    assert out.returncode == 0, "the guest tier failed (output above)"
+    assert "3 passed" in out.stdout
+    traffic = re.search(
+        r'"sent": (\d+), "received": (\d+), "duplicates": (\d+), "corrupt": (\d+)', out.stderr
+    )
+    assert traffic and traffic.group(1) == traffic.group(2) == "1000" and traffic.group(4) == "0"

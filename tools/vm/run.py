@@ -1,0 +1,155 @@
+"""Boot a real device VM with the reference vhost-pci device on vfio-user-pci, run a command in it.
+
+The guest is the prepared Debian sid chroot (tools/vm/prepare) booted by
+virtme-ng under TCG with a virtual IOMMU (interrupt remapping on, so the
+guest's vfio-pci accepts the function). On the host, the vhost-pci server and
+a simulated driver VM run as processes; the device's vfio-user socket lives
+inside the chroot, where QEMU finds it. The project is bind-mounted at
+/project. The guest command's output and exit status come back; the driver
+VM's traffic counters are printed after it. Everything started is stopped,
+even on failure, and every step has a timeout.
+
+    python3 tools/vm/run.py [--send N] -- 'guest command'
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path[:0] = [str(REPO), str(REPO / "tools")]
+
+from vhostpci_host.harness import DriverVmProcess, HostServer  # noqa: E402
+
+CACHE = Path(os.environ.get("VHOSTPCI_VM_CACHE", "/var/tmp/vhostpci-vm"))
+ROOT = CACHE / "sid"
+MAC = "52:54:00:00:00:aa"
+VM_UUID = uuid.UUID("7e57ab1e-0000-4000-8000-00000000a001")
+
+
+def fail(msg: str, code: int = 1) -> None:
+    print(f"vm-run: error: {msg}", file=sys.stderr)
+    sys.exit(code)
+
+
+def kernel() -> str:
+    kernels = sorted((ROOT / "boot").glob("vmlinuz-*"))
+    if not kernels:
+        fail(f"no kernel in {ROOT}/boot (re-run tools/vm/prepare)")
+    return "/boot/" + kernels[-1].name
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--timeout", type=float, default=240.0, help="seconds for boot plus command")
+    ap.add_argument("--send", type=int, default=0, help="frames the driver VM sends once the guest serves it")
+    ap.add_argument("command", nargs=argparse.REMAINDER)
+    args = ap.parse_args()
+    cmd = " ".join(args.command).removeprefix("-- ").strip() or "true"
+    if not (ROOT / ".vhostpci-ready").exists():
+        fail(f"no prepared VM cache at {ROOT}: run tools/vm/prepare", 3)
+    project = ROOT / "project"
+    project.mkdir(exist_ok=True)
+    run_dir = ROOT / "run/vp"
+    shutil.rmtree(run_dir, ignore_errors=True)
+    run_dir.mkdir(parents=True)
+    mounts = [(["mount", "--bind", str(REPO), str(project)], project)]
+    for what, opts in (
+        ("proc", ["-t", "proc", "proc"]),
+        ("sys", ["--rbind", "/sys"]),
+        ("dev", ["--rbind", "/dev"]),
+    ):
+        mounts.append((["mount", *opts, str(ROOT / what)], ROOT / what))
+    mounted = []
+    for argv_m, target in mounts:
+        if subprocess.run(["mountpoint", "-q", str(target)], check=False).returncode != 0:
+            subprocess.run(argv_m, check=True)
+            mounted.append(target)
+    server = vm = None
+    try:
+        server = HostServer(run_dir, ping_interval=2.0, ping_misses=30)
+        vm = DriverVmProcess(server.socket, [MAC], vm_uuid=VM_UUID, memory="128M")
+        host_sock = Path(server.device_socket(vm.uuid))
+        guest_sock = "/" + str(host_sock.relative_to(ROOT))
+        device = json.dumps(
+            {"driver": "vfio-user-pci", "socket": {"type": "unix", "path": guest_sock}, "id": "vhostpci0"}
+        )
+        # Guest RAM shared by fd, so every DMA_MAP QEMU sends carries an fd (vfio-user-notes.md).
+        qemu_opts = (
+            "-object memory-backend-memfd,id=mem,size=1G,share=on -machine memory-backend=mem "
+            f"-device intel-iommu,intremap=on,caching-mode=on -device '{device}'"
+        )
+        guest = (
+            f"cd /project && export PYTHONPATH=/project:/project/tools VHOSTPCI_RUN_DIR=/run/vhostpci "
+            f"VHOSTPCI_IN_GUEST=1 && {cmd}"
+        )
+        argv = [
+            "chroot",
+            str(ROOT),
+            "vng",
+            "--disable-kvm",
+            "--force-9p",
+            "--cpus",
+            "2",
+            "--memory",
+            "1G",
+            "--run",
+            kernel(),
+            "--user",
+            "root",
+            "--append=intel_iommu=on",
+            f"--qemu-opts={qemu_opts}",  # "=": the value starts with "-"
+            "--exec",
+            guest,
+        ]
+        print(f"vm-run: booting {kernel()} with {guest_sock}", file=sys.stderr, flush=True)
+        sender = threading.Thread(target=_send_when_ready, args=(vm, args.send), daemon=True)
+        sender.start()
+        started = time.monotonic()
+        try:
+            out = subprocess.run(argv, timeout=args.timeout, check=False)
+        except subprocess.TimeoutExpired:
+            fail(f"the guest did not finish within {args.timeout}s")
+        print(
+            f"vm-run: guest finished with status {out.returncode} in {time.monotonic() - started:.1f}s",
+            file=sys.stderr,
+        )
+        try:
+            stats = vm.stats(timeout=5)["frontends"][0]
+            print("vm-run: driver VM traffic " + json.dumps({k: stats[k] for k in
+                  ("sent", "received", "duplicates", "corrupt")}), file=sys.stderr)  # fmt: skip
+        except Exception as e:
+            print(f"vm-run: no traffic report: {e}", file=sys.stderr)
+        return out.returncode
+    finally:
+        if vm is not None:
+            vm.stop()
+        if server is not None:
+            server.stop()
+        subprocess.run(["pkill", "-f", "qemu-system-x86_64.*vhostpci0"], check=False)
+        for target in reversed(mounted):
+            subprocess.run(["umount", "-l", str(target)], check=False)
+
+
+def _send_when_ready(vm: DriverVmProcess, count: int) -> None:
+    """Once the guest's driver has acked everything, the driver VM sends ``count`` frames to itself."""
+    if not count:
+        return
+    try:
+        vm.read_event("ready", timeout=600)
+        vm.send(f"send {MAC} {count} 256")
+    except Exception as e:
+        print(f"vm-run: driver VM never became ready: {e}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
