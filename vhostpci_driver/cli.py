@@ -112,13 +112,17 @@ def run(addresses: tuple[str, ...], watch: bool, app: str, polling: bool, verbos
     by_address: dict[str, tuple[VhostPciDevice, StatusServer]] = {}
 
     def serve(address: str) -> None:
-        dev = VhostPciDevice(address, policies={1: net_policy} if backend else None, polling=polling)
+        # Refuse before touching the function (opening it resets it): one already served, or not ours.
         path = run_dir() / socket_name(address)
+        st = StatusServer(path, lambda: {}, lambda x, n: b"")  # raises if another service answers there
         try:
-            st = StatusServer(path, _status_of(address, dev, backend), dev.table_dump)
+            if not address.startswith("vfio-user:"):
+                _require_vhost_pci(address)
+            dev = VhostPciDevice(address, policies={1: net_policy} if backend else None, polling=polling)
         except BaseException:
-            dev.close()
+            st.close()
             raise
+        st.status, st.dump = _status_of(address, dev, backend), dev.table_dump
         devices.append(dev)
         statuses.append(st)
         by_address[address] = (dev, st)
@@ -167,6 +171,17 @@ def run(addresses: tuple[str, ...], watch: bool, app: str, polling: bool, verbos
             st.close()
         for dev in devices:
             dev.close()
+
+
+def _require_vhost_pci(address: str) -> None:
+    from vhostpci_driver.pci import sysfs
+    from vhostpci_driver.wire.device import VIRTIO_PCI_VENDOR, pci_device_id
+
+    info = sysfs.info(address, _sysfs_root())
+    if (info.vendor, info.device) != (VIRTIO_PCI_VENDOR, pci_device_id()):
+        raise Failure(
+            f"{info.address} is {info.vendor:04x}:{info.device:04x}, not a vhost-pci function; not touched"
+        )
 
 
 def _watch(

@@ -64,6 +64,9 @@ def test_run_serves_answers_status_and_dump_and_stops_on_sigterm(short_dir: Path
         assert text.returncode == 0 and "frontend type 1" in text.stdout
         ok = vhostpci("dump", address, "--xgpa", "0x0", "--len", "32", "--json", env=env)
         assert ok.returncode == 0 and len(bytes.fromhex(json.loads(ok.stdout)["hex"])) == 32
+        twice = vhostpci("run", address, env=env, timeout=30)  # already served: refused, device untouched
+        assert twice.returncode == 1 and "already serving" in twice.stderr
+        assert vhostpci("status", "--json", env=env).returncode == 0  # the first service is unharmed
         bad = vhostpci("dump", address, "--xgpa", "0x200000000", "--len", "16", env=env)
         assert (
             bad.returncode == 1
@@ -91,7 +94,7 @@ def test_errors_are_one_line_with_exit_codes(short_dir: Path) -> None:
     assert missing.stderr.strip().count("\n") == 0 and missing.stderr.startswith("vhostpci: error:")
     assert "cannot connect" in missing.stderr
     bad = vhostpci("run", "not-an-address")
-    assert bad.returncode == 1 and "neither a PCI address" in bad.stderr
+    assert bad.returncode == 1 and "not a PCI address" in bad.stderr
     usage = vhostpci("demo", "--frontends", "0")
     assert usage.returncode == 2
     debug = vhostpci("--debug", "run", f"vfio-user:{short_dir}/nothing.sock")
@@ -132,6 +135,17 @@ def test_run_watch_follows_the_system_and_stops_on_sigterm(tmp_path: Path) -> No
             proc.wait(5)
         if proc.stderr is not None:
             proc.stderr.close()
+
+
+def test_run_refuses_a_function_that_is_not_vhost_pci(tmp_path: Path) -> None:
+    from tests.unit.test_sysfs import fake_tree  # noqa: PLC0415
+
+    root = fake_tree(tmp_path / "sys")
+    env = {"VHOSTPCI_SYSFS_ROOT": str(root), "VHOSTPCI_RUN_DIR": str(tmp_path / "run")}
+    out = vhostpci("run", "0000:00:06.0", env=env)
+    assert out.returncode == 1 and "not a vhost-pci function; not touched" in out.stderr
+    gone = vhostpci("run", "0000:00:0a.0", env=env)
+    assert gone.returncode == 1 and "no PCI function" in gone.stderr
 
 
 def test_run_needs_an_address_or_watch() -> None:

@@ -90,7 +90,7 @@ def main() -> int:
         )
         guest = (
             f"cd /project && export PYTHONPATH=/project:/project/tools VHOSTPCI_RUN_DIR=/run/vhostpci "
-            f"VHOSTPCI_IN_GUEST=1 && {cmd}"
+            f"VHOSTPCI_IN_GUEST=1 PYTHONUNBUFFERED=1 && {cmd}"
         )
         argv = [
             "chroot",
@@ -134,6 +134,7 @@ def main() -> int:
         if vm is not None:
             vm.stop()
         if server is not None:
+            print("vm-run: host server log (tail):\n" + server.stderr_tail(25), file=sys.stderr)
             server.stop()
         subprocess.run(["pkill", "-f", "qemu-system-x86_64.*vhostpci0"], check=False)
         for target in reversed(mounted):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import re
+import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -115,6 +116,7 @@ def bind(address: str, driver: str, state_dir: Path, root: str = "/sys") -> list
     log: list[tuple[str, str]] = []
     if current.driver == driver:
         return log
+    _ensure_driver(driver, root)
     state_dir.mkdir(parents=True, exist_ok=True)
     state = state_dir / f"{address}.driver"
     if not state.exists():
@@ -125,6 +127,17 @@ def bind(address: str, driver: str, state_dir: Path, root: str = "/sys") -> list
         _write(d / "driver" / "unbind", address, log)
     _write(Path(root) / "bus/pci/drivers_probe", address, log)
     return log
+
+
+def _ensure_driver(driver: str, root: str) -> None:
+    """Load the driver's module if it is not registered yet (drivers_probe would find no driver)."""
+    if (Path(root) / "bus/pci/drivers" / driver).exists() or root != "/sys":
+        return
+    module = driver.replace("-", "_")
+    out = subprocess.run(["modprobe", module], capture_output=True, text=True, timeout=60, check=False)
+    if out.returncode != 0 or not (Path(root) / "bus/pci/drivers" / driver).exists():
+        why = out.stderr.strip() or "not registered after loading"
+        raise TransportError(f"cannot load the {driver} driver (modprobe {module}: {why})", "driver")
 
 
 def unbind(address: str, state_dir: Path, root: str = "/sys") -> tuple[str | None, list[tuple[str, str]]]:
