@@ -122,4 +122,6 @@ class Frontend:
     def remove(self, why: str) -> None:
         """Mark the frontend gone; its rings are dropped (their views into the window with them)."""
         self.removed = why
+        for q in self.queues.values():
+            q._ring.release(f"frontend {self.key} was removed")
         self.queues = {}

@@ -7,6 +7,7 @@ import struct
 
 import pytest
 
+from vhostpci_driver.errors import RemoteMemoryError
 from vhostpci_driver.virtqueue.driver import DriverQueue
 from vhostpci_driver.wire import ctrl
 from vhostpci_driver.wire import device as d
@@ -223,3 +224,26 @@ def test_bad_widths_are_refused(b: Bench) -> None:
         b.m.region_read(0, 1, 2)  # misaligned
     with pytest.raises(VfioDeviceError):
         b.m.region_write(0, 0, b"abc")
+
+
+def test_dma_ranges_across_page_sized_mappings() -> None:
+    """A VM behind a virtual IOMMU maps DMA memory page by page; a ring may cross pages."""
+    table = DmaTable()
+    fd = os.memfd_create("guest")
+    os.ftruncate(fd, 3 * 4096)
+    try:
+        table.map(0x10000, 4096, fd, 0, 3)
+        table.map(0x11000, 4096, fd, 4096, 3)
+        table.map(0x12000, 4096, fd, 0, 3)  # adjacent in IOVA, but not the next file page
+        v = table.view(0x10FF0, 0x20)
+        v[:] = b"x" * 0x20
+        assert os.pread(fd, 0x20, 0xFF0) == b"x" * 0x20
+        with pytest.raises(RemoteMemoryError):
+            table.view(0x11FF0, 0x20)  # would need file pages 1 then 0: refused
+        del v
+        assert table.unmap(0x10000, 0x2000) == [(0x10000, 4096), (0x11000, 4096)]
+        with pytest.raises(RemoteMemoryError):
+            table.view(0x10FF0, 0x20)
+    finally:
+        table.unmap_all()
+        os.close(fd)

@@ -49,9 +49,11 @@ def test_region_info_with_sparse_areas_round_trips(areas: list[tuple[int, int]])
     size = 1 << 22
     full = w.encode_region_info(1 << 12, 7, 2, size, 0x1000, areas=tuple(areas))
     argsz, flags, index, rsize, offset, got = w.decode_region_info(full)
-    assert (flags, index, rsize, offset, got) == (7, 2, size, 0x1000, tuple(areas))
+    caps = w.REGION_FLAG_CAPS if areas else 0
+    assert (flags, index, rsize, offset, got) == (7 | caps, 2, size, 0x1000, tuple(areas))
     short = w.encode_region_info(32, 7, 2, size, 0x1000, areas=tuple(areas))
-    assert len(short) == 32 and w.decode_region_info(short)[0] == argsz  # asks for more room, no caps
+    assert len(short) == 32 and w.decode_region_info(short)[0] == argsz  # asks for more room...
+    assert not w.decode_region_info(short)[1] & w.REGION_FLAG_CAPS  # ...and, as QEMU needs, no CAPS flag
 
 
 def test_region_info_capability_chain_is_bounded() -> None:

@@ -39,6 +39,14 @@ MAX_DATA_XFER = 1 << 20
 MAX_DMA_MAPS = 4096
 
 
+def _close_map(mm: mmap.mmap, view: memoryview) -> None:
+    view.release()
+    try:
+        mm.close()
+    except BufferError:
+        pass  # a device view is still alive; the mapping goes when it does
+
+
 class DmaTable:
     """The client's DMA mappings, mmapped; ``view`` satisfies ``GuestMemory`` (IOVA space)."""
 
@@ -46,6 +54,8 @@ class DmaTable:
         self._starts: list[int] = []
         self._maps: list[DmaMapping] = []
         self._mms: list[mmap.mmap] = []
+        self._files: list[tuple[int, int, tuple[int, int]]] = []  # (dup fd, file offset, (st_dev, st_ino))
+        self._spans: dict[tuple[int, int], tuple[mmap.mmap, memoryview]] = {}  # ranges across mappings
         self._opaque: dict[int, int] = {}  # iova -> size of fd-less ranges
 
     def __len__(self) -> int:
@@ -71,9 +81,11 @@ class DmaTable:
         except (OSError, ValueError) as e:
             raise VfioDeviceError(errno.EINVAL, f"cannot map the DMA fd: {e}") from None
         view = memoryview(mm)
+        st = os.fstat(fd)
         self._starts.insert(i, iova)
         self._maps.insert(i, DmaMapping(iova, size, bool(flags & 1), bool(flags & 2), view))
         self._mms.insert(i, mm)
+        self._files.insert(i, (os.dup(fd), offset, (st.st_dev, st.st_ino)))
 
     def map_opaque(self, iova: int, size: int) -> None:
         """Record a range the client mapped without an fd (spec: reachable by DMA_READ/WRITE only)."""
@@ -101,14 +113,15 @@ class DmaTable:
         return gone
 
     def _drop(self, i: int) -> None:
-        del self._starts[i]
+        start = self._starts.pop(i)
         m = self._maps.pop(i)
         mm = self._mms.pop(i)
-        m.view.release()
-        try:
-            mm.close()
-        except BufferError:
-            pass  # a device view is still alive; the mapping goes when it does
+        fd, _, _ = self._files.pop(i)
+        os.close(fd)
+        for key in [k for k in self._spans if k[0] < start + m.size and start < k[1]]:
+            smm, sview = self._spans.pop(key)
+            _close_map(smm, sview)
+        _close_map(mm, m.view)
 
     def view(self, addr: int, length: int) -> memoryview:
         i = bisect.bisect_right(self._starts, addr) - 1
@@ -117,7 +130,40 @@ class DmaTable:
             off = addr - m.iova
             if off + length <= m.size and m.writable:
                 return m.view[off : off + length]
+            if m.writable and off < m.size:
+                span = self._span(i, addr + length)
+                if span is not None:
+                    return span[off : off + length]
         raise RemoteMemoryError(f"IOVA range {addr:#x}+{length:#x} is not DMA-mapped (writable)")
+
+    def _span(self, i: int, end: int) -> memoryview | None:
+        """A range over adjacent mappings of one file at consecutive offsets, mapped as one.
+
+        A VM behind a virtual IOMMU maps its DMA memory page by page (one DMA_MAP per
+        IOTLB entry); a ring or buffer crossing a page then spans mappings.
+        """
+        j, (_, offset, ident) = i, self._files[i]
+        while self._starts[j] + self._maps[j].size < end:
+            nxt = j + 1
+            if nxt == len(self._starts) or self._starts[nxt] != self._starts[j] + self._maps[j].size:
+                return None
+            _, noff, nident = self._files[nxt]
+            if (
+                nident != ident
+                or noff != offset + (self._starts[nxt] - self._starts[i])
+                or not self._maps[nxt].writable
+            ):
+                return None
+            j = nxt
+        key = (self._starts[i], self._starts[j] + self._maps[j].size)
+        if key not in self._spans:
+            try:
+                mm = mmap.mmap(self._files[i][0], key[1] - key[0], mmap.MAP_SHARED,
+                               mmap.PROT_READ | mmap.PROT_WRITE, offset=offset)  # fmt: skip
+            except (OSError, ValueError):
+                return None
+            self._spans[key] = (mm, memoryview(mm))
+        return self._spans[key][1]
 
 
 class VfioUserServer:

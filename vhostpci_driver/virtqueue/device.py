@@ -254,5 +254,14 @@ class DeviceQueue:
             self._used16[0] = 0
         full_barrier()  # the re-arm is visible before the caller looks at the ring again
 
+    def release(self, why: str = "the queue was released") -> None:
+        """Let go of the ring's memory now (views released), so its mapping can be unmapped.
+
+        Every later call raises; chains already popped keep their own views.
+        """
+        self.broken = RingError("released", why)
+        for v in (self._avail, self._used16, self._used, self._desc):
+            v.release()
+
     def in_flight(self) -> int:
         return sum(1 for w in self._inflight if w >= 0)
