@@ -148,15 +148,20 @@ class VhostPciDevice:
 
         qs = self.queue_size
         ring_bytes = DriverQueue.layout(qs)[3]
-        pool_size = 2 * ring_bytes + qs * cfg.max_msg_len + qs * ACK_BUF + 8 * 4096
+        pool_size = 2 * (ring_bytes + 4096) + qs * (cfg.max_msg_len + 4096) + qs * ACK_BUF + 8 * 4096
         self.pool = DmaPool(fn, pool_size)
         self._stack.callback(self.pool.close)
         # Stop the device before its rings' memory goes away (the callbacks run in reverse).
         self._stack.callback(self._reset_quietly)
         self.ctrlq = self._queue(Queue.CONTROLQ, event_idx)
         self.ackq = self._queue(Queue.ACKQ, event_idx)
-        self._ctrl_bufs = [self.pool.alloc(cfg.max_msg_len, 8) for _ in range(qs)]
-        self._ack_bufs = [self.pool.alloc(ACK_BUF, 8) for _ in range(qs)]
+        # No buffer crosses a page: behind an IOMMU each page is its own mapping, and a device
+        # (ours included) may see consecutive IOVA pages land anywhere in memory.
+        page = 4096
+        self._ctrl_bufs = [
+            self.pool.alloc(cfg.max_msg_len, page if cfg.max_msg_len <= page else 8) for _ in range(qs)
+        ]
+        self._ack_bufs = [self.pool.alloc(ACK_BUF, ACK_BUF) for _ in range(qs)]  # 64 | 4096: no page crossing
         self._ack_free = list(range(qs))
 
         vectors = not self.polling and self.transport.caps.msix is not None
