@@ -107,6 +107,7 @@ class VhostPciDevice:
         self._closed = False
         self.remote_up = False
         self.stats = {"controlq_messages": 0, "acks_posted": 0, "interrupts": 0}
+        self._ring_addrs: dict[int, tuple[int, int, int]] = {}  # queue -> (desc, avail, used) IOVAs
         self._stack = contextlib.ExitStack()
         try:
             self._bring_up(address, policies)
@@ -184,13 +185,9 @@ class VhostPciDevice:
         self._check_status()
         self._config_changed()
 
-    _ring_addrs: dict[int, tuple[int, int, int]]
-
     def _queue(self, index: int, event_idx: bool) -> DriverQueue:
         d, a, u, total = DriverQueue.layout(self.queue_size)
         ring = self.pool.alloc(total, 4096)
-        if not hasattr(self, "_ring_addrs"):
-            self._ring_addrs = {}
         self._ring_addrs[index] = (ring.iova + d, ring.iova + a, ring.iova + u)
         return DriverQueue(
             self.pool, self.queue_size, ring.iova + d, ring.iova + a, ring.iova + u, event_idx=event_idx
