@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 import os
 import sys
 import uuid
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
 from vhostpci_driver import __version__
+
+if TYPE_CHECKING:
+    from vhostpci_driver.wire.sock import SockLimits
+    from vhostpci_host.session import PeerLimits
 
 SIZE_SUFFIXES = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
 
@@ -27,6 +34,37 @@ def parse_size(text: str) -> int:
     if value <= 0:
         raise click.BadParameter(f"size must be positive: {text!r}")
     return value
+
+
+def _limit_defaults() -> dict[str, tuple[str, int]]:
+    """Every peer limit: name -> (the dataclass it lives in, its default)."""
+    from vhostpci_driver.wire.sock import SockLimits
+    from vhostpci_host.session import PeerLimits
+
+    out: dict[str, tuple[str, int]] = {}
+    for cls in (SockLimits, PeerLimits):
+        for f in dataclasses.fields(cls):
+            out[f.name] = (cls.__name__, f.default)  # type: ignore[assignment]
+    return out
+
+
+def parse_limits(pairs: tuple[str, ...]) -> tuple[SockLimits, PeerLimits]:
+    """``("max_pending=16", "max_mapped_bytes=1G")`` -> the two limit sets."""
+    from vhostpci_driver.wire.sock import SockLimits
+    from vhostpci_host.session import PeerLimits
+
+    known = _limit_defaults()
+    chosen: dict[str, dict[str, int]] = {"SockLimits": {}, "PeerLimits": {}}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        name = name.strip().replace("-", "_")
+        if not sep or name not in known:
+            raise click.BadParameter(f"{pair!r}: expected NAME=VALUE with NAME one of {', '.join(known)}")
+        chosen[known[name][0]][name] = parse_size(value)
+    try:
+        return SockLimits(**chosen["SockLimits"]), PeerLimits(**chosen["PeerLimits"])
+    except ValueError as e:
+        raise click.BadParameter(str(e)) from None
 
 
 def _logging(verbose: bool) -> None:
@@ -72,6 +110,19 @@ def main() -> None:
     type=int,
     help="Also accept driver VMs of this uid (default: root and the server's own uid).",
 )
+@click.option(
+    "--limit",
+    "limits",
+    multiple=True,
+    metavar="NAME=VALUE",
+    help="Set a peer limit (repeatable; sizes take K/M/G). Names and defaults: 'vhostpci-host limits'.",
+)
+@click.option(
+    "--partial-timeout",
+    default=5.0,
+    show_default=True,
+    help="Seconds a peer may sit on half a message before it is dropped.",
+)
 @click.option("--json", "json_status", is_flag=True, help="Status as JSON lines on stdout.")
 @click.option("-v", "--verbose", is_flag=True)
 def serve(
@@ -82,6 +133,8 @@ def serve(
     virtio_id: int,
     window_size: str | None,
     allow_uids: tuple[int, ...],
+    limits: tuple[str, ...],
+    partial_timeout: float,
     json_status: bool,
     verbose: bool,
 ) -> None:
@@ -89,6 +142,7 @@ def serve(
     from vhostpci_host.server import ServerConfig, VhostPciServer
 
     _logging(verbose)
+    sock_limits, peer_limits = parse_limits(limits)
     cfg = ServerConfig(
         socket_path=socket_path,
         devices_dir=devices_dir or socket_path.parent / f"{socket_path.name}.devices",
@@ -97,11 +151,27 @@ def serve(
         virtio_id=virtio_id,
         window_size=parse_size(window_size) if window_size else None,
         allow_uids=frozenset({0, os.getuid(), *allow_uids}),
+        limits=sock_limits,
+        peer_limits=peer_limits,
+        partial_timeout=partial_timeout,
         json_status=json_status,
     )
     server = VhostPciServer(cfg)
     server.listen()
     server.serve_forever()
+
+
+@main.command("limits")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object: name -> default.")
+def limits_(as_json: bool) -> None:
+    """List the peer limits 'serve --limit' takes, with their defaults."""
+    known = _limit_defaults()
+    if as_json:
+        click.echo(json.dumps({n: v for n, (_, v) in known.items()}))
+        return
+    for name, (where, default) in known.items():
+        scope = "in one message" if where == "SockLimits" else "held at once"
+        click.echo(f"{name:<26} {default:>14}  ({scope})")
 
 
 @main.command()

@@ -661,6 +661,9 @@ class VhostPciDeviceModel:
                 return s
         raise VfioDeviceError(errno.ENOSPC, f"all {self.num_slots} notification slots are taken")
 
+    def free_slots(self) -> int:
+        return self.num_slots - len(self.slots)
+
     def release_slot(self, slot: int) -> None:
         sl = self.slots.pop(slot, None)
         if sl is not None and self._remove_reader is not None:

@@ -29,7 +29,7 @@ from vhostpci_driver.wire.ctrl import AckResult, Op
 from vhostpci_driver.wire.sock import SockAck, SockLimits, SockMemoryInfo, SockMessage, SockMsgType
 from vhostpci_host.channel import Channel, PeerClosedError
 from vhostpci_host.device_model import VhostPciDeviceModel
-from vhostpci_host.session import Session
+from vhostpci_host.session import PeerLimits, Session
 from vhostpci_host.vfio_device import VfioDeviceError
 from vhostpci_host.vfio_user_server import VfioUserServer
 
@@ -57,6 +57,7 @@ class ServerConfig:
     virtio_id: int = 63
     window_size: int | None = None
     limits: SockLimits = field(default_factory=SockLimits)
+    peer_limits: PeerLimits = field(default_factory=PeerLimits)
     partial_timeout: float = 5.0
     allow_uids: frozenset[int] = field(default_factory=lambda: frozenset({0, os.getuid()}))
     json_status: bool = False
@@ -78,6 +79,9 @@ class VhostPciServer:
         self.sel = selectors.DefaultSelector()
         self.devices: dict[uuid.UUID, _Device] = {}
         self.clients: dict[Channel, uuid.UUID | None] = {}
+        self.client_uids: dict[Channel, int] = {}
+        #: peers to drop at the next tick, and why (found while inside a device callback)
+        self._doomed: dict[Channel, str] = {}
         self.running = True
         self._listener: socket.socket | None = None
 
@@ -132,11 +136,24 @@ class VhostPciServer:
             log.warning(
                 "refused a driver VM connection from uid %d (pid %d): not in the allow list", uid, pid
             )
-            self.status("refused", uid=uid, pid=pid)
+            self.status("refused", uid=uid, pid=pid, why="uid not allowed")
             conn.close()
             return
-        ch = Channel(conn, self.config.limits, partial_timeout=self.config.partial_timeout)
+        held = sum(1 for u in self.client_uids.values() if u == uid)
+        if held >= self.config.peer_limits.max_connections_per_uid:
+            # One local user must not exhaust the server's fds for the others.
+            log.warning("refused a connection from uid %d (pid %d): it already holds %d", uid, pid, held)
+            self.status("refused", uid=uid, pid=pid, why="max_connections_per_uid")
+            conn.close()
+            return
+        ch = Channel(
+            conn,
+            self.config.limits,
+            partial_timeout=self.config.partial_timeout,
+            max_outbuf=self.config.peer_limits.max_outbuf,
+        )
         self.clients[ch] = None
+        self.client_uids[ch] = uid
         self.sel.register(conn, selectors.EVENT_READ, lambda: self._client_readable(ch))
         self.status("client-connected", pid=pid, uid=uid)
 
@@ -178,22 +195,53 @@ class VhostPciServer:
                     return
                 dev = self._create_device(msg.vm_uuid, msg.body)
             self.clients[ch] = msg.vm_uuid
-            dev.session.send = ch.send
+            dev.session.send = self._sender(ch)
             dev.session.gone = False
             dev.model.set_remote(msg.vm_uuid.bytes, True)
             self.status("remote-up", uuid=str(msg.vm_uuid))
         assert dev is not None
         dev.session.on_message(msg)
 
+    def _sender(self, ch: Channel) -> Callable[[SockMessage], None]:
+        """``ch.send`` for a session; a peer that stopped reading is dropped at the next tick.
+
+        Acks reach the session from inside the device model's callbacks, so the
+        drop (which tears the session down) must not happen there and then.
+        """
+
+        def send(msg: SockMessage) -> None:
+            if ch in self._doomed or ch.closed:
+                return
+            try:
+                ch.send(msg)
+            except ProtocolError as e:
+                self._doomed[ch] = str(e)
+            except OSError as e:
+                self._doomed[ch] = f"send failed: {e}"
+
+        return send
+
     def _create_device(self, vm_uuid: uuid.UUID, first: SockMemoryInfo) -> _Device:
         end = max(r.mmap_offset + r.memory_size for r in first.regions)
         size = self.config.window_size or window_size_for(end)
-        model = VhostPciDeviceModel(window_size=size, virtio_id=self.config.virtio_id)
+        model = VhostPciDeviceModel(
+            window_size=size,
+            virtio_id=self.config.virtio_id,
+            max_regions=self.config.limits.max_regions,
+            max_frontends=self.config.peer_limits.max_frontends,
+        )
         path = self.config.devices_dir / f"{vm_uuid}.sock"
         vfio = VfioUserServer(str(path), model)
         model.attach_loop(self.add_reader, self.remove_reader)
         self.add_reader(vfio.fileno(), lambda: vfio.run_once(0))
-        session = Session(vm_uuid, model, lambda _m: None, self.config.ping_interval, self.config.ping_misses)
+        session = Session(
+            vm_uuid,
+            model,
+            lambda _m: None,
+            self.config.ping_interval,
+            self.config.ping_misses,
+            limits=self.config.peer_limits,
+        )
         model.on_ack = session.on_ack
         model.on_reset = session.on_reset
         model.on_driver_ok = session.on_driver_ok
@@ -207,9 +255,11 @@ class VhostPciServer:
 
     def _drop_client(self, ch: Channel, why: str) -> None:
         vm = self.clients.pop(ch, None)
+        self.client_uids.pop(ch, None)
+        self._doomed.pop(ch, None)
         self.remove_reader(ch.fileno())
         ch.close()
-        log.info("driver VM %s disconnected: %s", vm, why)
+        self.status("client-dropped", uuid=str(vm) if vm else None, why=why)
         if vm is not None and vm in self.devices:
             self.devices[vm].session.teardown()
             self.status("remote-down", uuid=str(vm), why=why)
@@ -217,6 +267,10 @@ class VhostPciServer:
     # -- the loop ----------------------------------------------------------------
 
     def _tick(self) -> None:
+        for ch, why in list(self._doomed.items()):
+            del self._doomed[ch]
+            if ch in self.clients:
+                self._drop_client(ch, why)
         for ch, vm in list(self.clients.items()):
             if ch.partial_timed_out():
                 self._drop_client(ch, f"stalled mid-message for {ch.stalled_for():.1f}s")

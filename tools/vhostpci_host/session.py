@@ -58,7 +58,36 @@ class DevicePort(Protocol):
 
     def map_region(self, window_offset: int, size: int, fd: int, fd_offset: int) -> None: ...
 
+    def free_slots(self) -> int: ...
+
     def unmap_region(self, window_offset: int) -> None: ...
+
+
+@dataclass(frozen=True)
+class PeerLimits:
+    """What one driver VM may hold at once (docs/security.md, "Peer limits").
+
+    Per-message counts and sizes are :class:`~vhostpci_driver.wire.sock.SockLimits`,
+    checked by the decoder; these bound what a well-formed peer can accumulate.
+    A request past one of them gets a FAIL ack with reason ``LIMIT`` and changes
+    nothing; the connection stays up, and other driver VMs never notice.
+    """
+
+    #: bytes of the driver VM's memory mapped into its device's window, all regions together
+    max_mapped_bytes: int = 64 << 30
+    #: frontends (DEVICE_INFO ADDs) live on one device
+    max_frontends: int = 64
+    #: requests relayed to the device driver and not acked yet
+    max_pending: int = 256
+    #: connections one uid may hold on the server socket at once (checked by the server)
+    max_connections_per_uid: int = 8
+    #: bytes queued for a peer that does not read its socket before it is dropped (the server)
+    max_outbuf: int = 1 << 20
+
+    def __post_init__(self) -> None:
+        for name, value in vars(self).items():
+            if value <= 0:
+                raise ValueError(f"peer limit {name} must be positive, not {value}")
 
 
 @dataclass
@@ -90,6 +119,7 @@ class Session:
     send: Callable[[SockMessage], None]
     ping_interval: float = 1.0
     ping_misses: int = 3
+    limits: PeerLimits = field(default_factory=PeerLimits)
     _pending: dict[int, _Pending] = field(default_factory=dict)
     _regions: dict[int, tuple[MemoryRegion, int]] = field(default_factory=dict)  # xgpa -> (region, fd)
     _frontends: dict[FrontendKey, _Frontend] = field(default_factory=dict)
@@ -105,6 +135,13 @@ class Session:
     def on_message(self, msg: SockMessage) -> None:
         """Handle one message from the driver VM's socket."""
         b = msg.body
+        if isinstance(b, SockMemoryInfo | SockDeviceInfo | FeatureBits) and (
+            len(self._pending) >= self.limits.max_pending
+        ):
+            # A peer that floods requests faster than the device driver acks them must not
+            # grow our tables: refuse at the door (docs/security.md, peer limits).
+            self._refuse(msg, f"{len(self._pending)} requests already wait for an ack")
+            return
         if msg.msg_type == SockMsgType.PONG:
             if msg.request_id == self._ping_id:
                 self._pings_out = 0
@@ -130,6 +167,17 @@ class Session:
             log.info("%s: feature renegotiation of request %d: %s", self.vm_uuid, msg.request_id, b)
         else:
             self._reply(msg.msg_type, msg.request_id, AckResult.ADD_FAIL, FailReason.UNKNOWN_TYPE)
+
+    def _refuse(self, msg: SockMessage, why: str) -> None:
+        """FAIL ``msg`` with reason LIMIT, closing every fd it brought."""
+        log.warning("%s: request %d refused: %s", self.vm_uuid, msg.request_id, why)
+        for fd in msg.fds():
+            os.close(fd)
+        b = msg.body
+        op = b.op if isinstance(b, SockMemoryInfo) else b.info.op if isinstance(b, SockDeviceInfo) else Op.ADD
+        result = AckResult.DEL_FAIL if op == Op.DEL else AckResult.ADD_FAIL
+        self.stats["refused"] = self.stats.get("refused", 0) + 1
+        self._reply(msg.msg_type, msg.request_id, result, FailReason.LIMIT)
 
     def _reply(self, kind: SockMsgType, client_id: int, result: AckResult, reason: int = 0) -> None:
         ack_type = {
@@ -161,6 +209,14 @@ class Session:
                 regions.append(known[0])
             self._pending_control(
                 SockMsgType.MEMORY_INFO, client_id, MemoryInfo(Op.DEL, tuple(regions)), regions=tuple(regions)
+            )
+            return
+        mapped = sum(r.size for r, _ in self._regions.values())
+        adding = sum(r.memory_size for r in m.regions)
+        if mapped + adding > self.limits.max_mapped_bytes:
+            self._refuse(
+                SockMessage(SockMsgType.MEMORY_INFO, self.vm_uuid, client_id, m),
+                f"{mapped} + {adding} bytes would pass max_mapped_bytes {self.limits.max_mapped_bytes}",
             )
             return
         placed = self._place(m.regions)
@@ -196,6 +252,13 @@ class Session:
         key = FrontendKey(info.device_type, info.device_id)
         if info.op == Op.DEL:
             self._pending_control(SockMsgType.DEVICE_INFO, client_id, info, key=key, op=Op.DEL)
+            return
+        if len(self._frontends) >= self.limits.max_frontends or len(info.virtqs) > self.device.free_slots():
+            self._refuse(
+                SockMessage(SockMsgType.DEVICE_INFO, self.vm_uuid, client_id, d),
+                f"{len(self._frontends)} frontends (max {self.limits.max_frontends}), "
+                f"{len(info.virtqs)} virtqueues for {self.device.free_slots()} free notification slots",
+            )
             return
         if key in self._frontends:
             for fd in (*d.kick_fds, *d.call_fds):
