@@ -90,15 +90,26 @@ def main(debug: bool) -> None:
     help="What serves the frontends: the net switch, net loopback, or nothing (control plane only).",
 )
 @click.option("--polling", is_flag=True, help="Spin on the rings instead of sleeping on interrupts.")
+@click.option(
+    "--user",
+    default=None,
+    metavar="USER[:GROUP]",
+    help="Drop root to this user once the functions are open; status sockets go to its group.",
+)
 @click.option("-v", "--verbose", is_flag=True)
 @friendly
-def run(addresses: tuple[str, ...], watch: bool, app: str, polling: bool, verbose: bool) -> None:
+def run(
+    addresses: tuple[str, ...], watch: bool, app: str, polling: bool, user: str | None, verbose: bool
+) -> None:
     """Serve vhost-pci functions (PCI addresses or vfio-user:PATH) until SIGTERM.
 
     Acks in flight are finished and every device is reset on the way out.
     """
     if not addresses and not watch:
         raise click.UsageError("name at least one ADDRESS, or use --watch")
+    from vhostpci_driver import privilege
+
+    identity = privilege.resolve(user) if user else None  # a typo fails before anything is touched
     from vhostpci_driver.apps.net import NetBackend, net_policy
     from vhostpci_driver.device import VhostPciDevice
     from vhostpci_driver.service import Service
@@ -159,6 +170,9 @@ def run(addresses: tuple[str, ...], watch: bool, app: str, polling: bool, verbos
         service.readers[stop_r] = drain_wakeups
         for st in statuses:
             service.readers[st.fileno()] = st.serve_ready
+        if identity is not None:
+            privilege.drop(identity, [run_dir(), *(st.path for st in statuses)])
+            log.info("running as %s (uid %d, gid %d)", identity.name, identity.uid, identity.gid)
         service.run()
         if service.error:
             raise Failure(f"a device failed: {service.error}")
@@ -479,17 +493,18 @@ def _udev_sources() -> Path:
 @click.option("--prefix", type=click.Path(path_type=Path), default=Path("/"), show_default=True)
 @friendly
 def install_udev(prefix: Path) -> None:
-    """Install the udev rule and the vhostpci@.service unit (then: udevadm control --reload)."""
+    """Install the udev rule, the vhostpci@.service unit and the vhostpci user's sysusers.d entry."""
     src = _udev_sources()
     targets = {
         src / "90-vhostpci.rules": prefix / "etc/udev/rules.d/90-vhostpci.rules",
         src / "vhostpci@.service": prefix / "etc/systemd/system/vhostpci@.service",
+        src / "vhostpci.sysusers": prefix / "etc/sysusers.d/vhostpci.conf",
     }
     for s, t in targets.items():
         t.parent.mkdir(parents=True, exist_ok=True)
         t.write_bytes(s.read_bytes())
         click.echo(f"installed {t}")
-    click.echo("now: udevadm control --reload && systemctl daemon-reload")
+    click.echo("now: systemd-sysusers && udevadm control --reload && systemctl daemon-reload")
 
 
 @main.command()

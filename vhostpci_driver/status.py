@@ -107,6 +107,8 @@ class StatusServer:
             self.path.unlink()
         except FileNotFoundError:
             pass
+        except OSError as e:  # a service that dropped root may not own the directory any more
+            log.warning("cannot remove %s: %s", self.path, e.strerror)
 
 
 def _alive(path: Path) -> bool:

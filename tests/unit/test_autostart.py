@@ -58,6 +58,8 @@ def test_install_udev_into_a_prefix(tmp_path: Path) -> None:
     assert res.exit_code == 0, res.output
     assert (tmp_path / "etc/udev/rules.d/90-vhostpci.rules").read_bytes() == RULES.read_bytes()
     assert (tmp_path / "etc/systemd/system/vhostpci@.service").read_bytes() == UNIT.read_bytes()
+    sysusers = (tmp_path / "etc/sysusers.d/vhostpci.conf").read_text()
+    assert re.search(r"^u vhostpci ", sysusers, re.M)  # the user the unit's --user names
 
 
 def rule_matches(props: dict[str, str]) -> list[str]:
