@@ -24,6 +24,9 @@ from vhostpci_driver.errors import VhostPciError
 
 F = TypeVar("F", bound=Callable[..., Any])
 APPS = ("net-switch", "net-loopback", "none")
+PCI_BACKENDS = ("auto", "vfio", "uio")  # vhostpci_driver.pci.open.BACKENDS (not imported: --help stays fast)
+#: the kernel drivers each --backend serves under --watch
+WATCH_DRIVERS = {"auto": ("vfio-pci", "uio_pci_generic"), "vfio": ("vfio-pci",), "uio": ("uio_pci_generic",)}
 
 
 class Failure(click.ClickException):
@@ -80,7 +83,8 @@ def main(debug: bool) -> None:
 @click.option(
     "--watch",
     is_flag=True,
-    help="Also serve every vhost-pci function bound to vfio-pci now, and those hot-plugged later (pyudev).",
+    help="Also serve every vhost-pci function bound to vfio-pci (or uio_pci_generic, see --backend) now, "
+    "and those hot-plugged later (pyudev).",
 )
 @click.option(
     "--app",
@@ -91,6 +95,15 @@ def main(debug: bool) -> None:
 )
 @click.option("--polling", is_flag=True, help="Spin on the rings instead of sleeping on interrupts.")
 @click.option(
+    "--backend",
+    "pci_backend",
+    type=click.Choice(PCI_BACKENDS),
+    default="auto",
+    show_default=True,
+    help="How to open a PCI address: by the driver it is bound to (vfio-pci: VFIO, uio_pci_generic: "
+    "UIO, no IOMMU protection), or only with VFIO or only with UIO.",
+)
+@click.option(
     "--user",
     default=None,
     metavar="USER[:GROUP]",
@@ -99,7 +112,13 @@ def main(debug: bool) -> None:
 @click.option("-v", "--verbose", is_flag=True)
 @friendly
 def run(
-    addresses: tuple[str, ...], watch: bool, app: str, polling: bool, user: str | None, verbose: bool
+    addresses: tuple[str, ...],
+    watch: bool,
+    app: str,
+    polling: bool,
+    pci_backend: str,
+    user: str | None,
+    verbose: bool,
 ) -> None:
     """Serve vhost-pci functions (PCI addresses or vfio-user:PATH) until SIGTERM.
 
@@ -112,6 +131,7 @@ def run(
     identity = privilege.resolve(user) if user else None  # a typo fails before anything is touched
     from vhostpci_driver.apps.net import NetBackend, net_policy
     from vhostpci_driver.device import VhostPciDevice
+    from vhostpci_driver.pci.open import open_function
     from vhostpci_driver.service import Service
     from vhostpci_driver.status import StatusServer, run_dir, socket_name
 
@@ -121,6 +141,7 @@ def run(
     statuses: list[StatusServer] = []
     backend = NetBackend("switch" if app == "net-switch" else "loopback") if app != "none" else None
     by_address: dict[str, tuple[VhostPciDevice, StatusServer]] = {}
+    readers: dict[int, Callable[[], None]] = {}  # status sockets and removal requests, by fd
 
     def serve(address: str) -> None:
         # Refuse before touching the function (opening it resets it): one already served, or not ours.
@@ -129,7 +150,9 @@ def run(
         try:
             if not address.startswith("vfio-user:"):
                 _require_vhost_pci(address)
-            dev = VhostPciDevice(address, policies={1: net_policy} if backend else None, polling=polling)
+            fn = open_function(address, prefer=pci_backend, sysfs_root=_sysfs_root())
+            # The device owns fn from here: it closes it, on failure too.
+            dev = VhostPciDevice(fn, policies={1: net_policy} if backend else None, polling=polling)
         except BaseException:
             st.close()
             raise
@@ -137,14 +160,28 @@ def run(
         devices.append(dev)
         statuses.append(st)
         by_address[address] = (dev, st)
+        gone = dev.function.removal_fd()
+        if gone is not None:
+            readers[gone] = lambda: released(address)
+        readers[st.fileno()] = st.serve_ready
         if service is not None:
-            service.readers[st.fileno()] = st.serve_ready
+            service.readers.update(readers)
         log.info("serving %s (status socket %s)", address, path)
+
+    def released(address: str) -> None:
+        # The kernel asks for the function back (hot-unplug waits on us): let go now, cleanly.
+        log.info("%s is being removed: releasing it", address)
+        unserve(address)
+        if not watch and not by_address and service is not None:
+            service.stop.set()
 
     def unserve(address: str) -> None:
         dev, st = by_address.pop(address)
-        if service is not None:
-            service.readers.pop(st.fileno(), None)
+        gone = dev.function.removal_fd()
+        for fd in [st.fileno()] + ([] if gone is None else [gone]):
+            readers.pop(fd, None)
+            if service is not None:
+                service.readers.pop(fd, None)
         devices.remove(dev)
         statuses.remove(st)
         st.close()
@@ -156,20 +193,20 @@ def run(
         for address in addresses:
             serve(address)
         service = Service(devices, backend, polling=polling)
-        if watch:
-            _watch(service, serve, unserve, by_address, log)
+        # Signals first: a SIGTERM must stop us cleanly from the moment '--watch' says it watches.
         stop_r, stop_w = os.pipe()
         os.set_blocking(stop_w, False)
         signal.set_wakeup_fd(stop_w)
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: service.stop.set())
+        if watch:
+            _watch(service, serve, unserve, by_address, log, WATCH_DRIVERS[pci_backend])
 
         def drain_wakeups() -> None:
             os.read(stop_r, 64)  # the signal already set service.stop; this only woke select()
 
         service.readers[stop_r] = drain_wakeups
-        for st in statuses:
-            service.readers[st.fileno()] = st.serve_ready
+        service.readers.update(readers)
         if identity is not None:
             privilege.drop(identity, [run_dir(), *(st.path for st in statuses)])
             log.info("running as %s (uid %d, gid %d)", identity.name, identity.uid, identity.gid)
@@ -204,8 +241,9 @@ def _watch(
     unserve: Callable[[str], None],
     served: dict[str, Any],
     log: logging.Logger,
+    drivers: tuple[str, ...] = ("vfio-pci",),
 ) -> None:
-    """Serve present vhost-pci functions bound to vfio-pci, and follow hot-plug with a pyudev monitor."""
+    """Serve present vhost-pci functions bound to one of ``drivers``, and follow hot-plug (pyudev)."""
     import pyudev
 
     from vhostpci_driver.pci import sysfs
@@ -218,7 +256,7 @@ def _watch(
             log.warning("cannot serve %s: %s", address, e)
 
     for f in sysfs.list_functions(device=pci_device_id(), root=_sysfs_root()):
-        if f.driver == "vfio-pci" and f.address not in served:
+        if f.driver in drivers and f.address not in served:
             try_serve(f.address)
     monitor = pyudev.Monitor.from_netlink(pyudev.Context())
     monitor.filter_by(subsystem="pci")
@@ -234,7 +272,7 @@ def _watch(
                 and addr not in served
                 and (
                     dev.attributes.get("device") == f"0x{pci_device_id():04x}".encode()
-                    and dev.driver == "vfio-pci"
+                    and dev.driver in drivers
                 )
             ):
                 try_serve(addr)
@@ -473,9 +511,18 @@ def bind(address: str, driver: str, force: bool) -> None:
 @click.argument("address")
 @friendly
 def unbind(address: str) -> None:
-    """Give a function back to the driver it had before 'vhostpci bind'."""
+    """Give a function back to the driver it had before 'vhostpci bind'.
+
+    A function that was unplugged meanwhile has nothing to give back: that is
+    success (the unit's ExecStopPost runs this after a hot-unplug).
+    """
     from vhostpci_driver.pci import sysfs
 
+    addr = sysfs.parse_address(address)
+    if not (Path(_sysfs_root()) / "bus/pci/devices" / addr).exists():
+        (_state_dir() / f"{addr}.driver").unlink(missing_ok=True)
+        click.echo(f"{addr} is gone (unplugged): nothing to give back")
+        return
     previous, log = sysfs.unbind(address, _state_dir(), _sysfs_root())
     for path, value in log:
         click.echo(f"wrote {value.strip()!r} to {path}")

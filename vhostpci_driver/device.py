@@ -3,9 +3,11 @@
 Bring-up (virtio 1.2, 3.1.1) with an ExitStack, so a failure at any step undoes
 the steps before it: open the function, reset, negotiate, map the remote window,
 allocate DMA memory for the controlq and ackq, post controlq buffers, route
-MSI-X vectors (config 0, controlq 1, ackq 2, one per notification slot),
-DRIVER_OK. Then every controlq message goes through the engine and its ack is
-posted on the ackq. Applications get events by iteration, callbacks or asyncio.
+MSI-X vectors (config 0, controlq 1, ackq 2, one per notification slot) or,
+where the backend has no vectors to route (UIO), take the INTx line and the ISR
+status instead, DRIVER_OK. Then every controlq message goes through the engine
+and its ack is posted on the ackq. Applications get events by iteration,
+callbacks or asyncio.
 """
 
 from __future__ import annotations
@@ -39,9 +41,9 @@ from vhostpci_driver.frontends import Frontend
 from vhostpci_driver.memory import RegionTable
 from vhostpci_driver.pci.access import AccessRegisters, registers_for
 from vhostpci_driver.pci.dma import DmaPool
-from vhostpci_driver.pci.function import PciFunction
+from vhostpci_driver.pci.function import IRQ_MSIX, PciFunction
 from vhostpci_driver.pci.mmio import Registers
-from vhostpci_driver.virtio.transport import Status, VirtioPciTransport
+from vhostpci_driver.virtio.transport import ISR_CONFIG, IrqSource, Status, VirtioPciTransport
 from vhostpci_driver.virtqueue.driver import DriverQueue
 from vhostpci_driver.window import BarWindow
 from vhostpci_driver.wire import device as dev_wire
@@ -108,6 +110,10 @@ class VhostPciDevice:
         self.remote_up = False
         self.stats = {"controlq_messages": 0, "acks_posted": 0, "interrupts": 0}
         self._ring_addrs: dict[int, tuple[int, int, int]] = {}  # queue -> (desc, avail, used) IOVAs
+        #: how interrupts arrive: "msix" (eventfds), "intx" (one line and the ISR) or "polling"
+        self.interrupts = "polling"
+        self.irq_fds: list[int] = []
+        self.intx: IrqSource | None = None
         self._stack = contextlib.ExitStack()
         try:
             self._bring_up(address, policies)
@@ -165,12 +171,14 @@ class VhostPciDevice:
         self._ack_bufs = [self.pool.alloc(ACK_BUF, ACK_BUF) for _ in range(qs)]  # 64 | 4096: no page crossing
         self._ack_free = list(range(qs))
 
-        vectors = not self.polling and self.transport.caps.msix is not None
+        self.interrupts = self._interrupt_mode()
+        vectors = self.interrupts == "msix"
         if vectors:
             self.irq_fds = t.enable_msix(Vector.FIRST_SLOT + cfg.num_slots)
             t.set_config_vector(Vector.CONFIG)
-        else:
-            self.irq_fds = []
+        elif self.interrupts == "intx":
+            # virtio 1.2, 4.1.5.1.2: vectors only mean something with MSI-X on; queues keep NO_VECTOR.
+            self.intx = t.enable_intx()
         for q, vec in ((Queue.CONTROLQ, Vector.CONTROLQ), (Queue.ACKQ, Vector.ACKQ)):
             d, a, u = self._ring_addrs[q]
             t.setup_queue(q, qs, d, a, u, vector=vec if vectors else dev_wire.NO_VECTOR)
@@ -184,6 +192,18 @@ class VhostPciDevice:
             self._kick_ctrl()
         self._check_status()
         self._config_changed()
+
+    def _interrupt_mode(self) -> str:
+        """MSI-X when the backend can route vectors; else INTx with the ISR (UIO); else polling."""
+        if self.polling:
+            return "polling"
+        t = self.transport
+        if t.caps.msix is not None and self.function.irq_info(IRQ_MSIX).count > 0:
+            return "msix"
+        if t.intx_available():
+            return "intx"
+        log.info("%s: no MSI-X vectors and no INTx this backend can deliver: polling", self.function.address)
+        return "polling"
 
     def _queue(self, index: int, event_idx: bool) -> DriverQueue:
         d, a, u, total = DriverQueue.layout(self.queue_size)
@@ -202,7 +222,14 @@ class VhostPciDevice:
     # -- serving -------------------------------------------------------------------
 
     def fileno_list(self) -> list[int]:
-        """The eventfds to wait on (config, controlq, ackq, then one per notification slot)."""
+        """The fds to wait on, then call :meth:`process`.
+
+        With MSI-X: the eventfds of config, controlq, ackq, then one per
+        notification slot. With INTx: the one line's fd (process() acknowledges
+        it; never read it yourself). Polling: none.
+        """
+        if self.intx is not None:
+            return [self.intx.fileno()]
         return list(self.irq_fds)
 
     def process(self) -> list[Event]:
@@ -210,6 +237,13 @@ class VhostPciDevice:
         if self._closed:
             raise DeviceError("device is closed")
         config_fired = False
+        if self.intx is not None:
+            # One line for everything: the ISR says whether the configuration changed; the
+            # queue bit needs nothing more, as every call harvests both queues anyway.
+            isr = self.transport.intx_isr()
+            if isr:
+                self.stats["interrupts"] += 1
+            config_fired = bool(isr & ISR_CONFIG)
         for vector, fd in enumerate(self.irq_fds[: Vector.FIRST_SLOT]):
             try:
                 os.eventfd_read(fd)
@@ -219,9 +253,10 @@ class VhostPciDevice:
                 pass
         # Status and config are registers (a trip to the device each): read them when the config
         # vector fired (virtio 1.2, 4.1.5.3: the device signals changes and NEEDS_RESET there),
-        # or, with no vectors, every few milliseconds.
+        # (or ISR bit 1 with INTx), or, with no interrupts at all, every few milliseconds.
         now = time.monotonic()
-        if config_fired or (not self.irq_fds and now - self._config_checked > POLL_CONFIG_EVERY):
+        polled = self.interrupts == "polling"
+        if config_fired or (polled and now - self._config_checked > POLL_CONFIG_EVERY):
             self._config_checked = now
             self._check_status()
             if self._config_gen != self.transport.config_generation():
@@ -344,7 +379,7 @@ class VhostPciDevice:
                 continue
             vector = Vector.FIRST_SLOT + slot
             if vector >= len(self.irq_fds):
-                continue  # polling: no vector
+                continue  # no MSI-X (polling, INTx): the app polls the slot (protocol.md 6)
             off = self.config.vector_offset + 2 * slot
             self._slots.write16(off, vector)
             if self._slots.read16(off) == vector:
@@ -366,7 +401,7 @@ class VhostPciDevice:
 
     def wait(self, timeout: float | None) -> bool:
         """Block until an interrupt (or, polling, ``timeout``) ; True if something fired."""
-        fds = self.irq_fds[: Vector.FIRST_SLOT]
+        fds = self.fileno_list()[: Vector.FIRST_SLOT]
         if not fds:
             if timeout:
                 select.select([], [], [], min(timeout, 0.001))
@@ -386,7 +421,7 @@ class VhostPciDevice:
         """The same, for asyncio: the eventfds are registered with the running loop."""
         loop = asyncio.get_running_loop()
         fired = asyncio.Event()
-        fds = self.irq_fds[: Vector.FIRST_SLOT]
+        fds = self.fileno_list()[: Vector.FIRST_SLOT]
         for fd in fds:
             loop.add_reader(fd, fired.set)
         try:
@@ -415,6 +450,7 @@ class VhostPciDevice:
             window_size=self.config.window_size,
             window_mapped=self.window.mapped_bytes(),
             features=self.features,
+            interrupts=self.interrupts,
             stats={**self.stats, **cast(dict[str, object], state["stats"])},
         )
         return state
@@ -434,6 +470,7 @@ class VhostPciDevice:
         # Drop our views into DMA memory before the pool unmaps it.
         self._ctrl_bufs, self._ack_bufs = [], []
         del self.ctrlq, self.ackq
+        self.intx = None  # its fd goes with the function
         self._stack.close()
 
     def __enter__(self) -> VhostPciDevice:

@@ -39,6 +39,15 @@ def test_list_bind_unbind(env: dict[str, str], tmp_path: Path) -> None:
     assert res.exit_code == 0 and "returned to virtio-pci" in res.output
 
 
+def test_unbind_of_an_unplugged_function_succeeds(env: dict[str, str], tmp_path: Path) -> None:
+    r = CliRunner()
+    assert r.invoke(main, ["bind", "0000:00:04.0"], env=env).exit_code == 0
+    (tmp_path / "sys/bus/pci/devices/0000:00:04.0").unlink()  # hot-unplugged while bound
+    res = r.invoke(main, ["unbind", "0000:00:04.0"], env=env)
+    assert res.exit_code == 0 and "is gone (unplugged): nothing to give back" in res.output, res.output
+    assert not list((tmp_path / "run").rglob("0000:00:04.0.driver"))  # its saved driver is forgotten
+
+
 def test_bind_refuses_other_devices_unless_forced(env: dict[str, str]) -> None:
     r = CliRunner()
     res = r.invoke(main, ["bind", "0000:00:06.0"], env=env)
@@ -71,10 +80,11 @@ def rule_matches(props: dict[str, str]) -> list[str]:
         if not line or line.startswith("#"):
             continue
         parts = [p.strip() for p in re.split(r",\s*(?=[A-Z])", line)]
-        matches = [re.match(r"^([A-Z]+(?:\{[^}]+\})?)==\"([^\"]*)\"$", p) for p in parts]
+        matches = [re.match(r"^([A-Z]+(?:\{[^}]+\})?)(==|!=)\"([^\"]*)\"$", p) for p in parts]
         keys = [m for m in matches if m]
-        if all(props.get(m.group(1)) == m.group(2) for m in keys):
-            assigned += [p.replace("$kernel", props["KERNEL"]) for p in parts if "==" not in p]
+        if all((props.get(m.group(1)) == m.group(3)) == (m.group(2) == "==") for m in keys):
+            assignments = [p for p, m in zip(parts, matches, strict=True) if not m]
+            assigned += [p.replace("$kernel", props["KERNEL"]) for p in assignments]
     return assigned
 
 
@@ -85,6 +95,9 @@ def test_the_rule_matches_a_recorded_vhost_pci_function_only() -> None:
     assert 'ENV{SYSTEMD_WANTS}+="vhostpci@0000:00:04.0.service"' in got and 'TAG+="systemd"' in got
     assert rule_matches({**vhost_pci, "ATTR{device}": "0x1041"}) == []  # virtio-net: not ours
     assert rule_matches({**vhost_pci, "ACTION": "remove"}) == []
+    # 'vhostpci bind' makes unbind and bind events: the device keeps its systemd tag through them
+    for action in ("bind", "unbind", "change"):
+        assert 'TAG+="systemd"' in rule_matches({**vhost_pci, "ACTION": action})
 
 
 def test_unit_file_is_valid(tmp_path: Path) -> None:

@@ -8,12 +8,19 @@ hands the server the fd, no-IOMMU/UIO use the physical address. The pool hands
 out aligned slices and translates IOVAs back to views, so it serves as the
 ``GuestMemory`` of the driver-side rings. Closing unmaps it from the device
 first, then from us.
+
+The physical-address helpers live here because two backends need them: VFIO
+in no-IOMMU mode and UIO. Both are the unsafe fallback: with no IOMMU between
+the device and memory, the device can reach every byte of the machine, and we
+can only hand it addresses, not limits.
 """
 
 from __future__ import annotations
 
+import ctypes
 import mmap
 import os
+import struct
 from dataclasses import dataclass
 
 from vhostpci_driver.addr import Iova
@@ -25,6 +32,56 @@ HUGE_PAGE = 2 << 20
 #: Where the pool sits in the device's I/O address space: above the x86 MSI window
 #: (0xfee00000) and low enough for a 39-bit virtual IOMMU.
 DEFAULT_IOVA = Iova(0x4000_0000)
+
+# Documentation/admin-guide/mm/pagemap.rst: bits 0-54 the frame number, bit 63 "present".
+PAGEMAP_PFN_MASK = (1 << 55) - 1
+PAGEMAP_PRESENT = 1 << 63
+
+
+def physical_address(vaddr: int, pagemap: str = "/proc/self/pagemap") -> int:
+    """The physical address behind ``vaddr`` (Documentation/admin-guide/mm/pagemap.rst)."""
+    page = mmap.PAGESIZE
+    try:
+        with open(pagemap, "rb") as f:
+            f.seek(vaddr // page * 8)
+            raw = f.read(8)
+    except OSError as e:
+        raise TransportError(f"cannot read {pagemap}: {e.strerror}", "pagemap") from None
+    if len(raw) != 8:
+        raise TransportError(f"no pagemap entry for {vaddr:#x}", "pagemap")
+    (entry,) = struct.unpack("<Q", raw)
+    if not entry & PAGEMAP_PRESENT:
+        raise TransportError(f"page at {vaddr:#x} is not present (touch it first)", "pagemap")
+    pfn = entry & PAGEMAP_PFN_MASK
+    if pfn == 0:
+        # pagemap.rst: since 4.2 the PFN reads as 0 without CAP_SYS_ADMIN.
+        raise TransportError("pagemap hides frame numbers: no-IOMMU DMA needs CAP_SYS_ADMIN", "pagemap")
+    return int(pfn * page + vaddr % page)
+
+
+def virtual_address(view: memoryview) -> int:
+    """Where ``view``'s first byte is in our address space."""
+    return int(ctypes.addressof(ctypes.c_char.from_buffer(view)))
+
+
+def physical_iova(view: memoryview, pagemap: str = "/proc/self/pagemap") -> Iova:
+    """The physical address of ``view`` as the device's address for it, for backends with no IOMMU.
+
+    The device gets one base address per buffer, so the buffer must be
+    physically contiguous: every page must follow the one before it (huge
+    pages give that; ordinary pages almost never do).
+    """
+    start = virtual_address(view)
+    phys = physical_address(start, pagemap)
+    first_page = start - start % mmap.PAGESIZE
+    for page in range(first_page + mmap.PAGESIZE, start + len(view), mmap.PAGESIZE):
+        if physical_address(page, pagemap) != phys - start % mmap.PAGESIZE + (page - first_page):
+            raise TransportError(
+                "DMA memory is not physically contiguous: reserve huge pages "
+                "(vm.nr_hugepages) for a backend without an IOMMU (VFIO no-IOMMU, UIO)",
+                "pagemap",
+            )
+    return Iova(phys)
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,8 @@ CONFIG_REGION = 7
 IRQ_INTX = 0
 IRQ_MSI = 1
 IRQ_MSIX = 2
+IRQ_ERR = 3
+IRQ_REQ = 4
 
 
 @dataclass(frozen=True)
@@ -124,6 +126,17 @@ class PciFunction(abc.ABC):
     def iova_for(self, vaddr_view: memoryview, proposed: Iova) -> Iova:
         """The device address to use for ``vaddr_view``; ``proposed`` unless the backend is physical."""
         return proposed
+
+    def removal_fd(self) -> int | None:
+        """A readable fd that fires when the function is being taken away, or None.
+
+        Hot-unplug of a function bound to vfio-pci waits until every user
+        closes it; the kernel says so on the device-request interrupt (vfio.h
+        ``VFIO_PCI_REQ_IRQ_INDEX``). A service watches this fd and lets go, so
+        the unplug (``device_del``) completes instead of hanging. The fd is
+        owned by the function and closed with it.
+        """
+        return None
 
     @abc.abstractmethod
     def reset(self) -> None:

@@ -9,16 +9,25 @@ from vhostpci_driver.pci.function import PciFunction
 
 PCI_ADDRESS = re.compile(r"^[0-9a-f]{4}:[0-9a-f]{2}:[0-1][0-9a-f]\.[0-7]$")
 VFIO_USER = "vfio-user:"
+#: what ``prefer`` may say: pick by the bound driver, or insist on one kernel backend
+BACKENDS = ("auto", "vfio", "uio")
 
 
 def open_function(address: str, *, prefer: str = "auto", sysfs_root: str | None = None) -> PciFunction:
     """Open ``address`` with the right backend.
 
     ``vfio-user:PATH`` attaches a device served on a UNIX socket. A PCI address
-    (``0000:00:05.0``) uses kernel VFIO, or UIO when ``prefer="uio"`` or the
-    function is bound to ``uio_pci_generic``.
+    (``0000:00:05.0``) uses kernel VFIO, or UIO when the function is bound to
+    ``uio_pci_generic``; ``prefer="vfio"`` or ``"uio"`` insists on one (and the
+    backend explains how to bind the function if it is bound elsewhere).
     """
+    if prefer not in BACKENDS:
+        raise TransportError(f"backend {prefer!r} is not one of {', '.join(BACKENDS)}", "backend")
     if address.startswith(VFIO_USER):
+        if prefer != "auto":
+            raise TransportError(
+                f"{address} is served over vfio-user; the {prefer} backend is for PCI addresses", "backend"
+            )
         from vhostpci_driver.pci.vfio_user_client import VfioUserFunction  # noqa: PLC0415
 
         path = address[len(VFIO_USER) :]
@@ -34,10 +43,10 @@ def open_function(address: str, *, prefer: str = "auto", sysfs_root: str | None 
 
     root = sysfs_root or sysfs.default_root()
     info = sysfs.info(addr, root)
-    if prefer == "uio" or info.driver == "uio_pci_generic":
-        raise TransportError(
-            f"{addr}: the UIO backend is not part of this build yet; bind it to vfio-pci", "driver"
-        )
+    if prefer == "uio" or (prefer == "auto" and info.driver == "uio_pci_generic"):
+        from vhostpci_driver.pci.uio import UioFunction  # noqa: PLC0415
+
+        return UioFunction(addr, sysfs_root=root)
     from vhostpci_driver.pci.vfio import VfioFunction  # noqa: PLC0415
 
     return VfioFunction(addr, sysfs_root=root)

@@ -26,31 +26,18 @@ from vhostpci_driver.addr import Iova
 from vhostpci_driver.errors import TransportError
 from vhostpci_driver.pci import sysfs
 from vhostpci_driver.pci import vfio_uapi as u
-from vhostpci_driver.pci.function import CONFIG_REGION, IrqInfo, PciFunction, RegionInfo, SparseArea
+from vhostpci_driver.pci.dma import PAGEMAP_PRESENT, physical_address, physical_iova, virtual_address
+from vhostpci_driver.pci.function import (
+    CONFIG_REGION,
+    IRQ_REQ,
+    IrqInfo,
+    PciFunction,
+    RegionInfo,
+    SparseArea,
+)
 
-PAGEMAP_PFN_MASK = (1 << 55) - 1
-PAGEMAP_PRESENT = 1 << 63
-
-
-def physical_address(vaddr: int, pagemap: str = "/proc/self/pagemap") -> int:
-    """The physical address behind ``vaddr`` (Documentation/admin-guide/mm/pagemap.rst)."""
-    page = mmap.PAGESIZE
-    with open(pagemap, "rb") as f:
-        f.seek(vaddr // page * 8)
-        raw = f.read(8)
-    if len(raw) != 8:
-        raise TransportError(f"no pagemap entry for {vaddr:#x}", "pagemap")
-    (entry,) = struct.unpack("<Q", raw)
-    if not entry & PAGEMAP_PRESENT:
-        raise TransportError(f"page at {vaddr:#x} is not present (touch it first)", "pagemap")
-    pfn = entry & PAGEMAP_PFN_MASK
-    if pfn == 0:
-        raise TransportError("pagemap hides frame numbers: no-IOMMU DMA needs CAP_SYS_ADMIN", "pagemap")
-    return int(pfn * page + vaddr % page)
-
-
-def _vaddr(view: memoryview) -> int:
-    return int(ctypes.addressof(ctypes.c_char.from_buffer(view)))
+# The pagemap helpers moved to dma.py (UIO needs them too); still importable from here.
+__all__ = ["PAGEMAP_PRESENT", "VfioFunction", "physical_address"]
 
 
 class VfioFunction(PciFunction):
@@ -62,6 +49,7 @@ class VfioFunction(PciFunction):
         self._dma: dict[int, int] = {}
         self._maps: list[mmap.mmap] = []
         self._regions: dict[int, tuple[RegionInfo, int]] = {}
+        self._request_fd: int | None = None
         self._closed = False
         try:
             self._open(sysfs_root, Path(dev_root) / "vfio")
@@ -237,16 +225,7 @@ class VfioFunction(PciFunction):
         if not self.noiommu:
             return proposed
         # No IOMMU: the device sees physical addresses, and the buffer must be contiguous.
-        start = _vaddr(vaddr_view)
-        phys = physical_address(start)
-        for off in range(mmap.PAGESIZE, len(vaddr_view), mmap.PAGESIZE):
-            if physical_address(start + off) != phys + off:
-                raise TransportError(
-                    "DMA memory is not physically contiguous: reserve huge pages "
-                    "(vm.nr_hugepages) for no-IOMMU mode",
-                    "pagemap",
-                )
-        return Iova(phys)
+        return physical_iova(vaddr_view)
 
     def dma_map(self, fd: int, fd_offset: int, vaddr_view: memoryview, iova: Iova) -> None:
         if self.noiommu:
@@ -254,7 +233,7 @@ class VfioFunction(PciFunction):
         m = u.vfio_iommu_type1_dma_map(
             argsz=ctypes.sizeof(u.vfio_iommu_type1_dma_map),
             flags=u.VFIO_DMA_MAP_FLAG_READ | u.VFIO_DMA_MAP_FLAG_WRITE,
-            vaddr=_vaddr(vaddr_view),
+            vaddr=virtual_address(vaddr_view),
             iova=iova,
             size=len(vaddr_view),
         )
@@ -269,6 +248,19 @@ class VfioFunction(PciFunction):
         )
         u.ioctl(self.container, u.VFIO_IOMMU_UNMAP_DMA, m)
         self._dma.pop(iova, None)
+
+    def removal_fd(self) -> int | None:
+        if self._request_fd is None and self.num_irqs > IRQ_REQ and self.irq_info(IRQ_REQ).count:
+            fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+            self._stack.callback(os.close, fd)
+            self.set_irq_eventfds(IRQ_REQ, 0, [fd])
+            self._stack.callback(self._quietly_disable, IRQ_REQ)
+            self._request_fd = fd
+        return self._request_fd
+
+    def _quietly_disable(self, index: int) -> None:
+        with contextlib.suppress(TransportError):
+            self.disable_irqs(index)
 
     def reset(self) -> None:
         u.ioctl(self.device, u.VFIO_DEVICE_RESET)

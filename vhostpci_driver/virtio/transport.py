@@ -6,6 +6,10 @@ error. The device is checked as it is read: a status that never clears, a
 queue size of 0 or not a power of two, a refused MSI-X vector, a notify
 address outside its structure each raise :class:`TransportError` naming the
 register.
+
+Interrupts come as MSI-X vectors routed to eventfds, or, where the backend
+cannot route vectors (UIO), as the one INTx line plus the ISR status register
+that says what it was for (virtio 1.2, 4.1.5.4).
 """
 
 from __future__ import annotations
@@ -16,10 +20,11 @@ import os
 import struct
 import time
 from collections.abc import Callable
+from typing import Protocol, runtime_checkable
 
 from vhostpci_driver.errors import TransportError, VhostPciError
 from vhostpci_driver.pci.access import AccessRegisters, registers_for
-from vhostpci_driver.pci.function import IRQ_MSIX, PciFunction
+from vhostpci_driver.pci.function import IRQ_INTX, IRQ_MSIX, PciFunction
 from vhostpci_driver.pci.mmio import RegisterBlock, Registers
 from vhostpci_driver.virtio import caps
 from vhostpci_driver.virtio.caps import Capabilities, VirtioCap
@@ -49,6 +54,33 @@ PCI_COMMAND = 0x04
 PCI_COMMAND_MEMORY = 0x2
 PCI_COMMAND_MASTER = 0x4
 MSIX_ENABLE = 0x8000
+# virtio 1.2, 4.1.4.5: ISR status bits
+ISR_QUEUE = 0x1
+ISR_CONFIG = 0x2
+
+
+class IrqSource(Protocol):
+    """An interrupt line as an fd to wait on (it polls readable when the line fired).
+
+    ``consume`` takes what fired without blocking; ``rearm`` lets the line fire
+    again, and is called only after the device was acknowledged, so a line that
+    is still asserted fires again at once instead of being lost.
+    """
+
+    def fileno(self) -> int: ...
+    def consume(self) -> bool: ...
+    def rearm(self) -> None: ...
+
+
+@runtime_checkable
+class IntxOwner(Protocol):
+    """A backend that delivers INTx itself rather than routing it to an eventfd.
+
+    uio_pci_generic is one: the line is read from ``/dev/uioN`` and re-armed
+    through the command register, and no vector can be routed anywhere.
+    """
+
+    def intx_source(self) -> IrqSource: ...
 
 
 class Status(enum.IntFlag):
@@ -84,6 +116,7 @@ class VirtioPciTransport:
         self.notify_block = self._block(self.caps.notify)
         self.device_cfg = self._block(self.caps.device) if self.caps.device else None
         self.eventfds: list[int] = []
+        self.intx: IrqSource | None = None
         self._notify_offsets: dict[int, int] = {}
 
     def _block(self, cap: VirtioCap) -> RegisterBlock:
@@ -248,6 +281,49 @@ class VirtioPciTransport:
         """Read (and so clear) the ISR status (virtio 1.2, 4.1.4.5)."""
         return self.isr.read8(0)
 
+    def intx_available(self) -> bool:
+        """Whether INTx can stand in for MSI-X: the backend delivers it and the function has a line."""
+        fn = self.function
+        return isinstance(fn, IntxOwner) and fn.irq_info(IRQ_INTX).count > 0
+
+    def enable_intx(self) -> IrqSource:
+        """Take interrupts on the INTx line instead of MSI-X vectors; see :meth:`intx_isr`."""
+        fn = self.function
+        if not isinstance(fn, IntxOwner):
+            raise TransportError(
+                f"{type(fn).__name__} routes interrupts to eventfds and offers no INTx source", "irq.intx"
+            )
+        if fn.irq_info(IRQ_INTX).count < 1:
+            raise TransportError("the function has no INTx line (interrupt pin 0)", "config.interrupt_pin")
+        msix = self.caps.msix
+        if msix is not None:
+            # virtio 1.2, 4.1.5.4: only with MSI-X disabled does the device signal through
+            # INTx and the ISR; a previous driver may have left it enabled.
+            ctrl_off = msix.cap_offset + 2
+            (ctrl,) = struct.unpack("<H", self.function.config_read(ctrl_off, 2))
+            if ctrl & MSIX_ENABLE:
+                self.function.config_write(ctrl_off, struct.pack("<H", ctrl & ~MSIX_ENABLE))
+        source = fn.intx_source()
+        source.rearm()  # the line may have been left disabled (by the kernel or a previous driver)
+        self.intx = source
+        return source
+
+    def intx_isr(self) -> int:
+        """If the INTx line fired: the ISR bits, with the device and the line acknowledged.
+
+        virtio 1.2, 4.1.5.4: with MSI-X disabled the driver reads the ISR status,
+        which clears it and de-asserts the line; bit 0 means "look at every
+        queue", bit 1 "the configuration changed". Only then is the line
+        re-armed: re-arming first would take the still-asserted line again.
+        Returns 0, without touching the device, when the line did not fire.
+        """
+        source = self.intx
+        if source is None or not source.consume():
+            return 0
+        isr = self.read_isr()
+        source.rearm()
+        return isr
+
     def config_generation(self) -> int:
         return self.common.read8(CONFIG_GENERATION)
 
@@ -279,3 +355,7 @@ class VirtioPciTransport:
                 self.function.disable_irqs(IRQ_MSIX)
         for fd in fds:
             os.close(fd)
+        if self.intx is not None:
+            self.intx = None  # the source belongs to the function, which closes it
+            with contextlib.suppress(TransportError):
+                self.function.disable_irqs(IRQ_INTX)
