@@ -52,6 +52,9 @@ COMMON = {
     "queue_device": (48, 8), "queue_notify_data": (56, 2), "queue_reset": (58, 2),
 }  # fmt: skip
 FIELD_AT = {off: (name, width) for name, (off, width) in COMMON.items()}
+# The field every byte belongs to: a read may start anywhere inside a field and must still
+# return exactly the bytes asked for (a lookup by field start alone read wrong, or forever).
+FIELD_OF_BYTE = {off + i: (name, off, width) for name, (off, width) in COMMON.items() for i in range(width)}
 ACKNOWLEDGE, DRIVER, DRIVER_OK, FEATURES_OK, NEEDS_RESET, FAILED = 1, 2, 4, 8, 0x40, 0x80
 ISR_QUEUE, ISR_CONFIG = 1, 2
 MAX_MSG_LEN = 4096
@@ -344,17 +347,16 @@ class VhostPciDeviceModel:
 
     def _common_read(self, offset: int, count: int) -> bytes:
         out = bytearray()
-        pos = offset
-        while pos < offset + count:
-            name_width = FIELD_AT.get(pos) or FIELD_AT.get(pos - 4)
-            if name_width is None:
-                out.append(0)
+        pos, end = offset, offset + count
+        while pos < end:
+            field = FIELD_OF_BYTE.get(pos)
+            if field is None:
+                out.append(0)  # reserved bytes read as 0
                 pos += 1
                 continue
-            name, width = name_width
-            base = COMMON[name][0]
+            name, base, width = field
             value = self._common_value(name).to_bytes(width, "little")
-            take = min(width - (pos - base), offset + count - pos)
+            take = min(base + width, end) - pos  # >= 1: pos lies inside the field
             out += value[pos - base : pos - base + take]
             pos += take
         return bytes(out)

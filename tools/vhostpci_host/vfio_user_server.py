@@ -17,6 +17,7 @@ import mmap
 import os
 import selectors
 import socket
+import sys
 from collections import deque
 from collections.abc import Callable
 
@@ -66,6 +67,10 @@ class DmaTable:
             raise VfioDeviceError(errno.EINVAL, f"bad DMA range {iova:#x}+{size:#x}")
         if offset % mmap.PAGESIZE:
             raise VfioDeviceError(errno.EINVAL, f"fd offset {offset:#x} is not page-aligned")
+        # DMA_MAP's size and offset are u64, mmap's length and offset signed (ssize_t, off_t):
+        # past those no file can be mapped, and mmap would raise OverflowError, not OSError.
+        if size > sys.maxsize or offset > sys.maxsize:
+            raise VfioDeviceError(errno.EINVAL, f"DMA_MAP.size {size:#x} at {offset:#x} cannot be mapped")
         if len(self._maps) >= MAX_DMA_MAPS:
             raise VfioDeviceError(errno.ENOSPC, "too many DMA mappings")
         i = bisect.bisect_right(self._starts, iova)
@@ -390,6 +395,11 @@ class VfioUserServer:
             raise VfioDeviceError(errno.EINVAL, f"{len(fds)} eventfds for {count} vectors")
         if data != w.IRQ_DATA_EVENTFD and fds:
             raise VfioDeviceError(errno.EINVAL, "eventfds without DATA_EVENTFD")
+        for i, fd in enumerate(fds):
+            # The device writes these from its loop, where a pipe would fail or block; VFIO
+            # refuses a non-eventfd the same way (vfio_msi_set_vector_signal: eventfd_ctx_fdget).
+            if not _is_eventfd(fd):
+                raise VfioDeviceError(errno.EINVAL, f"SET_IRQS fds[{i}] is not an eventfd")
         given = [os.dup(fd) for fd in fds]  # the device owns its copies; ours are closed by _handle
         try:
             self.device.set_irqs(index, flags, start, count, given)
@@ -433,6 +443,13 @@ class VfioUserServer:
             os.unlink(self.path)
         except FileNotFoundError:
             pass
+
+
+def _is_eventfd(fd: int) -> bool:
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}") == "anon_inode:[eventfd]"
+    except OSError:
+        return False
 
 
 def _name(cmd: int) -> str:

@@ -21,6 +21,9 @@ from vhostpci_driver.errors import ProtocolError
 HEADER = struct.Struct("<HHIII")  # msg_id, command, size, flags, error
 HEADER_SIZE = HEADER.size
 MAX_MESSAGE = (1 << 20) + 64  # max_data_xfer_size plus headers
+# The capabilities nest three deep; json-c (libvfio-user's parser) stops at 32 by default.
+# Bounded, a decoded document also re-encodes without meeting the recursion limit.
+MAX_JSON_DEPTH = 32
 
 TYPE_COMMAND = 0x0
 TYPE_REPLY = 0x1
@@ -134,6 +137,19 @@ def encode_version(major: int, minor: int, caps: dict[str, object]) -> bytes:
     return VERSION.pack(major, minor) + text
 
 
+def _json_depth(doc: object) -> int:
+    """How deeply arrays and objects nest in a decoded JSON value (iteratively: no recursion limit)."""
+    deepest, todo = 0, [(doc, 1)]
+    while todo:
+        value, depth = todo.pop()
+        if isinstance(value, dict):
+            value = list(value.values())
+        if isinstance(value, list):
+            deepest = max(deepest, depth)
+            todo += [(v, depth + 1) for v in value]
+    return deepest
+
+
 def decode_version(body: bytes) -> tuple[int, int, dict[str, object]]:
     major, minor = unpack(VERSION, body, "VERSION")
     text = body[VERSION.size :]
@@ -143,6 +159,11 @@ def decode_version(body: bytes) -> tuple[int, int, dict[str, object]]:
         doc = json.loads(text[:-1].decode())
     except (UnicodeDecodeError, ValueError) as e:
         raise ProtocolError("VERSION.capabilities", f"not JSON: {e}") from None
+    except RecursionError:
+        # json recurses per nesting level: a 1 KiB message of "[" must be refused, not crash us.
+        raise ProtocolError("VERSION.capabilities", "nested too deeply") from None
+    if _json_depth(doc) > MAX_JSON_DEPTH:
+        raise ProtocolError("VERSION.capabilities", f"nested deeper than {MAX_JSON_DEPTH}")
     if not isinstance(doc, dict):
         raise ProtocolError("VERSION.capabilities", "not a JSON object")
     caps = doc.get("capabilities", {})
