@@ -247,3 +247,17 @@ def test_dma_ranges_across_page_sized_mappings() -> None:
     finally:
         table.unmap_all()
         os.close(fd)
+
+
+def test_fd_less_dma_ranges_are_bounded_too() -> None:
+    """QEMU maps ROMs without an fd; a client must not grow the table (or its O(n) check) forever."""
+    from vhostpci_host.vfio_user_server import MAX_DMA_MAPS  # noqa: PLC0415
+
+    table = DmaTable()
+    for i in range(MAX_DMA_MAPS):
+        table.map_opaque(i * 4096, 4096)
+    with pytest.raises(VfioDeviceError) as e:
+        table.map_opaque(MAX_DMA_MAPS * 4096, 4096)
+    assert "too many" in str(e.value)
+    table.unmap(0, 4096)
+    table.map_opaque(MAX_DMA_MAPS * 4096, 4096)  # room again once one went

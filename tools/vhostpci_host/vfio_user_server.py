@@ -94,6 +94,9 @@ class DmaTable:
 
     def map_opaque(self, iova: int, size: int) -> None:
         """Record a range the client mapped without an fd (spec: reachable by DMA_READ/WRITE only)."""
+        if len(self._opaque) >= MAX_DMA_MAPS:
+            # Bounded like fd-backed maps: each costs memory and an O(n) overlap check.
+            raise VfioDeviceError(errno.ENOSPC, "too many fd-less DMA ranges")
         if size <= 0 or any(a < iova + size and iova < a + s for a, s in self._opaque.items()):
             raise VfioDeviceError(errno.EEXIST, f"DMA range {iova:#x}+{size:#x} overlaps a mapping")
         self._opaque[iova] = size
