@@ -567,13 +567,14 @@ def bench(quick: bool, only: str | None, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(result))
         return
-    click.echo(f"{'benchmark':<22} {'figure':>12} {'unit':<16} {'baseline':>12} {'ratio':>8}  target")
+    click.echo(f"{'benchmark':<22} {'figure':>12} {'baseline':>12} {'ratio':>8}  {'target':<20} {'':<6} unit")
     for r in result["benchmarks"]:
         base = "-" if r["baseline"] is None else f"{r['baseline']}"
         ratio = "-" if r["ratio"] is None else f"{r['ratio']}"
-        mark = "met" if r["met"] else "MISSED"
-        extra = f" (limited by {r['limited_by']})" if r["limited_by"] else ""
+        mark = {True: "met", False: "MISSED", None: ""}[r["met"]]
+        extra = f"; limited by {r['limited_by']}" if r["limited_by"] else ""
+        target = r["target"] if r["met"] is not None else "(reference)"
         click.echo(
-            f"{r['name']:<22} {r['figure']:>12} {r['unit'][:16]:<16} {base:>12} {ratio:>8}  "
-            f"{r['target']} {mark}{extra}"
+            f"{r['name']:<22} {r['figure']:>12} {base:>12} {ratio:>8}  {target:<20} {mark:<6} "
+            f"{r['unit']}{' vs ' + r['baseline_name'] if r['baseline_name'] else ''}{extra}"
         )
