@@ -20,22 +20,38 @@ CACHE = Path(os.environ.get("VHOSTPCI_VM_CACHE", "/var/tmp/vhostpci-vm"))
 pytestmark = pytest.mark.vm
 
 
-@pytest.mark.skipif(os.environ.get("VHOSTPCI_IN_GUEST") is not None, reason="this one runs on the host")
-def test_guest_tier_passes_in_a_real_vm() -> None:
+def _boot(*run_args: str, guest_tests: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
     if not os.environ.get("VHOSTPCI_VM"):
         pytest.skip("the VM tier runs with VHOSTPCI_VM=1 (after tools/vm/prepare); .ci/run does that")
     if not (CACHE / "sid/.vhostpci-ready").exists():
         pytest.fail(f"VHOSTPCI_VM=1 but no prepared cache at {CACHE}: run tools/vm/prepare")
     out = subprocess.run(
-        [sys.executable, str(REPO / "tools/vm/run.py"), "--send", "1000", "--",
-         "python3 -m pytest -q -s -p no:cacheprovider -m vm tests/vm/test_in_guest.py"],
-        capture_output=True, text=True, timeout=600, check=False,
+        [sys.executable, str(REPO / "tools/vm/run.py"), *run_args, "--",
+         f"python3 -m pytest -q -s -p no:cacheprovider -m vm tests/vm/test_in_guest.py {guest_tests}"],
+        capture_output=True, text=True, timeout=timeout, check=False,
     )  # fmt: skip
-    print(out.stdout[-6000:])
-    print(out.stderr[-3000:])
+    print(out.stdout[-8000:])
+    print(out.stderr[-4000:])
+    return out
+
+
+on_the_host = pytest.mark.skipif(os.environ.get("VHOSTPCI_IN_GUEST") is not None, reason="runs on the host")
+
+
+@on_the_host
+def test_guest_tier_passes_in_a_real_vm() -> None:
+    out = _boot("--send", "1000", guest_tests='-k "not autostart"')
     assert out.returncode == 0, "the guest tier failed (output above)"
-    assert "3 passed" in out.stdout
+    assert "4 passed" in out.stdout
     traffic = re.search(
         r'"sent": (\d+), "received": (\d+), "duplicates": (\d+), "corrupt": (\d+)', out.stderr
     )
     assert traffic and traffic.group(1) == traffic.group(2) == "1000" and traffic.group(4) == "0"
+
+
+@on_the_host
+def test_udev_autostart_in_a_real_vm_with_systemd() -> None:
+    out = _boot("--systemd", guest_tests="-k autostart")
+    assert out.returncode == 0, "the autostart test failed in the guest (output above)"
+    assert "1 passed" in out.stdout
+    assert "hot-plug control: plug -> ok" in out.stderr  # QEMU's device_add of a second function

@@ -9,7 +9,11 @@ inside the chroot, where QEMU finds it. The project is bind-mounted at
 VM's traffic counters are printed after it. Everything started is stopped,
 even on failure, and every step has a timeout.
 
-    python3 tools/vm/run.py [--send N] -- 'guest command'
+    python3 tools/vm/run.py [--send N] [--systemd] -- 'guest command'
+
+``--systemd`` boots the guest with systemd as init (so udev rules can start
+units); the guest can always ask for a second device to be hot-plugged and
+unplugged through its control port (tools/vm/hotplug.py).
 """
 
 from __future__ import annotations
@@ -26,13 +30,16 @@ import uuid
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
-sys.path[:0] = [str(REPO), str(REPO / "tools")]
+sys.path[:0] = [str(REPO), str(REPO / "tools"), str(Path(__file__).resolve().parent)]
+
+from hotplug import HotplugController, qemu_options  # noqa: E402  (tools/vm, beside this file)
 
 from vhostpci_host.harness import DriverVmProcess, HostServer  # noqa: E402
 
 CACHE = Path(os.environ.get("VHOSTPCI_VM_CACHE", "/var/tmp/vhostpci-vm"))
 ROOT = CACHE / "sid"
 MAC = "52:54:00:00:00:aa"
+OUT_DIR = "/var/tmp/vpout"  # in the chroot and, through --rwdir, in the guest
 VM_UUID = uuid.UUID("7e57ab1e-0000-4000-8000-00000000a001")
 
 
@@ -52,6 +59,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--timeout", type=float, default=240.0, help="seconds for boot plus command")
     ap.add_argument("--send", type=int, default=0, help="frames the driver VM sends once the guest serves it")
+    ap.add_argument("--systemd", action="store_true", help="boot with systemd as init (udev starts units)")
     ap.add_argument("command", nargs=argparse.REMAINDER)
     args = ap.parse_args()
     cmd = " ".join(args.command).removeprefix("-- ").strip() or "true"
@@ -74,7 +82,7 @@ def main() -> int:
         if subprocess.run(["mountpoint", "-q", str(target)], check=False).returncode != 0:
             subprocess.run(argv_m, check=True)
             mounted.append(target)
-    server = vm = None
+    server = vm = controller = None
     try:
         server = HostServer(run_dir, ping_interval=2.0, ping_misses=30)
         vm = DriverVmProcess(server.socket, [MAC], vm_uuid=VM_UUID, memory="128M")
@@ -86,11 +94,17 @@ def main() -> int:
         # Guest RAM shared by fd, so every DMA_MAP QEMU sends carries an fd (vfio-user-notes.md).
         qemu_opts = (
             "-object memory-backend-memfd,id=mem,size=1G,share=on -machine memory-backend=mem "
-            f"-device intel-iommu,intremap=on,caching-mode=on -device '{device}'"
+            f"-device intel-iommu,intremap=on,caching-mode=on -device '{device}' "
+            + qemu_options("/" + str(run_dir.relative_to(ROOT)))
         )
+        # The command's output goes to a file the host reads afterwards: a console can lose the end
+        # of it when the guest powers off (it does with systemd as init).
+        out_dir = ROOT / OUT_DIR.lstrip("/")
+        shutil.rmtree(out_dir, ignore_errors=True)
+        out_dir.mkdir(parents=True)
         guest = (
             f"cd /project && export PYTHONPATH=/project:/project/tools VHOSTPCI_RUN_DIR=/run/vhostpci "
-            f"VHOSTPCI_IN_GUEST=1 PYTHONUNBUFFERED=1 && {cmd}"
+            f"VHOSTPCI_IN_GUEST=1 PYTHONUNBUFFERED=1 && {{ {cmd} ; }} > {OUT_DIR}/guest.log 2>&1"
         )
         argv = [
             "chroot",
@@ -106,19 +120,27 @@ def main() -> int:
             kernel(),
             "--user",
             "root",
-            "--append=intel_iommu=on",
+            # iommu=pt: devices the kernel's DMA API serves (and UIO's, which bypass it) see guest
+            # physical addresses; vfio-pci still puts its functions in IOMMU domains of their own.
+            "--append=intel_iommu=on iommu=pt",
+            *(["--systemd"] if args.systemd else []),
             f"--qemu-opts={qemu_opts}",  # "=": the value starts with "-"
+            f"--rwdir={OUT_DIR}={OUT_DIR}",
             "--exec",
             guest,
         ]
         print(f"vm-run: booting {kernel()} with {guest_sock}", file=sys.stderr, flush=True)
         sender = threading.Thread(target=_send_when_ready, args=(vm, args.send), daemon=True)
         sender.start()
+        controller = HotplugController(server, run_dir, "/" + str(run_dir.relative_to(ROOT)))
+        threading.Thread(target=controller.serve, args=(args.timeout,), daemon=True).start()
         started = time.monotonic()
         try:
             out = subprocess.run(argv, timeout=args.timeout, check=False)
         except subprocess.TimeoutExpired:
+            _show_guest_log(out_dir)
             fail(f"the guest did not finish within {args.timeout}s")
+        _show_guest_log(out_dir)
         print(
             f"vm-run: guest finished with status {out.returncode} in {time.monotonic() - started:.1f}s",
             file=sys.stderr,
@@ -129,8 +151,12 @@ def main() -> int:
                   ("sent", "received", "duplicates", "corrupt")}), file=sys.stderr)  # fmt: skip
         except Exception as e:
             print(f"vm-run: no traffic report: {e}", file=sys.stderr)
+        for line in controller.log:
+            print(f"vm-run: hot-plug control: {line}", file=sys.stderr)
         return out.returncode
     finally:
+        if controller is not None:
+            controller.close()
         if vm is not None:
             vm.stop()
         if server is not None:
@@ -139,6 +165,12 @@ def main() -> int:
         subprocess.run(["pkill", "-f", "qemu-system-x86_64.*vhostpci0"], check=False)
         for target in reversed(mounted):
             subprocess.run(["umount", "-l", str(target)], check=False)
+
+
+def _show_guest_log(out_dir: Path) -> None:
+    log = out_dir / "guest.log"
+    sys.stdout.write(log.read_text(errors="replace") if log.exists() else "vm-run: the guest wrote no log\n")
+    sys.stdout.flush()
 
 
 def _send_when_ready(vm: DriverVmProcess, count: int) -> None:
