@@ -200,6 +200,40 @@ def test_slots_relay_kicks_and_doorbells(b: Bench) -> None:
     os.close(call)
 
 
+def test_ioeventfds_do_what_the_messages_do_and_go_with_the_client(b: Bench) -> None:
+    assert b.m.io_fds(d.BAR_VIRTIO) == []  # no loop to watch them: none offered
+    readers: dict[int, object] = {}
+    b.m.attach_loop(readers.__setitem__, readers.pop)
+    call = os.eventfd(0, os.EFD_NONBLOCK)
+    slot = b.m.assign_slot(call, call)
+    specs = b.m.io_fds(d.BAR_VIRTIO)
+    assert b.m.io_fds(d.BAR_VIRTIO) == specs and b.m.io_fds(d.BAR_MSIX) == []  # made once, BAR 0 only
+    by_offset = {s.offset: s for s in specs}
+    assert len(specs) == 2 + b.m.num_slots and len(readers) == len(specs) + 1
+    notify = by_offset[d.NOTIFY_OFFSET + d.NOTIFY_OFF_MULTIPLIER * d.Queue.ACKQ]
+    assert (notify.size, notify.datamatch) == (2, d.Queue.ACKQ)  # virtio 1.2, 4.1.5.2: the queue index
+    bell = by_offset[d.DOORBELL_OFFSET + 4 * slot]
+    assert (bell.size, bell.datamatch) == (4, None)  # protocol.md 6: any value
+    for _ in range(3):  # three doorbells before the loop looks: one wake-up, three counted
+        os.eventfd_write(bell.fd, 1)
+    readers[bell.fd]()  # type: ignore[operator]
+    assert os.eventfd_read(call) == 1 and b.m.counters["doorbells"] == 3
+    readers[bell.fd]()  # type: ignore[operator]  # a spurious wake-up: nothing happens
+    assert b.m.counters["doorbells"] == 3
+    os.eventfd_write(notify.fd, 1)
+    readers[notify.fd]()  # type: ignore[operator]
+    assert b.m.counters["notifies"] == 1
+    os.eventfd_write(bell.fd, 1)  # written just before the client went: still rung
+    b.m.disconnected()
+    assert os.eventfd_read(call) == 1 and b.m.counters["doorbells"] == 4
+    assert set(readers) == {call}
+    for s in specs:
+        with pytest.raises(OSError):
+            os.fstat(s.fd)
+    b.m.release_slot(slot)
+    os.close(call)
+
+
 def test_window_holes_read_as_ones_and_regions_map_by_fd(b: Bench) -> None:
     assert b.m.region_read(2, 0, 4) == b"\xff" * 4
     mem = os.memfd_create("vm")
@@ -261,3 +295,46 @@ def test_fd_less_dma_ranges_are_bounded_too() -> None:
     assert "too many" in str(e.value)
     table.unmap(0, 4096)
     table.map_opaque(MAX_DMA_MAPS * 4096, 4096)  # room again once one went
+
+
+def test_intx_follows_the_isr_with_vfio_masking_and_the_status_bit() -> None:
+    """INTx as QEMU's vfio-user client and uio_pci_generic use it: level from the ISR, automasked."""
+    fds_before = len(os.listdir("/proc/self/fd"))
+    m = VhostPciDeviceModel(window_size=1 << 24)
+    line = os.eventfd(0, os.EFD_NONBLOCK)
+
+    def fired() -> int:
+        try:
+            return os.eventfd_read(line)
+        except BlockingIOError:
+            return 0
+
+    def status_bit() -> bool:
+        return bool(struct.unpack("<H", m.region_read(7, 6, 2))[0] & 0x08)
+
+    try:
+        m.set_irqs(0, 0x24, 0, 1, [os.dup(line)])  # TRIGGER, DATA_EVENTFD
+        m.set_remote(b"\x01" * 16, True)  # a config change: ISR bit 1, the line rises
+        assert fired() == 1 and status_bit()
+        m.set_remote(b"\x01" * 16, False)  # more while masked (AUTOMASKED): no second edge
+        assert fired() == 0
+        m.set_irqs(0, 0x11, 0, 1, [])  # UNMASK, DATA_NONE: still asserted, so it fires again
+        assert fired() == 1
+        assert m.region_read(0, d.ISR_OFFSET, 1) == b"\x02"  # reading the ISR clears it...
+        assert not status_bit()  # ...and lowers the line
+        m.set_irqs(0, 0x11, 0, 1, [])
+        m.region_write(7, 4, struct.pack("<H", 0x400 | 0x6))  # command: Interrupt Disable
+        m.set_remote(b"\x01" * 16, True)
+        assert fired() == 0 and status_bit()  # pending, shown in status, not signalled
+        m.region_write(7, 4, struct.pack("<H", 0x6))  # re-armed (what uio_pci_generic users do)
+        assert fired() == 1
+        unmask = os.eventfd(0, os.EFD_NONBLOCK)  # an unmask (resample) eventfd instead of messages
+        m.set_irqs(0, 0x14, 0, 1, [os.dup(unmask)])
+        assert m.intx_unmask_fd is not None
+        m.set_irqs(0, 0x21, 0, 0, [])  # TRIGGER, DATA_NONE, count 0: the line is torn down
+        assert m.intx_fd is None
+        os.close(unmask)
+    finally:
+        m.disconnected()
+        os.close(line)
+    assert len(os.listdir("/proc/self/fd")) == fds_before  # every fd the model was given is closed

@@ -478,10 +478,15 @@ def test_open_function_routes_by_driver_and_preference(rig: Rig) -> None:
 
 
 class EventfdLine:
-    """An INTx line the reference device signals on an eventfd: nothing to re-arm."""
+    """An INTx line the reference device signals on an eventfd.
 
-    def __init__(self, fd: int) -> None:
+    The device masks the line each time it fires (VFIO's AUTOMASKED INTx); re-arming
+    unmasks it, as QEMU's vfio-user client does after the guest's EOI.
+    """
+
+    def __init__(self, fd: int, model: VhostPciDeviceModel) -> None:
         self.fd = fd
+        self.model = model
 
     def fileno(self) -> int:
         return self.fd
@@ -494,7 +499,7 @@ class EventfdLine:
         return True
 
     def rearm(self) -> None:
-        pass
+        self.model.set_irqs(INTX_IRQ, 0x11, 0, 1, [])  # ACTION_UNMASK | DATA_NONE
 
 
 class ModelFunction(PciFunction):
@@ -538,7 +543,7 @@ class ModelFunction(PciFunction):
         pass
 
     def intx_source(self) -> EventfdLine:
-        return EventfdLine(self.line)
+        return EventfdLine(self.line, self.model)
 
     def dma_map(self, fd: int, fd_offset: int, vaddr_view: memoryview, iova: Iova) -> None:
         self.dma.map(iova, len(vaddr_view), fd, fd_offset, 3)

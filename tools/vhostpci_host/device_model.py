@@ -25,7 +25,13 @@ from vhostpci_driver.errors import ProtocolError, RingError
 from vhostpci_driver.virtqueue.device import DeviceQueue
 from vhostpci_driver.wire import ctrl
 from vhostpci_driver.wire import device as d
-from vhostpci_host.pci_config import NUM_QUEUES, PciConfig
+from vhostpci_host.pci_config import (
+    MSIX_ENABLE,
+    MSIX_MASKALL,
+    NUM_QUEUES,
+    PCI_COMMAND_INTX_DISABLE,
+    PciConfig,
+)
 from vhostpci_host.vfio_device import (
     CONFIG_REGION,
     INTX_IRQ,
@@ -33,6 +39,8 @@ from vhostpci_host.vfio_device import (
     NUM_PCI_REGIONS,
     DeviceFlag,
     DmaSpace,
+    IoEventFdSpec,
+    IrqFlag,
     IrqSpec,
     MmapArea,
     RegionFlag,
@@ -114,12 +122,17 @@ class VhostPciDeviceModel:
         self.nvectors = d.Vector.FIRST_SLOT + num_slots
         self.config = PciConfig(virtio_id, window_size, self.nvectors)
         self.config.on_msix = lambda enabled, masked: self._deliver_pending()
+        self.config.on_command = self._intx_update
         self.msix_table = bytearray(
             d.BAR_MSIX_SIZE
         )  # vector control 0: unmasked (QEMU masks in its own copy)
         self.pba = 0
         self.msix_fds: dict[int, int] = {}
         self.intx_fd: int | None = None
+        # VFIO INTx semantics (vfio.h): the line is masked when it fires (AUTOMASKED) and the
+        # client unmasks it after the guest's EOI, by message or through an unmask eventfd.
+        self.intx_masked = False
+        self.intx_unmask_fd: int | None = None
         self.remote_uuid = bytes(16)
         self.remote_status = 0
         self.window: list[_WindowRegion] = []
@@ -136,8 +149,11 @@ class VhostPciDeviceModel:
         self.on_driver_ok: Callable[[], None] = lambda: None
         self._add_reader: Callable[[int, Callable[[], None]], None] | None = None
         self._remove_reader: Callable[[int], None] | None = None
+        # GET_REGION_IO_FDS: BAR 0's trigger registers as eventfds, each with its handler (per client).
+        self._ioeventfds: list[tuple[IoEventFdSpec, Callable[[], None]]] = []
         self.counters = {"messages_sent": 0, "acks": 0, "ack_errors": 0, "kicks": 0, "doorbells": 0,
-                         "stray_doorbells": 0, "interrupts": 0, "driver_errors": 0}  # fmt: skip
+                         "stray_doorbells": 0, "notifies": 0, "interrupts": 0,
+                         "driver_errors": 0}  # fmt: skip
         self._power_on()
 
     def _power_on(self) -> None:
@@ -183,7 +199,7 @@ class VhostPciDeviceModel:
 
     def irqs(self) -> list[IrqSpec]:
         return [
-            IrqSpec(INTX_IRQ, 1),
+            IrqSpec(INTX_IRQ, 1, IrqFlag.EVENTFD | IrqFlag.MASKABLE | IrqFlag.AUTOMASKED),
             IrqSpec(1, 0),
             IrqSpec(MSIX_IRQ, self.nvectors),
             IrqSpec(3, 0),
@@ -201,17 +217,69 @@ class VhostPciDeviceModel:
                 if data == 4 and i < len(fds):  # DATA_EVENTFD with an fd assigns; without, de-assigns
                     self.msix_fds[v] = fds[i]
         elif index == INTX_IRQ:
-            if self.intx_fd is not None:
-                os.close(self.intx_fd)
-                self.intx_fd = None
-            if data == 4 and fds:
-                self.intx_fd = fds[0]
+            self._set_intx(flags & 0x38, data, count, fds)
+            return
         else:
             for fd in fds:
                 os.close(fd)
             raise VfioDeviceError(errno.EINVAL, f"irq index {index} has no vectors")
-        for fd in fds[count:] if index == MSIX_IRQ else fds[1:]:
+        for fd in fds[count:]:
             os.close(fd)
+
+    def _set_intx(self, action: int, data: int, count: int, fds: list[int]) -> None:
+        """SET_IRQS on the INTx index: TRIGGER sets or clears the eventfd, MASK/UNMASK the mask,
+        UNMASK with an eventfd names the fd whose writes unmask (vfio.h, VFIO_DEVICE_SET_IRQS).
+        The model owns ``fds``: the one it keeps stays open, any other is closed."""
+        given = fds[0] if fds and data == 4 and count else None
+        for fd in fds:
+            if fd != given:
+                os.close(fd)
+        if action == 0x20:  # ACTION_TRIGGER
+            if self.intx_fd is not None:
+                os.close(self.intx_fd)
+            self.intx_fd, given = given, None
+            self.intx_masked = False
+        elif action == 0x08 and data == 1 and count:  # ACTION_MASK, DATA_NONE
+            self.intx_masked = True
+        elif action == 0x10 and data == 1 and count:  # ACTION_UNMASK, DATA_NONE
+            self._intx_unmask()
+        elif action == 0x10 and data == 4:  # ACTION_UNMASK, DATA_EVENTFD: a resample fd
+            if self.intx_unmask_fd is not None:
+                if self._remove_reader is not None:
+                    self._remove_reader(self.intx_unmask_fd)
+                os.close(self.intx_unmask_fd)
+                self.intx_unmask_fd = None
+            self.intx_unmask_fd, given = given, None
+            if self.intx_unmask_fd is not None and self._add_reader is not None:
+                self._add_reader(self.intx_unmask_fd, self._intx_unmask_by_fd)
+        if given is not None:  # an eventfd this action has no use for
+            os.close(given)
+        self._intx_update()
+
+    def _intx_unmask_by_fd(self) -> None:
+        assert self.intx_unmask_fd is not None
+        try:
+            os.eventfd_read(self.intx_unmask_fd)
+        except BlockingIOError:
+            return
+        self._intx_unmask()
+
+    def _intx_unmask(self) -> None:
+        self.intx_masked = False
+        self._intx_update()
+
+    def _intx_update(self) -> None:
+        """Drive INTx from the ISR: asserted while it is non-zero and MSI-X is off (virtio 1.2, 4.1.4.5)."""
+        asserted = bool(self.isr) and not self.config.msix_enabled
+        self.config.set_interrupt_status(asserted)
+        if (
+            asserted
+            and not self.intx_masked
+            and self.intx_fd is not None
+            and not self.config.command & PCI_COMMAND_INTX_DISABLE
+        ):
+            self.intx_masked = True  # AUTOMASKED: one trigger until the client unmasks
+            os.eventfd_write(self.intx_fd, 1)
 
     def attach_dma(self, dma: DmaSpace) -> None:
         self.dma = dma
@@ -229,6 +297,63 @@ class VhostPciDeviceModel:
         """Where to watch the frontends' kick eventfds (the server's selector)."""
         self._add_reader, self._remove_reader = add_reader, remove_reader
 
+    # -- ioeventfds (vfio-user GET_REGION_IO_FDS) --------------------------------------
+
+    def io_fds(self, index: int) -> list[IoEventFdSpec]:
+        """BAR 0's trigger registers as eventfds: the two queue notify registers, then the doorbells.
+
+        Only with a loop to watch them (:meth:`attach_loop`). Made on the first
+        request of a connection, closed when the client goes. Notify first: a
+        client that takes few fds gets those, and the doorbells of the lowest
+        slots (the first frontends).
+        """
+        if index != d.BAR_VIRTIO or self._add_reader is None:
+            return []
+        if not self._ioeventfds:
+            # virtio 1.2, 4.1.5.2: a notification is the 16-bit queue index written at
+            # cap.offset + queue_notify_off * notify_off_multiplier; match that value.
+            for q in range(NUM_QUEUES):
+                at = d.NOTIFY_OFFSET + q * d.NOTIFY_OFF_MULTIPLIER
+                self._add_ioeventfd(at, 2, q, self._notify_fired, q)
+            # protocol.md 6: a doorbell is a write of any value to doorbell_offset + 4 * slot.
+            for slot in range(self.num_slots):
+                self._add_ioeventfd(d.DOORBELL_OFFSET + 4 * slot, 4, None, self._doorbell_fired, slot)
+        return [spec for spec, _ in self._ioeventfds]
+
+    def _add_ioeventfd(
+        self, offset: int, size: int, datamatch: int | None, fired: Callable[[int, int], None], arg: int
+    ) -> None:
+        assert self._add_reader is not None
+        fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        handler = functools.partial(fired, fd, arg)
+        self._ioeventfds.append((IoEventFdSpec(offset, size, fd, datamatch), handler))
+        self._add_reader(fd, handler)
+
+    def _notify_fired(self, fd: int, queue: int) -> None:
+        try:
+            os.eventfd_read(fd)
+        except BlockingIOError:
+            return
+        # Notifications that piled up in the counter need one look at the ring: it takes
+        # everything available, not one buffer per notification.
+        self._queue_notify(queue)
+
+    def _doorbell_fired(self, fd: int, slot: int) -> None:
+        try:
+            rings = os.eventfd_read(fd)
+        except BlockingIOError:
+            return
+        self._doorbell(slot, rings)
+
+    def _close_ioeventfds(self) -> None:
+        """The client is gone: act on what it wrote before it went, then close every ioeventfd."""
+        for spec, handler in self._ioeventfds:
+            handler()
+            if self._remove_reader is not None:
+                self._remove_reader(spec.fd)
+            os.close(spec.fd)
+        self._ioeventfds.clear()
+
     def reset(self) -> None:
         """Power-on state. Messages not yet acked are dropped and reported: the host replays its
         state to the next driver at DRIVER_OK (a fresh driver knows nothing)."""
@@ -240,6 +365,7 @@ class VhostPciDeviceModel:
             self.on_reset(lost)
 
     def disconnected(self) -> None:
+        self._close_ioeventfds()
         self.reset()
         for fd in self.msix_fds.values():
             os.close(fd)
@@ -247,6 +373,12 @@ class VhostPciDeviceModel:
         if self.intx_fd is not None:
             os.close(self.intx_fd)
             self.intx_fd = None
+        if self.intx_unmask_fd is not None:
+            if self._remove_reader is not None:
+                self._remove_reader(self.intx_unmask_fd)
+            os.close(self.intx_unmask_fd)
+            self.intx_unmask_fd = None
+        self.intx_masked = False
 
     # -- region access -----------------------------------------------------------------
 
@@ -306,7 +438,8 @@ class VhostPciDeviceModel:
         if offset < d.ISR_OFFSET:
             return self._common_read(offset, count)
         if offset == d.ISR_OFFSET:
-            isr, self.isr = self.isr, 0  # virtio 1.2, 4.1.4.5: reading clears
+            isr, self.isr = self.isr, 0  # virtio 1.2, 4.1.4.5: reading clears, and deasserts INTx
+            self._intx_update()
             return bytes([isr]) + bytes(count - 1)
         if d.DEVICE_CFG_OFFSET <= offset < d.DEVICE_CFG_OFFSET + d.VHOST_PCI_CONFIG.size:
             rel = offset - d.DEVICE_CFG_OFFSET
@@ -492,10 +625,11 @@ class VhostPciDeviceModel:
 
     def _raise(self, vector: int, isr_bit: int) -> None:
         self.counters["interrupts"] += 1
-        if self.config.msix_enabled:
+        control = self.config.msix_control  # the hot path: one read for both bits
+        if control & MSIX_ENABLE:
             if vector >= self.nvectors:
                 return
-            masked = self.config.msix_masked or self.msix_table[16 * vector + 12] & 1
+            masked = control & MSIX_MASKALL or self.msix_table[16 * vector + 12] & 1
             fd = self.msix_fds.get(vector)
             if masked or fd is None:
                 self.pba |= 1 << vector  # pending: delivered when unmasked
@@ -503,8 +637,7 @@ class VhostPciDeviceModel:
             os.eventfd_write(fd, 1)
         else:
             self.isr |= isr_bit
-            if self.intx_fd is not None and not self.config.command & 0x400:
-                os.eventfd_write(self.intx_fd, 1)
+            self._intx_update()
 
     def _deliver_pending(self) -> None:
         if not self.config.msix_enabled or self.config.msix_masked:
@@ -570,6 +703,7 @@ class VhostPciDeviceModel:
             self._driver_error(f"controlq: {e}")
 
     def _queue_notify(self, index: int) -> None:
+        self.counters["notifies"] += 1
         if index == d.Queue.CONTROLQ:
             self._deliver_control()
         elif index == d.Queue.ACKQ:
@@ -685,12 +819,12 @@ class VhostPciDeviceModel:
         if sl.vector != d.NO_VECTOR:
             self._raise(sl.vector, ISR_QUEUE)
 
-    def _doorbell(self, slot: int) -> None:
+    def _doorbell(self, slot: int, rings: int = 1) -> None:
         sl = self.slots.get(slot)
         if sl is None:
-            self.counters["stray_doorbells"] += 1
+            self.counters["stray_doorbells"] += rings
             return
-        self.counters["doorbells"] += 1
+        self.counters["doorbells"] += rings
         os.eventfd_write(sl.call_fd, 1)
 
     def stats(self) -> dict[str, object]:

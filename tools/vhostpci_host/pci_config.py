@@ -18,6 +18,8 @@ CONFIG_SIZE = 4096
 PCI_COMMAND = 0x04
 PCI_STATUS = 0x06
 PCI_STATUS_CAP_LIST = 0x10
+PCI_STATUS_INTERRUPT = 0x08
+PCI_COMMAND_INTX_DISABLE = 0x400
 PCI_BAR0 = 0x10
 PCI_CAP_PTR = 0x34
 PCI_INTERRUPT_LINE = 0x3C
@@ -46,6 +48,7 @@ class PciConfig:
         self.space = bytearray(CONFIG_SIZE)
         self.wmask = bytearray(CONFIG_SIZE)
         self.on_msix: Callable[[bool, bool], None] = lambda enabled, masked: None
+        self.on_command: Callable[[], None] = lambda: None
         s = self.space
         struct.pack_into("<HH", s, 0, d.VIRTIO_PCI_VENDOR, d.pci_device_id(virtio_id))
         struct.pack_into("<H", s, PCI_STATUS, PCI_STATUS_CAP_LIST)
@@ -129,9 +132,18 @@ class PciConfig:
         return bytes(self.space[offset : offset + count])
 
     def write(self, offset: int, data: bytes) -> None:
-        before = self.msix_control
+        before, command = self.msix_control, self.command
         for i, b in enumerate(data):
             m = self.wmask[offset + i]
             self.space[offset + i] = (self.space[offset + i] & ~m) | (b & m)
         if self.msix_control != before:
             self.on_msix(self.msix_enabled, self.msix_masked)
+        if self.command != command:
+            self.on_command()
+
+    def set_interrupt_status(self, asserted: bool) -> None:
+        """PCI 3.0, 6.2.3: status bit 3 mirrors the INTx line as the function drives it, whatever
+        the command register's Interrupt Disable says (uio_pci_generic reads it to claim the IRQ)."""
+        status = struct.unpack_from("<H", self.space, PCI_STATUS)[0]
+        status = status | PCI_STATUS_INTERRUPT if asserted else status & ~PCI_STATUS_INTERRUPT
+        struct.pack_into("<H", self.space, PCI_STATUS, status)

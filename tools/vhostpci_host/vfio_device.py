@@ -87,6 +87,24 @@ class IrqSpec:
     flags: IrqFlag = IrqFlag.EVENTFD | IrqFlag.NORESIZE
 
 
+@dataclass(frozen=True)
+class IoEventFdSpec:
+    """A register the client may write by eventfd instead of ``REGION_WRITE`` (``GET_REGION_IO_FDS``).
+
+    A write of ``size`` bytes at ``offset`` (of ``datamatch``, when given: KVM
+    ioeventfd semantics) becomes one ``eventfd_write(fd, 1)``; the device
+    watches ``fd`` and does what the message would have done. Only for
+    registers whose writes are pure triggers (doorbells, queue notify): the
+    value is lost unless matched, and the write is not ordered with messages.
+    The device owns ``fd``; the server sends copies.
+    """
+
+    offset: int
+    size: int
+    fd: int
+    datamatch: int | None = None
+
+
 @dataclass
 class DmaMapping:
     """One ``DMA_MAP`` of the client's memory, mmapped by the server.
@@ -138,6 +156,14 @@ class VfioUserDevice(Protocol):
 
     def region_write(self, index: int, offset: int, data: bytes) -> None:
         """``REGION_WRITE``; bounds checked by the server as for reads."""
+        ...
+
+    def io_fds(self, index: int) -> list[IoEventFdSpec]:
+        """``GET_REGION_IO_FDS``: region ``index``'s ioeventfd-backed registers (often none).
+
+        Made on the first request of a connection and closed by
+        :meth:`disconnected`; the server hands out as many as the client takes.
+        """
         ...
 
     def set_irqs(self, index: int, flags: int, start: int, count: int, fds: list[int]) -> None:

@@ -24,7 +24,7 @@ from collections.abc import Callable
 from vhostpci_driver.errors import ProtocolError, RemoteMemoryError
 from vhostpci_driver.pci import vfio_user_wire as w
 from vhostpci_driver.pci.vfio_user_wire import Command, Header
-from vhostpci_host.framing import FramedReader, PeerClosedError, close_fds, send_with_fds
+from vhostpci_host.framing import SCM_MAX_FD, FramedReader, PeerClosedError, close_fds, send_with_fds
 from vhostpci_host.vfio_device import (
     DmaMapping,
     IrqSpec,
@@ -184,8 +184,9 @@ class VfioUserServer:
         self.sel = selectors.DefaultSelector()
         self.conn: socket.socket | None = None
         self._reader: FramedReader | None = None
-        self._out: deque[tuple[bytes, list[int]]] = deque()
+        self._out: deque[tuple[bytes, list[int]]] = deque()  # replies and the fd copies they own
         self._negotiated = False
+        self._peer_max_fds = 1
         self.stats = {"messages": 0, "errors": 0, "connections": 0, "refused": 0}
         device.attach_dma(self.dma)
         if os.path.lexists(path):
@@ -236,6 +237,7 @@ class VfioUserServer:
         self.conn = conn
         self._reader = FramedReader(conn, w.HEADER_SIZE, self._body_len, MAX_MSG_FDS)
         self._negotiated = False
+        self._peer_max_fds = 1
         self.stats["connections"] += 1
         self.sel.register(conn, selectors.EVENT_READ, self._readable)
 
@@ -293,7 +295,8 @@ class VfioUserServer:
         finally:
             close_fds(fds)  # every fd a request brought has been dup'ed or mmapped where kept
         if not hdr.no_reply:
-            self._send(w.encode(hdr.msg_id, hdr.command, reply, reply=True), reply_fds)
+            # The queue owns copies: the device may close its fds before a full socket takes the reply.
+            self._send(w.encode(hdr.msg_id, hdr.command, reply, reply=True), [os.dup(fd) for fd in reply_fds])
 
     def _error(self, hdr: Header, err: int, why: str) -> None:
         self.stats["errors"] += 1
@@ -304,10 +307,15 @@ class VfioUserServer:
     def _dispatch(self, hdr: Header, body: bytes, fds: list[int]) -> tuple[bytes, list[int]]:
         cmd = hdr.command
         if cmd == Command.VERSION:
-            major, _minor, _caps = w.decode_version(body)
+            major, _minor, caps = w.decode_version(body)
             if major != 0:
                 raise VfioDeviceError(errno.ENOTSUP, f"version {major} not supported")
             self._negotiated = True
+            # vfio-user "Version": max_msg_fds is what the client takes in one message; absent, 1.
+            peer_fds = caps.get("max_msg_fds", 1)
+            if not isinstance(peer_fds, int) or peer_fds < 1:
+                peer_fds = 1
+            self._peer_max_fds = min(peer_fds, SCM_MAX_FD)
             # Short on purpose: QEMU rejects a reply longer than its own request.
             return w.encode_version(
                 0, 0, {"max_msg_fds": MAX_MSG_FDS, "max_data_xfer_size": MAX_DATA_XFER}
@@ -350,6 +358,8 @@ class VfioUserServer:
             need = w.unpack(w.REGION_INFO, reply, "REGION_INFO")[0]
             send_fd = r.fd is not None and r.flags & RegionFlag.MMAP and argsz >= need
             return reply, [r.fd] if send_fd and r.fd is not None else []
+        if cmd == Command.DEVICE_GET_REGION_IO_FDS:
+            return self._region_io_fds(body, len(regions))
         if cmd == Command.DEVICE_GET_IRQ_INFO:
             _argsz, _flags, index, _count = w.unpack(w.IRQ_INFO, body, "GET_IRQ_INFO")
             if index >= len(irqs):
@@ -379,6 +389,30 @@ class VfioUserServer:
             self.device.reset()
             return b"", []
         raise VfioDeviceError(errno.ENOSYS, f"command {cmd} not supported")
+
+    def _region_io_fds(self, body: bytes, num_regions: int) -> tuple[bytes, list[int]]:
+        """The registers of a region the client may write by eventfd; the rest stay messages.
+
+        No more fds than the client takes in one message (its max_msg_fds); the
+        device lists the hottest registers first. QEMU never asks: for it
+        nothing here exists.
+        """
+        argsz, index = w.decode_region_io_fds_request(body)
+        if index >= num_regions:
+            raise VfioDeviceError(errno.EINVAL, f"no region {index}")
+        subs: list[w.SubRegionIoFd] = []
+        fd_index: dict[int, int] = {}  # fd -> its place in the reply's fds (sub-regions may share one)
+        for spec in self.device.io_fds(index):
+            if spec.fd not in fd_index:
+                if len(fd_index) == self._peer_max_fds:
+                    continue
+                fd_index[spec.fd] = len(fd_index)
+            flags = w.IOEVENTFD_FLAG_DATAMATCH if spec.datamatch is not None else 0
+            subs.append(w.SubRegionIoFd(spec.offset, spec.size, fd_index[spec.fd], flags=flags,
+                                        data=spec.datamatch or 0))  # fmt: skip
+        reply = w.encode_region_io_fds_reply(argsz, index, tuple(subs))
+        # As for region info: the fds go with the full answer only, a too-small argsz asks again.
+        return reply, list(fd_index) if len(reply) > w.REGION_IO_FDS.size else []
 
     def _unmap_one(self, iova: int, size: int) -> list[tuple[int, int]]:
         self.device.dma_unmapped(iova, size)  # the device drops its views first
@@ -430,6 +464,7 @@ class VfioUserServer:
             except OSError as e:
                 self.disconnect(f"send failed: {e}")
                 return
+            close_fds(fds)  # the kernel holds the client's references now
             if n < len(data):
                 self._out[0] = (data[n:], [])
                 break

@@ -87,7 +87,11 @@ class PciFunction(abc.ABC):
         """Write a region by access (not mmap)."""
 
     def region_write_posted(self, index: int, offset: int, data: bytes) -> None:
-        """A write that need not wait for completion (doorbells); ordered before later accesses."""
+        """A write that need not wait for completion: for pure triggers (doorbells, queue notify) only.
+
+        A backend may deliver it out of order with later accesses (vfio-user
+        sends it by ioeventfd where the server offers one), as KVM ioeventfds do.
+        """
         self.region_write(index, offset, data)
 
     @abc.abstractmethod

@@ -27,6 +27,8 @@ DEVICE_FLAG_PCI = 2
 REGION_READ, REGION_WRITE, REGION_MMAP = 1, 2, 4
 IRQ_EVENTFD = 1
 MAX_FDS_DEFAULT = 8
+MAX_FDS_IN = 253  # SCM_MAX_FD: the most one message can bring, and what VERSION says we take
+IO_FDS_ARGSZ = w.REGION_IO_FDS.size + 128 * w.SUB_REGION_IO_FD.size  # first guess; the reply says if short
 
 
 def _recv_exact(sock: socket.socket, n: int) -> tuple[bytes, list[int]]:
@@ -35,7 +37,9 @@ def _recv_exact(sock: socket.socket, n: int) -> tuple[bytes, list[int]]:
     fds: list[int] = []
     while len(buf) < n:
         try:
-            data, anc, _flags, _ = sock.recvmsg(n - len(buf), socket.CMSG_SPACE(16 * 4))
+            data, anc, flags, _ = sock.recvmsg(
+                n - len(buf), socket.CMSG_SPACE(MAX_FDS_IN * 4), socket.MSG_CMSG_CLOEXEC
+            )
         except TimeoutError:
             raise TransportError("no reply from the vfio-user server (timeout)", "vfio-user socket") from None
         except OSError as e:
@@ -47,8 +51,27 @@ def _recv_exact(sock: socket.socket, n: int) -> tuple[bytes, list[int]]:
         for level, kind, payload in anc:
             if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
                 fds += list(struct.unpack(f"{len(payload) // 4}i", payload[: len(payload) // 4 * 4]))
+        if flags & socket.MSG_CTRUNC:
+            for fd in fds:
+                os.close(fd)
+            raise ProtocolError("vfio-user reply fds", f"more than the {MAX_FDS_IN} one message may carry")
         buf += data
     return bytes(buf), fds
+
+
+class _RefusedError(TransportError):
+    """The server answered with an error reply (``errno``): the connection itself is fine."""
+
+    def __init__(self, message: str, register: str, errno_: int) -> None:
+        super().__init__(message, register)
+        self.errno = errno_
+
+
+def _is_eventfd(fd: int) -> bool:
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}") == "anon_inode:[eventfd]"
+    except OSError:
+        return False
 
 
 class _Region:
@@ -69,6 +92,10 @@ class VfioUserFunction(PciFunction):
         self._regions: dict[int, _Region] = {}
         self._maps: list[mmap.mmap] = []
         self._dma: dict[int, int] = {}
+        # GET_REGION_IO_FDS, asked per region at its first posted write: (offset, size) ->
+        # [(datamatch bytes or None, eventfd)], size 0 meaning any (KVM ioeventfd semantics).
+        self._io_fds: dict[int, dict[tuple[int, int], list[tuple[bytes | None, int]]]] = {}
+        self._io_fds_owned: list[int] = []
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.sock.settimeout(timeout)
         try:
@@ -84,9 +111,8 @@ class VfioUserFunction(PciFunction):
             raise
 
     def _negotiate(self) -> None:
-        body, _ = self._request(
-            Command.VERSION, w.encode_version(0, 0, {"max_msg_fds": 16, "max_data_xfer_size": 1 << 20})
-        )
+        caps_out: dict[str, object] = {"max_msg_fds": MAX_FDS_IN, "max_data_xfer_size": 1 << 20}
+        body, _ = self._request(Command.VERSION, w.encode_version(0, 0, caps_out))
         major, _minor, caps = w.decode_version(body)
         if major != 0:
             raise TransportError(f"server speaks vfio-user {major}.x", "VERSION")
@@ -132,7 +158,8 @@ class VfioUserFunction(PciFunction):
         if hdr.is_error:
             for fd in fds_in:
                 os.close(fd)
-            raise TransportError(f"refused: {os.strerror(hdr.error or errno.EIO)}", cmd.name)
+            err = hdr.error or errno.EIO
+            raise _RefusedError(f"refused: {os.strerror(err)}", cmd.name, err)
         return rest, fds_in
 
     # -- config and regions ---------------------------------------------------------
@@ -203,8 +230,92 @@ class VfioUserFunction(PciFunction):
         self._request(Command.REGION_WRITE, w.REGION_RW.pack(offset, index, len(data)) + data)
 
     def region_write_posted(self, index: int, offset: int, data: bytes) -> None:
-        """NO_REPLY: the server handles requests in order, so a later access still sees this write."""
+        """An eventfd write where the server gave an ioeventfd for the register, else a NO_REPLY message.
+
+        Either way nothing waits for the server. By message the server handles
+        requests in order, so a later access sees this write; by ioeventfd it
+        does not (as with KVM ioeventfds), which is why servers offer them only
+        for registers whose writes are pure triggers (doorbells, queue notify).
+        """
+        table = self._io_fds.get(index)
+        if table is None:
+            table = self._load_io_fds(index)
+        if table:
+            # KVM ioeventfd matching: the same offset, the same size (or any, for size 0), and
+            # with datamatch the same value; anything else still goes by message.
+            for key in ((offset, len(data)), (offset, 0)):
+                for match, fd in table.get(key, ()):
+                    if match is None or match == data:
+                        try:
+                            os.eventfd_write(fd, 1)
+                            return
+                        except BlockingIOError:
+                            break  # the counter is full (the server stops reading it): say it by message
+                        except OSError as e:
+                            raise TransportError(f"ioeventfd write failed: {e}", f"region {index}") from None
         self._request(Command.REGION_WRITE, w.REGION_RW.pack(offset, index, len(data)) + data, no_reply=True)
+
+    def ioeventfd_registers(self, index: int) -> list[tuple[int, int]]:
+        """``(offset, size)`` of region ``index``'s registers written by eventfd (size 0: any width).
+
+        Empty until the first posted write to the region, and when the server offers none.
+        """
+        return sorted(self._io_fds.get(index, {}))
+
+    def _load_io_fds(self, index: int) -> dict[tuple[int, int], list[tuple[bytes | None, int]]]:
+        """Ask which registers of region ``index`` are ioeventfds; keep the usable ones, close the rest.
+
+        A server that refuses (ENOSYS: it predates the command; QEMU's own server
+        code has no such command) or offers none leaves every write a message.
+        Replies are checked against the region's size and the fds that came; a
+        hostile one is a ProtocolError and leaves nothing open.
+        """
+        table: dict[tuple[int, int], list[tuple[bytes | None, int]]] = {}
+        region_size = self._region(index).info.size
+        argsz = IO_FDS_ARGSZ
+        for _ in range(2):
+            try:
+                body, fds = self._request(
+                    Command.DEVICE_GET_REGION_IO_FDS, w.encode_region_io_fds_request(argsz, index)
+                )
+            except _RefusedError:
+                break
+            try:
+                need, subs = w.decode_region_io_fds_reply(
+                    body, argsz=argsz, index=index, region_size=region_size, nfds=len(fds)
+                )
+                for i, fd in enumerate(fds):
+                    # We write these from the hot path: a pipe or socket could block or take data.
+                    if not _is_eventfd(fd):
+                        raise ProtocolError(f"REGION_IO_FDS.fds[{i}]", "not an eventfd")
+            except BaseException:
+                for fd in fds:
+                    os.close(fd)
+                raise
+            if need > argsz:
+                for fd in fds:
+                    os.close(fd)
+                argsz = need  # vfio-user "Message sizes": ask again with the size the reply needs
+                continue
+            used: set[int] = set()
+            for sub in subs:
+                # ioregionfds and port I/O (or CCW) ioeventfds mean nothing to a PCI memory BAR
+                # written from userspace: those registers stay messages.
+                if sub.type != w.IO_FD_TYPE_IOEVENTFD or sub.flags & ~w.IOEVENTFD_FLAG_DATAMATCH:
+                    continue
+                dm = sub.datamatch
+                match = None if dm is None else dm.to_bytes(sub.size, "little")
+                table.setdefault((sub.offset, sub.size), []).append((match, fds[sub.fd_index]))
+                used.add(sub.fd_index)
+            for i, fd in enumerate(fds):
+                if i in used:
+                    os.set_blocking(fd, False)  # a full counter must not hang a doorbell
+                    self._io_fds_owned.append(fd)
+                else:
+                    os.close(fd)
+            break
+        self._io_fds[index] = table
+        return table
 
     def region_mmap(self, index: int, offset: int, size: int) -> mmap.mmap:
         r = self._region(index)
@@ -291,4 +402,8 @@ class VfioUserFunction(PciFunction):
             if r.fd is not None:
                 os.close(r.fd)
         self._regions.clear()
+        self._io_fds.clear()
+        for fd in self._io_fds_owned:
+            os.close(fd)
+        self._io_fds_owned.clear()
         self.sock.close()

@@ -43,6 +43,8 @@ IRQ_SET = struct.Struct("<IIIII")  # argsz, flags, index, start, count
 REGION_RW = struct.Struct("<QII")  # offset, region, count
 DMA_RW = struct.Struct("<QQ")  # address, count (spec layout)
 VERSION = struct.Struct("<HH")  # major, minor
+REGION_IO_FDS = struct.Struct("<IIII")  # argsz, flags, index, count (request and reply head)
+SUB_REGION_IO_FD = struct.Struct("<QQIIIIQ")  # offset, size, fd_index, type, flags, padding, datamatch
 
 REGION_FLAG_CAPS = 1 << 3  # VFIO_REGION_INFO_FLAG_CAPS
 DMA_FLAG_READ = 1
@@ -57,6 +59,19 @@ IRQ_ACTION_UNMASK = 0x10
 IRQ_ACTION_TRIGGER = 0x20
 IRQ_DATA_MASK = 0x7
 IRQ_ACTION_MASK_ALL = 0x38
+# GET_REGION_IO_FDS sub-region types, and their flags: KVM's (include/uapi/linux/kvm.h).
+IO_FD_TYPE_IOEVENTFD = 0
+IO_FD_TYPE_IOREGIONFD = 1
+IOEVENTFD_FLAG_DATAMATCH = 1 << 0  # KVM_IOEVENTFD_FLAG_DATAMATCH
+IOEVENTFD_FLAG_PIO = 1 << 1  # KVM_IOEVENTFD_FLAG_PIO
+IOEVENTFD_FLAG_VIRTIO_CCW_NOTIFY = 1 << 3  # KVM_IOEVENTFD_FLAG_VIRTIO_CCW_NOTIFY (bit 2 is DEASSIGN)
+IOEVENTFD_FLAGS = IOEVENTFD_FLAG_DATAMATCH | IOEVENTFD_FLAG_PIO | IOEVENTFD_FLAG_VIRTIO_CCW_NOTIFY
+IOREGION_FLAG_PIO = 1 << 0  # KVM_IOREGION_PIO
+IOREGION_FLAG_POSTED_WRITES = 1 << 1  # KVM_IOREGION_POSTED_WRITES
+IOREGION_FLAGS = IOREGION_FLAG_PIO | IOREGION_FLAG_POSTED_WRITES
+IOEVENTFD_SIZES = (0, 1, 2, 4, 8)  # KVM_IOEVENTFD: len 0 (any access) or an access width
+MAX_SUB_REGIONS = 1024
+MAX_IO_FDS_ARGSZ = REGION_IO_FDS.size + MAX_SUB_REGIONS * SUB_REGION_IO_FD.size
 
 
 class Command(enum.IntEnum):
@@ -222,3 +237,140 @@ def decode_region_info(body: bytes) -> tuple[int, int, int, int, int, tuple[tupl
             raise ProtocolError("REGION_INFO.cap.next", "capability chain goes backwards")
         cap_offset = nxt
     return argsz, flags, index, size, offset, tuple(areas)
+
+
+# -- region I/O fds (GET_REGION_IO_FDS) ---------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SubRegionIoFd:
+    """One sub-region of a GET_REGION_IO_FDS reply (``vfio_user_sub_region_ioeventfd`` / ``_ioregionfd``).
+
+    ``fd_index`` picks one of the fds that came with the reply (several
+    sub-regions may share one); ``data`` is the datamatch of an ioeventfd or
+    the user_data of an ioregionfd.
+    """
+
+    offset: int
+    size: int
+    fd_index: int
+    type: int = IO_FD_TYPE_IOEVENTFD
+    flags: int = 0
+    data: int = 0
+
+    @property
+    def datamatch(self) -> int | None:
+        """The one value a write must carry to go by this ioeventfd; None: any value."""
+        if self.type == IO_FD_TYPE_IOEVENTFD and self.flags & IOEVENTFD_FLAG_DATAMATCH:
+            return self.data
+        return None
+
+
+def encode_region_io_fds_request(argsz: int, index: int) -> bytes:
+    """The request: the spec wants flags and count zero."""
+    return REGION_IO_FDS.pack(argsz, 0, index, 0)
+
+
+def decode_region_io_fds_request(body: bytes) -> tuple[int, int]:
+    """``(argsz, index)``; argsz is the most reply payload the client takes."""
+    argsz, flags, index, count = unpack(REGION_IO_FDS, body, "GET_REGION_IO_FDS", exact=True)
+    if flags:
+        raise ProtocolError("GET_REGION_IO_FDS.flags", f"{flags:#x}, must be 0")
+    if count:
+        raise ProtocolError("GET_REGION_IO_FDS.count", f"{count}, must be 0")
+    if argsz < REGION_IO_FDS.size:
+        raise ProtocolError("GET_REGION_IO_FDS.argsz", f"{argsz} < {REGION_IO_FDS.size}: no room for a reply")
+    return argsz, index
+
+
+def encode_region_io_fds_reply(argsz: int, index: int, subs: tuple[SubRegionIoFd, ...]) -> bytes:
+    """The reply; when ``argsz`` is too small, the head alone with argsz raised to what the whole needs.
+
+    vfio-user "Message sizes": a too-small reply says the size needed and the
+    client asks again (libvfio-user sends no sub-region and no fd then).
+    """
+    need = REGION_IO_FDS.size + len(subs) * SUB_REGION_IO_FD.size
+    head = REGION_IO_FDS.pack(need, 0, index, len(subs))
+    if argsz < need:
+        return head
+    return head + b"".join(
+        SUB_REGION_IO_FD.pack(s.offset, s.size, s.fd_index, s.type, s.flags, 0, s.data) for s in subs
+    )
+
+
+def decode_region_io_fds_reply(
+    body: bytes, *, argsz: int, index: int, region_size: int, nfds: int
+) -> tuple[int, tuple[SubRegionIoFd, ...]]:
+    """``(argsz needed, sub-regions)`` of a reply to a request with ``argsz`` for region ``index``.
+
+    The sub-regions are empty, and the needed argsz larger than ``argsz``, when
+    the reply did not fit: ask again. Everything the server says is checked
+    (the spec leaves it to the client, "for example, that the requested offset
+    does not exceed the region's bounds"): the counts, the array stride, each
+    fd index against the ``nfds`` fds that came with the reply, the types,
+    flags and sizes KVM would accept, and no two ioeventfds that KVM would call
+    colliding (so a write matches at most one).
+    """
+    need, flags, idx, count = unpack(REGION_IO_FDS, body, "REGION_IO_FDS")
+    if flags:
+        raise ProtocolError("REGION_IO_FDS.flags", f"{flags:#x}, must be 0")
+    if idx != index:
+        raise ProtocolError("REGION_IO_FDS.index", f"answers region {idx}, asked for {index}")
+    if count > MAX_SUB_REGIONS:
+        raise ProtocolError("REGION_IO_FDS.count", f"{count} sub-regions, at most {MAX_SUB_REGIONS}")
+    if need < REGION_IO_FDS.size + count * SUB_REGION_IO_FD.size or need > MAX_IO_FDS_ARGSZ:
+        raise ProtocolError("REGION_IO_FDS.argsz", f"{need} does not fit {count} sub-regions")
+    if need > argsz:
+        if len(body) != REGION_IO_FDS.size:
+            raise ProtocolError("REGION_IO_FDS.argsz", f"{need} > {argsz}, yet {len(body)} bytes came")
+        return need, ()
+    if len(body) != need:
+        raise ProtocolError("REGION_IO_FDS.argsz", f"says {need} bytes, the reply has {len(body)}")
+    if not count:
+        return need, ()
+    # The array starts right after the head (the spec's table, libvfio-user); entries are 40
+    # bytes today, but the spec says not to rely on it: the stride is what argsz gives.
+    stride, rest = divmod(need - REGION_IO_FDS.size, count)
+    if rest:
+        raise ProtocolError("REGION_IO_FDS.argsz", f"{need} is not a whole number of {count} entries")
+    subs: list[SubRegionIoFd] = []
+    at_offset: dict[int, list[int]] = {}
+    for i in range(count):
+        offset, size, fd_index, kind, sflags, _pad, data = SUB_REGION_IO_FD.unpack_from(
+            body, REGION_IO_FDS.size + i * stride
+        )
+        where = f"REGION_IO_FDS.sub_regions[{i}]"
+        if fd_index >= nfds:
+            raise ProtocolError(f"{where}.fd_index", f"{fd_index}, but the reply carried {nfds} fds")
+        if kind == IO_FD_TYPE_IOEVENTFD:
+            if sflags & ~IOEVENTFD_FLAGS:
+                raise ProtocolError(f"{where}.flags", f"unknown ioeventfd flags {sflags:#x}")
+            if size not in IOEVENTFD_SIZES:
+                raise ProtocolError(f"{where}.size", f"{size}: an ioeventfd is 0, 1, 2, 4 or 8 bytes")
+            if sflags & IOEVENTFD_FLAG_DATAMATCH and (size == 0 or data >> (8 * size)):
+                # KVM refuses datamatch without a length; a value wider than the access never matches.
+                raise ProtocolError(f"{where}.datamatch", f"{data:#x} cannot match a {size}-byte write")
+        elif kind == IO_FD_TYPE_IOREGIONFD:
+            if sflags & ~IOREGION_FLAGS:
+                raise ProtocolError(f"{where}.flags", f"unknown ioregionfd flags {sflags:#x}")
+            if size == 0 and not sflags & IOREGION_FLAG_POSTED_WRITES:
+                raise ProtocolError(f"{where}.size", "0 needs KVM_IOREGION_POSTED_WRITES")
+        else:
+            raise ProtocolError(f"{where}.type", f"unknown type {kind}")
+        if offset >= region_size or size > region_size - offset:
+            raise ProtocolError(f"{where}.offset", f"{size} bytes at {offset:#x} outside the region")
+        sub = SubRegionIoFd(offset, size, fd_index, kind, sflags, data)
+        if kind == IO_FD_TYPE_IOEVENTFD:
+            for j in at_offset.get(offset, []):
+                if _ioeventfds_collide(subs[j], sub):
+                    raise ProtocolError(where, f"collides with sub_regions[{j}] at {offset:#x}")
+            at_offset.setdefault(offset, []).append(i)
+        subs.append(sub)
+    return need, tuple(subs)
+
+
+def _ioeventfds_collide(a: SubRegionIoFd, b: SubRegionIoFd) -> bool:
+    """KVM's ioeventfd_check_collision, for two at the same offset: a write could match both."""
+    if a.size == 0 or b.size == 0:
+        return True
+    return a.size == b.size and (a.datamatch is None or b.datamatch is None or a.datamatch == b.datamatch)
