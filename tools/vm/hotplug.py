@@ -9,7 +9,9 @@ socket here. The guest writes one command a line, and gets one answer a line:
     stats     answers ``ok {json}``: the second driver VM's counters
     send N    the second driver VM sends N frames to itself; answers ``ok``
     unplug    ``device_del`` it and wait for QEMU's DEVICE_DELETED, which comes only
-              once the guest let go of the function; answers ``ok SECONDS``
+              once the guest let go of the function; answers ``ok SECONDS``. QEMU 11.1.3
+              aborts on it for any vfio-user-pci function (a QEMU bug, docs/host.md): the
+              tier's tests remove the function from inside the guest instead
 
 Errors answer ``error MESSAGE``. Everything waits on sockets with timeouts.
 """
