@@ -178,6 +178,9 @@ def _check_reply(hdr: Header, body: bytes, reply: bytes) -> None:
             w.decode_version(reply)
         elif hdr.command == Command.DEVICE_GET_REGION_INFO:
             w.decode_region_info(reply)
+        elif hdr.command == Command.DEVICE_GET_REGION_IO_FDS:
+            argsz, index = w.decode_region_io_fds_request(body)
+            w.decode_region_io_fds_reply(reply, argsz=argsz, index=index, region_size=1 << 64, nfds=253)
         elif hdr.command == Command.REGION_READ:
             count = w.REGION_RW.unpack_from(body)[2]
             check(len(reply) == w.REGION_RW.size + count, f"REGION_READ of {count} bytes sent {len(reply)}")
@@ -232,6 +235,18 @@ def _client_decoders(buf: bytes) -> None:
         again = w.decode_version(w.encode_version(major, minor, caps))
         same = json.dumps(again[2], sort_keys=True) == json.dumps(caps, sort_keys=True)
         check(again[:2] == (major, minor) and same, "VERSION does not survive a re-encoding")
+    # A hostile server's GET_REGION_IO_FDS reply: what our client accepts stays inside the region,
+    # names only fds that came, and matches a write to at most one eventfd.
+    region_size, nfds = 0x8000, 3
+    try:
+        _need, subs = w.decode_region_io_fds_reply(
+            buf, argsz=len(buf), index=0, region_size=region_size, nfds=nfds
+        )
+    except ProtocolError:
+        pass
+    else:
+        check(all(s.offset + s.size <= region_size for s in subs), "accepted an io fd outside its region")
+        check(all(s.fd_index < nfds for s in subs), "accepted an fd index past the fds that came")
     try:
         _argsz, flags, index, size, offset, areas = w.decode_region_info(buf)
     except ProtocolError:
@@ -328,6 +343,12 @@ def vfio_user_seeds() -> dict[str, bytes]:
         0xFFFF, 7, d.BAR_WINDOW, 1 << 24, 0, areas=((0, 1 << 20), (1 << 21, 4096))
     )
     reply = w.encode(1, Command.VERSION, w.encode_version(0, 0, {"max_msg_fds": 16}), reply=True)
+    notify = d.NOTIFY_OFFSET + d.NOTIFY_OFF_MULTIPLIER * d.Queue.ACKQ
+    subs = (
+        w.SubRegionIoFd(notify, 2, 0, flags=w.IOEVENTFD_FLAG_DATAMATCH, data=d.Queue.ACKQ),
+        w.SubRegionIoFd(d.DOORBELL_OFFSET, 4, 1),
+    )
+    io_fds = w.encode_region_io_fds_reply(4096, 0, subs)
     return {
         "realize": bytes([0]) + realize,
         "bring-up": bytes([0]) + b"".join(bring_up),
@@ -335,6 +356,7 @@ def vfio_user_seeds() -> dict[str, bytes]:
         "controlq-ackq": bytes([IMAGES | CONTROL]) + _controlq_ackq(version, intx),
         "client-region-info": bytes([CLIENT_DECODERS]) + region_info,
         "client-version": bytes([CLIENT_DECODERS]) + reply[w.HEADER_SIZE :],
+        "client-region-io-fds": bytes([CLIENT_DECODERS]) + io_fds,
     }
 
 
