@@ -112,7 +112,6 @@ class VhostPciServer:
         s.setblocking(False)
         self._listener = s
         self.sel.register(s, selectors.EVENT_READ, self._accept)
-        self.status("listening", socket=str(path), devices_dir=str(self.config.devices_dir))
 
     def add_reader(self, fd: int, callback: Callable[[], None]) -> None:
         self.sel.register(fd, selectors.EVENT_READ, callback)
@@ -291,6 +290,12 @@ class VhostPciServer:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: setattr(self, "running", False))
         self.sel.register(stop_r, selectors.EVENT_READ, lambda: os.read(stop_r, 64))
+        # Said once everything the loop holds is open: whoever waits for it (tests counting our
+        # fds, the harness) sees the server as it will stay while idle.
+        assert self._listener is not None
+        self.status(
+            "listening", socket=str(self.config.socket_path), devices_dir=str(self.config.devices_dir)
+        )
         tick = min(0.1, self.config.ping_interval / 4)
         try:
             while self.running:
