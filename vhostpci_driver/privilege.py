@@ -16,6 +16,7 @@ from __future__ import annotations
 import grp
 import os
 import pwd
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -69,12 +70,15 @@ def resolve(spec: str) -> Identity:
 
 def drop(ident: Identity, handed_over: list[Path]) -> None:
     """Give ``handed_over`` (status sockets, the run directory) to ``ident``, then become it."""
+    if os.geteuid() == ident.uid:
+        return  # already that user: nothing to drop
     if os.geteuid() != 0:
-        if os.geteuid() == ident.uid:
-            return  # already that user: nothing to drop
         raise PrivilegeError(f"--user {ident.name}: only root can change to another user")
     for path in handed_over:
         try:
+            mode = path.lstat().st_mode
+            if stat.S_ISDIR(mode) and mode & (stat.S_ISVTX | stat.S_IWOTH):
+                continue  # a shared directory (/tmp): never take it over; it is writable anyway
             os.chown(path, ident.uid, ident.gid)
         except OSError as e:
             raise PrivilegeError(f"cannot hand {path} to {ident.name}: {e.strerror}") from None
