@@ -24,9 +24,15 @@ from vhostpci_driver.errors import VhostPciError
 
 F = TypeVar("F", bound=Callable[..., Any])
 APPS = ("net-switch", "net-loopback", "none")
-PCI_BACKENDS = ("auto", "vfio", "uio")  # vhostpci_driver.pci.open.BACKENDS (not imported: --help stays fast)
+PCI_BACKENDS = ("auto", "vfio", "vfio-cdev", "vfio-group", "uio")  # vhostpci_driver.pci.open.BACKENDS (not imported: --help stays fast)
 #: the kernel drivers each --backend serves under --watch
-WATCH_DRIVERS = {"auto": ("vfio-pci", "uio_pci_generic"), "vfio": ("vfio-pci",), "uio": ("uio_pci_generic",)}
+WATCH_DRIVERS = {
+    "auto": ("vfio-pci", "uio_pci_generic"),
+    "vfio": ("vfio-pci",),
+    "vfio-cdev": ("vfio-pci",),
+    "vfio-group": ("vfio-pci",),
+    "uio": ("uio_pci_generic",),
+}
 
 
 class Failure(click.ClickException):
@@ -101,7 +107,8 @@ def main(debug: bool) -> None:
     default="auto",
     show_default=True,
     help="How to open a PCI address: by the driver it is bound to (vfio-pci: VFIO, uio_pci_generic: "
-    "UIO, no IOMMU protection), or only with VFIO or only with UIO.",
+    "UIO, no IOMMU protection), or only with VFIO or only with UIO. VFIO uses the device cdev and "
+    "iommufd where the kernel offers them, else the group; vfio-cdev and vfio-group insist on one.",
 )
 @click.option(
     "--user",

@@ -10,7 +10,7 @@ import pytest
 from vhostpci_driver.errors import TransportError
 from vhostpci_driver.pci import sysfs
 from vhostpci_driver.pci.open import open_function
-from vhostpci_driver.pci.vfio import PAGEMAP_PRESENT, physical_address
+from vhostpci_driver.pci.vfio import PAGEMAP_PRESENT, VfioFunction, physical_address
 
 
 def fake_tree(root: Path) -> Path:
@@ -112,3 +112,36 @@ def test_opening_a_function_not_bound_to_vfio_explains_the_fix(tmp_path: Path) -
         open_function("0000:00:04.0", sysfs_root=root)
     with pytest.raises(TransportError, match="no PCI function"):
         open_function("0000:00:09.0", sysfs_root=root)
+
+
+def test_the_vfio_device_cdev_is_found_under_vfio_dev(tmp_path: Path) -> None:
+    root = fake_tree(tmp_path / "sys")
+    assert sysfs.vfio_cdev("0000:00:04.0", str(root)) is None
+    cdev = root / "bus/pci/devices/0000:00:04.0/vfio-dev"
+    cdev.mkdir()
+    (cdev / "power").mkdir()  # a non-device entry is ignored
+    assert sysfs.vfio_cdev("0000:00:04.0", str(root)) is None
+    (cdev / "vfio3").mkdir()
+    assert sysfs.vfio_cdev("00:04.0", str(root)) == "vfio3"
+
+
+def test_insisting_on_the_cdev_interface_says_what_the_kernel_lacks(tmp_path: Path) -> None:
+    root = fake_tree(tmp_path / "sys")
+    d = root / "bus/pci/devices/0000:00:04.0"
+    (d / "driver").unlink()
+    (d / "driver").symlink_to(root / "bus/pci/drivers/vfio-pci")
+    dev = tmp_path / "dev"
+    dev.mkdir()
+    fds = len(os.listdir("/proc/self/fd"))
+    with pytest.raises(TransportError, match="no vfio-dev/ entry in sysfs.*CONFIG_VFIO_DEVICE_CDEV") as ei:
+        VfioFunction("0000:00:04.0", sysfs_root=str(root), dev_root=str(dev), interface="cdev")
+    assert ei.value.register == "interface"
+    (d / "vfio-dev/vfio0").mkdir(parents=True)
+    with pytest.raises(TransportError, match=f"no {dev}/iommu"):
+        VfioFunction("0000:00:04.0", sysfs_root=str(root), dev_root=str(dev), interface="cdev")
+    # open_function's vfio-cdev insists on the same (this machine's /dev decides which complaint)
+    with pytest.raises(TransportError, match="/dev/iommu|cannot open /dev/vfio/devices/vfio0"):
+        open_function("0000:00:04.0", prefer="vfio-cdev", sysfs_root=str(root))
+    with pytest.raises(TransportError, match="not one of auto, cdev, group"):
+        VfioFunction("0000:00:04.0", sysfs_root=str(root), interface="legacy")
+    assert len(os.listdir("/proc/self/fd")) == fds

@@ -468,7 +468,7 @@ def test_open_function_routes_by_driver_and_preference(rig: Rig) -> None:
         open_function(ADDR, prefer="vfio", sysfs_root=root)
     with pytest.raises(TransportError, match="0000:00:05.0 is bound to virtio-pci, not uio_pci_generic"):
         open_function("0000:00:05.0", prefer="uio", sysfs_root=root)
-    with pytest.raises(TransportError, match="not one of auto, vfio, uio"):
+    with pytest.raises(TransportError, match="not one of auto, vfio, vfio-cdev, vfio-group, uio"):
         open_function(ADDR, prefer="igb_uio", sysfs_root=root)
     with pytest.raises(TransportError, match="served over vfio-user"):
         open_function("vfio-user:/nowhere.sock", prefer="uio")

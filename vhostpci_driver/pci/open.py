@@ -10,7 +10,9 @@ from vhostpci_driver.pci.function import PciFunction
 PCI_ADDRESS = re.compile(r"^[0-9a-f]{4}:[0-9a-f]{2}:[0-1][0-9a-f]\.[0-7]$")
 VFIO_USER = "vfio-user:"
 #: what ``prefer`` may say: pick by the bound driver, or insist on one kernel backend
-BACKENDS = ("auto", "vfio", "uio")
+#: (``vfio`` takes the device cdev + iommufd where the kernel offers it, else the group;
+#: ``vfio-cdev`` and ``vfio-group`` insist on one of VFIO's two interfaces)
+BACKENDS = ("auto", "vfio", "vfio-cdev", "vfio-group", "uio")
 
 
 def open_function(address: str, *, prefer: str = "auto", sysfs_root: str | None = None) -> PciFunction:
@@ -20,6 +22,8 @@ def open_function(address: str, *, prefer: str = "auto", sysfs_root: str | None 
     (``0000:00:05.0``) uses kernel VFIO, or UIO when the function is bound to
     ``uio_pci_generic``; ``prefer="vfio"`` or ``"uio"`` insists on one (and the
     backend explains how to bind the function if it is bound elsewhere).
+    VFIO opens through the device cdev and iommufd where the kernel offers them,
+    else through the group; ``"vfio-cdev"`` or ``"vfio-group"`` insists.
     """
     if prefer not in BACKENDS:
         raise TransportError(f"backend {prefer!r} is not one of {', '.join(BACKENDS)}", "backend")
@@ -49,4 +53,5 @@ def open_function(address: str, *, prefer: str = "auto", sysfs_root: str | None 
         return UioFunction(addr, sysfs_root=root)
     from vhostpci_driver.pci.vfio import VfioFunction  # noqa: PLC0415
 
-    return VfioFunction(addr, sysfs_root=root)
+    interface = {"vfio-cdev": "cdev", "vfio-group": "group"}.get(prefer, "auto")
+    return VfioFunction(addr, sysfs_root=root, interface=interface)

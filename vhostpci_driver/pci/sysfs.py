@@ -99,6 +99,18 @@ def group_members(group: int, root: str = "/sys") -> list[str]:
     return sorted(p.name for p in d.iterdir()) if d.is_dir() else []
 
 
+def vfio_cdev(address: str, root: str = "/sys") -> str | None:
+    """The function's VFIO device cdev (``vfio3`` for /dev/vfio/devices/vfio3), if the kernel made one.
+
+    vfio-pci makes it when the kernel has CONFIG_VFIO_DEVICE_CDEV, as the
+    ``vfio-dev/vfioN`` child of the PCI device (drivers/vfio/vfio_main.c); never
+    for a no-IOMMU function (drivers/vfio/vfio.h: "cdev does not support noiommu").
+    """
+    d = _dev(root, parse_address(address)) / "vfio-dev"
+    names = sorted(p.name for p in d.iterdir() if re.fullmatch(r"vfio\d+", p.name)) if d.is_dir() else []
+    return names[0] if names else None
+
+
 def _write(path: Path, value: str, log: list[tuple[str, str]]) -> None:
     try:
         path.write_text(value)

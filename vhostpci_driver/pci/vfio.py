@@ -1,16 +1,25 @@
-"""The kernel VFIO backend: container, group and device, one object per kernel handle.
+"""The kernel VFIO backend: one object per kernel handle, over either of the kernel's two interfaces.
 
-Bring-up follows Documentation/driver-api/vfio.rst: open the container, check
+Group interface (Documentation/driver-api/vfio.rst): open the container, check
 the API version and the IOMMU extension, open the function's group (or its
 ``noiommu-N`` node), check it is viable, attach it to the container, set the
-IOMMU type (type1v2, or no-IOMMU), get the device fd. An ExitStack undoes the
-steps already taken when a later one fails, and :meth:`VfioFunction.close`
-undoes all of them in reverse, DMA maps first.
+IOMMU type (type1v2, or no-IOMMU), get the device fd.
 
-No-IOMMU mode has no DMA mapping: the device sees physical addresses, read from
+Device cdev interface (Documentation/userspace-api/iommufd.rst, Linux 6.6+):
+open ``/dev/vfio/devices/vfioN`` and ``/dev/iommu``, bind the device to the
+iommufd, allocate an I/O address space (IOAS), attach the device to it; DMA
+maps go to the IOAS at fixed IOVAs. Chosen when the kernel offers it
+(``interface="auto"``), or insisted on.
+
+An ExitStack undoes the steps already taken when a later one fails, and
+:meth:`VfioFunction.close` undoes all of them in reverse, DMA maps first.
+
+No-IOMMU mode (group interface only: the kernel makes no cdev for such a
+function) has no DMA mapping: the device sees physical addresses, read from
 ``/proc/self/pagemap`` (needs CAP_SYS_ADMIN; the DMA pool must be physically
-contiguous, hence huge pages). Debian kernels have neither no-IOMMU nor the
-iommufd cdev path; the VM tier runs this code through a virtual IOMMU (type1v2).
+contiguous, hence huge pages). Debian's packaged kernels have neither no-IOMMU
+nor the cdev path; the VM tier runs all three (type1v2 and cdev behind a
+virtual IOMMU, no-IOMMU without one) on kernels built by tools/vm/.
 """
 
 from __future__ import annotations
@@ -24,6 +33,7 @@ from pathlib import Path
 
 from vhostpci_driver.addr import Iova
 from vhostpci_driver.errors import TransportError
+from vhostpci_driver.pci import iommufd_uapi as iu
 from vhostpci_driver.pci import sysfs
 from vhostpci_driver.pci import vfio_uapi as u
 from vhostpci_driver.pci.dma import PAGEMAP_PRESENT, physical_address, physical_iova, virtual_address
@@ -37,14 +47,27 @@ from vhostpci_driver.pci.function import (
 )
 
 # The pagemap helpers moved to dma.py (UIO needs them too); still importable from here.
-__all__ = ["PAGEMAP_PRESENT", "VfioFunction", "physical_address"]
+__all__ = ["INTERFACES", "PAGEMAP_PRESENT", "VfioFunction", "physical_address"]
+
+#: ``auto``: the device cdev where the kernel made one, else the group; or insist on one.
+INTERFACES = ("auto", "cdev", "group")
 
 
 class VfioFunction(PciFunction):
     """A PCI function bound to vfio-pci, opened through /dev/vfio."""
 
-    def __init__(self, address: str, *, sysfs_root: str = "/sys", dev_root: str = "/dev") -> None:
+    def __init__(
+        self, address: str, *, sysfs_root: str = "/sys", dev_root: str = "/dev", interface: str = "auto"
+    ) -> None:
+        if interface not in INTERFACES:
+            raise TransportError(
+                f"VFIO interface {interface!r} is not one of {', '.join(INTERFACES)}", "interface"
+            )
         self.address = sysfs.parse_address(address)
+        #: which kernel interface is in use: "cdev" (iommufd) or "group" (container)
+        self.interface = "group"
+        self.noiommu = False
+        self.ioas = 0
         self._stack = contextlib.ExitStack()
         self._dma: dict[int, int] = {}
         self._maps: list[mmap.mmap] = []
@@ -52,7 +75,7 @@ class VfioFunction(PciFunction):
         self._request_fd: int | None = None
         self._closed = False
         try:
-            self._open(sysfs_root, Path(dev_root) / "vfio")
+            self._open(sysfs_root, Path(dev_root), interface)
         except BaseException:
             self._stack.close()
             self._closed = True
@@ -66,7 +89,7 @@ class VfioFunction(PciFunction):
         self._stack.callback(os.close, fd)
         return fd
 
-    def _open(self, root: str, vfio: Path) -> None:
+    def _open(self, root: str, dev: Path, interface: str) -> None:
         pci = sysfs.info(self.address, root)
         if pci.driver != "vfio-pci":
             raise TransportError(
@@ -80,7 +103,28 @@ class VfioFunction(PciFunction):
                 "or VFIO's no-IOMMU mode",
                 "iommu_group",
             )
-        noiommu_node = vfio / f"noiommu-{pci.iommu_group}"
+        cdev = sysfs.vfio_cdev(self.address, root)
+        have_iommufd = (dev / "iommu").exists()
+        if interface == "cdev" and (cdev is None or not have_iommufd):
+            raise TransportError(
+                f"{self.address} has no VFIO device cdev and iommufd "
+                f"({'no vfio-dev/ entry in sysfs' if cdev is None else f'no {dev}/iommu'}): the kernel "
+                "needs CONFIG_VFIO_DEVICE_CDEV and CONFIG_IOMMUFD, and no-IOMMU functions have none; "
+                "use the group interface",
+                "interface",
+            )
+        if cdev is not None and have_iommufd and interface != "group":
+            self._open_cdev(dev / "vfio/devices" / cdev, dev / "iommu")
+        else:
+            self._open_group(root, dev / "vfio", pci.iommu_group)
+        dinfo = u.vfio_device_info(argsz=ctypes.sizeof(u.vfio_device_info))
+        u.ioctl(self.device, u.VFIO_DEVICE_GET_INFO, dinfo)
+        if not dinfo.flags & u.VFIO_DEVICE_FLAGS_PCI:
+            raise TransportError("the VFIO device is not a PCI device", "VFIO_DEVICE_GET_INFO")
+        self.num_regions, self.num_irqs = dinfo.num_regions, dinfo.num_irqs
+
+    def _open_group(self, root: str, vfio: Path, group_id: int) -> None:
+        noiommu_node = vfio / f"noiommu-{group_id}"
         self.noiommu = noiommu_node.exists()
         container = self.container = self._fd(vfio / "vfio")
         if u.ioctl(container, u.VFIO_GET_API_VERSION) != u.VFIO_API_VERSION:
@@ -88,13 +132,13 @@ class VfioFunction(PciFunction):
         iommu = u.VFIO_NOIOMMU_IOMMU if self.noiommu else u.VFIO_TYPE1v2_IOMMU
         if not u.ioctl(container, u.VFIO_CHECK_EXTENSION, iommu):
             raise TransportError(f"the kernel does not offer IOMMU type {iommu}", "VFIO_CHECK_EXTENSION")
-        group = self.group = self._fd(noiommu_node if self.noiommu else vfio / str(pci.iommu_group))
+        group = self.group = self._fd(noiommu_node if self.noiommu else vfio / str(group_id))
         status = u.vfio_group_status(argsz=ctypes.sizeof(u.vfio_group_status))
         u.ioctl(group, u.VFIO_GROUP_GET_STATUS, status)
         if not status.flags & u.VFIO_GROUP_FLAGS_VIABLE:
-            others = [a for a in sysfs.group_members(pci.iommu_group, root) if a != self.address]
+            others = [a for a in sysfs.group_members(group_id, root) if a != self.address]
             raise TransportError(
-                f"IOMMU group {pci.iommu_group} is not viable: bind every device in it to "
+                f"IOMMU group {group_id} is not viable: bind every device in it to "
                 f"vfio-pci (it also holds {', '.join(others) or 'other devices'})",
                 "group",
             )
@@ -105,11 +149,38 @@ class VfioFunction(PciFunction):
         name = ctypes.create_string_buffer(self.address.encode())
         self.device = u.ioctl(group, u.VFIO_GROUP_GET_DEVICE_FD, name)
         self._stack.callback(os.close, self.device)
-        dinfo = u.vfio_device_info(argsz=ctypes.sizeof(u.vfio_device_info))
-        u.ioctl(self.device, u.VFIO_DEVICE_GET_INFO, dinfo)
-        if not dinfo.flags & u.VFIO_DEVICE_FLAGS_PCI:
-            raise TransportError("the VFIO device is not a PCI device", "VFIO_DEVICE_GET_INFO")
-        self.num_regions, self.num_irqs = dinfo.num_regions, dinfo.num_irqs
+
+    def _open_cdev(self, node: Path, iommu: Path) -> None:
+        """iommufd.rst, "VFIO device cdev": bind, allocate an IOAS, attach; each undone on failure."""
+        self.interface = "cdev"
+        self.device = self._fd(node)  # closing it unbinds the device from the iommufd
+        self.iommufd = self._fd(iommu)
+        bind = u.vfio_device_bind_iommufd(
+            argsz=ctypes.sizeof(u.vfio_device_bind_iommufd), iommufd=self.iommufd
+        )
+        u.ioctl(self.device, u.VFIO_DEVICE_BIND_IOMMUFD, bind)
+        alloc = iu.iommu_ioas_alloc(size=ctypes.sizeof(iu.iommu_ioas_alloc))
+        u.ioctl(self.iommufd, iu.IOMMU_IOAS_ALLOC, alloc)
+        self.ioas = alloc.out_ioas_id
+        self._stack.callback(self._destroy_ioas)
+        attach = u.vfio_device_attach_iommufd_pt(
+            argsz=ctypes.sizeof(u.vfio_device_attach_iommufd_pt), pt_id=self.ioas
+        )
+        u.ioctl(self.device, u.VFIO_DEVICE_ATTACH_IOMMUFD_PT, attach)
+        self._stack.callback(self._detach_ioas)
+
+    def _detach_ioas(self) -> None:
+        detach = u.vfio_device_detach_iommufd_pt(argsz=ctypes.sizeof(u.vfio_device_detach_iommufd_pt))
+        with contextlib.suppress(TransportError):
+            u.ioctl(self.device, u.VFIO_DEVICE_DETACH_IOMMUFD_PT, detach)
+
+    def _destroy_ioas(self) -> None:
+        with contextlib.suppress(TransportError):
+            u.ioctl(
+                self.iommufd,
+                iu.IOMMU_DESTROY,
+                iu.iommu_destroy(size=ctypes.sizeof(iu.iommu_destroy), id=self.ioas),
+            )
 
     def _unset_container(self) -> None:
         with contextlib.suppress(TransportError):
@@ -230,6 +301,18 @@ class VfioFunction(PciFunction):
     def dma_map(self, fd: int, fd_offset: int, vaddr_view: memoryview, iova: Iova) -> None:
         if self.noiommu:
             return
+        if self.interface == "cdev":
+            im = iu.iommu_ioas_map(
+                size=ctypes.sizeof(iu.iommu_ioas_map),
+                flags=iu.IOMMU_IOAS_MAP_FIXED_IOVA | iu.IOMMU_IOAS_MAP_READABLE | iu.IOMMU_IOAS_MAP_WRITEABLE,
+                ioas_id=self.ioas,
+                user_va=virtual_address(vaddr_view),
+                length=len(vaddr_view),
+                iova=iova,
+            )
+            u.ioctl(self.iommufd, iu.IOMMU_IOAS_MAP, im)
+            self._dma[iova] = len(vaddr_view)
+            return
         m = u.vfio_iommu_type1_dma_map(
             argsz=ctypes.sizeof(u.vfio_iommu_type1_dma_map),
             flags=u.VFIO_DMA_MAP_FLAG_READ | u.VFIO_DMA_MAP_FLAG_WRITE,
@@ -242,6 +325,13 @@ class VfioFunction(PciFunction):
 
     def dma_unmap(self, iova: Iova, size: int) -> None:
         if self.noiommu:
+            return
+        if self.interface == "cdev":
+            um = iu.iommu_ioas_unmap(
+                size=ctypes.sizeof(iu.iommu_ioas_unmap), ioas_id=self.ioas, iova=iova, length=size
+            )
+            u.ioctl(self.iommufd, iu.IOMMU_IOAS_UNMAP, um)
+            self._dma.pop(iova, None)
             return
         m = u.vfio_iommu_type1_dma_unmap(
             argsz=ctypes.sizeof(u.vfio_iommu_type1_dma_unmap), iova=iova, size=size
@@ -266,7 +356,7 @@ class VfioFunction(PciFunction):
         u.ioctl(self.device, u.VFIO_DEVICE_RESET)
 
     def close(self) -> None:
-        """DMA maps, region maps, then device, container link, group, container fds; idempotent."""
+        """DMA maps, region maps, then the steps of either interface in reverse; idempotent."""
         if self._closed:
             return
         self._closed = True

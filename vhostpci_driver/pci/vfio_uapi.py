@@ -43,6 +43,10 @@ VFIO_DEVICE_RESET = _io(VFIO_BASE + 11)
 VFIO_IOMMU_GET_INFO = _io(VFIO_BASE + 12)
 VFIO_IOMMU_MAP_DMA = _io(VFIO_BASE + 13)
 VFIO_IOMMU_UNMAP_DMA = _io(VFIO_BASE + 14)
+# The device cdev (/dev/vfio/devices/vfioN), bound to an iommufd instead of a group (Linux 6.6+).
+VFIO_DEVICE_BIND_IOMMUFD = _io(VFIO_BASE + 18)
+VFIO_DEVICE_ATTACH_IOMMUFD_PT = _io(VFIO_BASE + 19)
+VFIO_DEVICE_DETACH_IOMMUFD_PT = _io(VFIO_BASE + 20)
 
 VFIO_TYPE1v2_IOMMU = 3
 VFIO_NOIOMMU_IOMMU = 8
@@ -156,6 +160,31 @@ class vfio_iommu_type1_dma_unmap(ctypes.Structure):  # noqa: N801
     )
 
 
+class vfio_device_bind_iommufd(ctypes.Structure):  # noqa: N801
+    """Linux 7.2's layout; older kernels take the shorter prefix (``argsz`` says how much)."""
+
+    _fields_ = (
+        ("argsz", ctypes.c_uint32),
+        ("flags", ctypes.c_uint32),
+        ("iommufd", ctypes.c_int32),
+        ("out_devid", ctypes.c_uint32),
+        ("token_uuid_ptr", ctypes.c_uint64),
+    )
+
+
+class vfio_device_attach_iommufd_pt(ctypes.Structure):  # noqa: N801
+    _fields_ = (
+        ("argsz", ctypes.c_uint32),
+        ("flags", ctypes.c_uint32),
+        ("pt_id", ctypes.c_uint32),
+        ("pasid", ctypes.c_uint32),
+    )
+
+
+class vfio_device_detach_iommufd_pt(ctypes.Structure):  # noqa: N801
+    _fields_ = (("argsz", ctypes.c_uint32), ("flags", ctypes.c_uint32), ("pasid", ctypes.c_uint32))
+
+
 STRUCTS: tuple[type[ctypes.Structure], ...] = (
     vfio_info_cap_header,
     vfio_group_status,
@@ -169,6 +198,17 @@ STRUCTS: tuple[type[ctypes.Structure], ...] = (
     vfio_iommu_type1_dma_map,
     vfio_iommu_type1_dma_unmap,
 )
+#: Tails newer headers added that we leave off: every VFIO call passes ``argsz``, and the
+#: kernel reads only what it says (vfio.h), so the older, shorter layout stays valid.
+#: (Linux 6.2 added ``pad`` to vfio_device_info.)
+HEADER_TAILS = {"vfio_device_info": 4}
+#: The cdev structures: in headers from Linux 6.6 on (the test checks them where the header has them).
+CDEV_STRUCTS: tuple[type[ctypes.Structure], ...] = (
+    vfio_device_bind_iommufd,
+    vfio_device_attach_iommufd_pt,
+    vfio_device_detach_iommufd_pt,
+)
+CDEV_IOCTLS = ("VFIO_DEVICE_BIND_IOMMUFD", "VFIO_DEVICE_ATTACH_IOMMUFD_PT", "VFIO_DEVICE_DETACH_IOMMUFD_PT")
 IOCTLS = {name: value for name, value in globals().items() if name.startswith("VFIO_") and name[5:6].isupper()
           and isinstance(value, int) and (value >> 8) == VFIO_TYPE}  # fmt: skip
 
