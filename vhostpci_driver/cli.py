@@ -24,7 +24,8 @@ from vhostpci_driver.errors import VhostPciError
 
 F = TypeVar("F", bound=Callable[..., Any])
 APPS = ("net-switch", "net-loopback", "none")
-PCI_BACKENDS = ("auto", "vfio", "vfio-cdev", "vfio-group", "uio")  # vhostpci_driver.pci.open.BACKENDS (not imported: --help stays fast)
+# vhostpci_driver.pci.open.BACKENDS (not imported: --help stays fast; a test checks they agree)
+PCI_BACKENDS = ("auto", "vfio", "vfio-cdev", "vfio-group", "uio")
 #: the kernel drivers each --backend serves under --watch
 WATCH_DRIVERS = {
     "auto": ("vfio-pci", "uio_pci_generic"),

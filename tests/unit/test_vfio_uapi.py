@@ -79,7 +79,8 @@ def kernel_values(tmp_path_factory: pytest.TempPathFactory) -> dict[str, int]:
 def _declared(kernel_values: dict[str, int], key: str) -> int:
     if key not in kernel_values:
         pytest.skip(
-            f"the installed header predates {key.split('.')[1]} (iommufd: Linux 6.2, the cdev: 6.6); the VM tier checks it"
+            f"the installed header predates {key.split('.')[1]} "
+            "(iommufd: Linux 6.2, the cdev: 6.6); the VM tier checks it"
         )
     return kernel_values[key]
 
