@@ -15,6 +15,7 @@ import sys
 import threading
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -74,60 +75,142 @@ def test_2_list_bind_unbind() -> None:
     assert driver_of(address) == "virtio-pci"
 
 
-def test_3_kernel_vfio_brings_it_up_with_msix_and_serves_traffic() -> None:
-    address = vhost_pci_address()
+def _serve_traffic(fn: VfioFunction, frames: int = 1000) -> None:
+    """Bring the device up on ``fn``, serve the driver VM's ``frames`` back to it (loopback), check all."""
+    t0 = time.monotonic()
+    dev = VhostPciDevice(fn, policies={1: net_policy})
+    print(
+        f"bring-up through kernel VFIO ({fn.interface}{', no-IOMMU' if fn.noiommu else ''}) took "
+        f"{time.monotonic() - t0:.1f}s; irq fds {len(dev.irq_fds)}",
+        flush=True,
+    )
+    backend = NetBackend("loopback")
+    service = Service([dev], backend)
+    thread = threading.Thread(target=service.run, args=(0.05,), daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not any(isinstance(e, FeaturesNegotiated) for e in service.events):
+        time.sleep(0.1)
+    assert any(isinstance(e, FeaturesNegotiated) for e in service.events), service.events
+    # The driver VM on the host sends frames once we acked it; serve them back (loopback).
+    while time.monotonic() < deadline:
+        ports = backend.stats()
+        if ports and all(p["tx_frames"] >= frames for p in ports.values()):
+            break
+        time.sleep(0.2)
+    time.sleep(2)  # let the last used entries and doorbells go out
+    service.stop.set()
+    thread.join(10)
+    print(f"traffic: {backend.stats()}")
+    print(f"device: {json.dumps(dev.dump()['stats'])}")
+    assert dev.stats["interrupts"] > 0  # real MSI-X through VFIO
+    stats = dev.dump()["stats"]
+    assert stats["acked_done"] == stats["received"] and stats["acked_fail"] == 0  # type: ignore[index]
+    (port,) = backend.stats().values()
+    assert port["tx_frames"] >= frames and port["rx_frames"] == port["tx_frames"] and port["dropped"] == 0
+    dev.close()
+
+
+def _with_vfio(address: str, body: Callable[[], None]) -> None:
+    """Bind to vfio-pci, run ``body``, unbind even on failure (after everything let go of the device)."""
     assert vhostpci("bind", address).returncode == 0
-    fn: VfioFunction | None = None
     try:
-        fn = VfioFunction(address)
-        for i in (0, 1, 2, 3, 4, 5, 7):  # BARs and config (VGA, 8, exists only on VGA devices)
-            info = fn.region_info(i)
-            if info.size:
-                print(f"VFIO region {i}: {info}")
-        for i in (0, 1, 2):  # INTx, MSI, MSI-X (ERR and REQ exist only on PCIe functions)
-            print(f"VFIO irq {i}: {fn.irq_info(i)}")
-        t0 = time.monotonic()
-        dev = VhostPciDevice(fn, policies={1: net_policy})
-        print(
-            f"bring-up through kernel VFIO took {time.monotonic() - t0:.1f}s; irq fds {len(dev.irq_fds)}",
-            flush=True,
-        )
-        backend = NetBackend("loopback")
-        service = Service([dev], backend)
-        thread = threading.Thread(target=service.run, args=(0.05,), daemon=True)
-        thread.start()
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and not any(
-            isinstance(e, FeaturesNegotiated) for e in service.events
-        ):
-            time.sleep(0.1)
-        assert any(isinstance(e, FeaturesNegotiated) for e in service.events), service.events
-        # The driver VM on the host sends frames once we acked it; serve them back (loopback).
-        while time.monotonic() < deadline:
-            ports = backend.stats()
-            if ports and all(p["tx_frames"] >= 1000 for p in ports.values()):
-                break
-            time.sleep(0.2)
-        time.sleep(2)  # let the last used entries and doorbells go out
-        service.stop.set()
-        thread.join(10)
-        print(f"traffic: {backend.stats()}")
-        print(f"device: {json.dumps(dev.dump()['stats'])}")
-        assert dev.stats["interrupts"] > 0  # real MSI-X through VFIO
-        stats = dev.dump()["stats"]
-        assert stats["acked_done"] == stats["received"] and stats["acked_fail"] == 0  # type: ignore[index]
-        (port,) = backend.stats().values()
-        assert port["tx_frames"] >= 1000 and port["rx_frames"] == port["tx_frames"] and port["dropped"] == 0
-        dev.close()
+        body()
     except BaseException:
         traceback.print_exc()  # shown before the unbind, which can block while anything holds the device
         raise
     finally:
-        if fn is not None:
-            fn.close()  # vfio-pci's unbind waits for every user of the device to let go
-        fn = None
-        gc.collect()  # mappings kept alive by the traceback hold a dup of the device fd
+        gc.collect()  # mappings kept alive by a traceback hold a dup of the device fd
         vhostpci("unbind", address)
+
+
+def test_3_kernel_vfio_brings_it_up_with_msix_and_serves_traffic() -> None:
+    address = vhost_pci_address()
+
+    def body() -> None:
+        fn = VfioFunction(address)
+        try:
+            for i in (0, 1, 2, 3, 4, 5, 7):  # BARs and config (VGA, 8, exists only on VGA devices)
+                info = fn.region_info(i)
+                if info.size:
+                    print(f"VFIO region {i}: {info}")
+            for i in (0, 1, 2):  # INTx, MSI, MSI-X (ERR and REQ exist only on PCIe functions)
+                print(f"VFIO irq {i}: {fn.irq_info(i)}")
+            _serve_traffic(fn)
+        finally:
+            fn.close()  # vfio-pci's unbind waits for every user of the device to let go
+
+    _with_vfio(address, body)
+
+
+# -- the kernel tools/vm/prepare-kernel builds: iommufd and the device cdev, no-IOMMU mode --------
+
+
+def _fds_and_maps() -> tuple[int, int]:
+    return len(os.listdir("/proc/self/fd")), len(Path("/proc/self/maps").read_text().splitlines())
+
+
+def test_5_uapi_matches_this_kernels_headers() -> None:
+    """tests/unit/test_vfio_uapi.py against Linux 7.2's own vfio.h and iommufd.h: nothing may skip."""
+    out = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider",
+         "tests/unit/test_vfio_uapi.py"], capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    print(out.stdout[-1500:])
+    assert out.returncode == 0 and " passed" in out.stdout and "skipped" not in out.stdout, out.stderr
+
+
+def test_6_vfio_cdev_and_iommufd_reopen_and_serve_traffic() -> None:
+    address = vhost_pci_address()
+    assert Path("/dev/iommu").exists(), "no /dev/iommu: this test runs on tools/vm/prepare-kernel's kernel"
+
+    def body() -> None:
+        from vhostpci_driver.pci import sysfs  # noqa: PLC0415
+
+        cdev = sysfs.vfio_cdev(address)
+        print(f"VFIO device cdev of {address}: /dev/vfio/devices/{cdev}", flush=True)
+        assert cdev is not None
+        # Both interfaces, one after the other, 10 times: each must let go of everything it took
+        # (an iommufd still bound blocks the group, a group still open blocks the cdev).
+        before = _fds_and_maps()
+        for _ in range(10):
+            for interface in ("cdev", "group"):
+                fn = VfioFunction(address, interface=interface)
+                assert fn.interface == interface
+                fn.reset()
+                fn.close()
+        assert _fds_and_maps() == before
+        fn = VfioFunction(address)  # "auto" takes the cdev where the kernel made one
+        try:
+            assert fn.interface == "cdev" and fn.ioas > 0
+            _serve_traffic(fn)
+        finally:
+            fn.close()
+        assert _fds_and_maps() == before
+
+    _with_vfio(address, body)
+
+
+def test_7_vfio_noiommu_mode_serves_traffic_by_physical_address() -> None:
+    address = vhost_pci_address()
+    param = Path("/sys/module/vfio/parameters/enable_unsafe_noiommu_mode")
+    assert param.exists() and param.read_text().strip() == "Y", "boot with vfio.enable_unsafe_noiommu_mode=1"
+    # The pool is handed to the device by physical address: one huge page keeps it contiguous.
+    Path("/proc/sys/vm/nr_hugepages").write_text("8")
+
+    def body() -> None:
+        from vhostpci_driver.pci import sysfs  # noqa: PLC0415
+
+        assert sysfs.vfio_cdev(address) is None  # the kernel makes no cdev for a no-IOMMU function
+        fn = VfioFunction(address)
+        try:
+            print(f"no-IOMMU group: {sorted(os.listdir('/dev/vfio'))}", flush=True)
+            assert fn.interface == "group" and fn.noiommu
+            _serve_traffic(fn)
+        finally:
+            fn.close()
+
+    _with_vfio(address, body)
 
 
 def _kernel_says(pattern: str) -> list[str]:

@@ -9,11 +9,15 @@ inside the chroot, where QEMU finds it. The project is bind-mounted at
 VM's traffic counters are printed after it. Everything started is stopped,
 even on failure, and every step has a timeout.
 
-    python3 tools/vm/run.py [--send N] [--systemd] -- 'guest command'
+    python3 tools/vm/run.py [--send N] [--systemd] [--kernel vhostpci] [--no-viommu]
+                            [--append ARGS] -- 'guest command'
 
 ``--systemd`` boots the guest with systemd as init (so udev rules can start
 units); the guest can always ask for a second device to be hot-plugged and
-unplugged through its control port (tools/vm/hotplug.py).
+unplugged through its control port (tools/vm/hotplug.py). ``--kernel
+vhostpci`` boots the kernel tools/vm/prepare-kernel built (iommufd, the VFIO
+device cdev, no-IOMMU mode) instead of Debian's; ``--no-viommu`` leaves out the
+virtual IOMMU (for VFIO's no-IOMMU mode).
 """
 
 from __future__ import annotations
@@ -48,7 +52,12 @@ def fail(msg: str, code: int = 1) -> None:
     sys.exit(code)
 
 
-def kernel() -> str:
+def kernel(which: str) -> str:
+    """The guest kernel's path inside the chroot: Debian's packaged one, or ours (prepare-kernel)."""
+    if which == "vhostpci":
+        if not (ROOT / "boot/vhostpci/.ready").exists():
+            fail(f"no kernel built at {ROOT}/boot/vhostpci: run tools/vm/prepare-kernel", 3)
+        return "/boot/vhostpci/bzImage"
     kernels = sorted((ROOT / "boot").glob("vmlinuz-*"))
     if not kernels:
         fail(f"no kernel in {ROOT}/boot (re-run tools/vm/prepare)")
@@ -60,6 +69,10 @@ def main() -> int:
     ap.add_argument("--timeout", type=float, default=240.0, help="seconds for boot plus command")
     ap.add_argument("--send", type=int, default=0, help="frames the driver VM sends once the guest serves it")
     ap.add_argument("--systemd", action="store_true", help="boot with systemd as init (udev starts units)")
+    ap.add_argument("--kernel", choices=("debian", "vhostpci"), default="debian",
+                    help="Debian's packaged kernel, or the one tools/vm/prepare-kernel built")
+    ap.add_argument("--no-viommu", action="store_true", help="no virtual IOMMU (VFIO no-IOMMU mode)")
+    ap.add_argument("--append", default="", help="more kernel command line")
     ap.add_argument("command", nargs=argparse.REMAINDER)
     args = ap.parse_args()
     cmd = " ".join(args.command).removeprefix("-- ").strip() or "true"
@@ -94,7 +107,8 @@ def main() -> int:
         # Guest RAM shared by fd, so every DMA_MAP QEMU sends carries an fd (vfio-user-notes.md).
         qemu_opts = (
             "-object memory-backend-memfd,id=mem,size=1G,share=on -machine memory-backend=mem "
-            f"-device intel-iommu,intremap=on,caching-mode=on -device '{device}' "
+            + ("" if args.no_viommu else "-device intel-iommu,intremap=on,caching-mode=on ")
+            + f"-device '{device}' "
             + qemu_options("/" + str(run_dir.relative_to(ROOT)))
         )
         # The command's output goes to a file the host reads afterwards: a console can lose the end
@@ -117,19 +131,19 @@ def main() -> int:
             "--memory",
             "1G",
             "--run",
-            kernel(),
+            kernel(args.kernel),
             "--user",
             "root",
             # iommu=pt: devices the kernel's DMA API serves (and UIO's, which bypass it) see guest
             # physical addresses; vfio-pci still puts its functions in IOMMU domains of their own.
-            "--append=intel_iommu=on iommu=pt",
+            f"--append=intel_iommu=on iommu=pt {args.append}".strip(),
             *(["--systemd"] if args.systemd else []),
             f"--qemu-opts={qemu_opts}",  # "=": the value starts with "-"
             f"--rwdir={OUT_DIR}={OUT_DIR}",
             "--exec",
             guest,
         ]
-        print(f"vm-run: booting {kernel()} with {guest_sock}", file=sys.stderr, flush=True)
+        print(f"vm-run: booting {kernel(args.kernel)} with {guest_sock}", file=sys.stderr, flush=True)
         sender = threading.Thread(target=_send_when_ready, args=(vm, args.send), daemon=True)
         sender.start()
         controller = HotplugController(server, run_dir, "/" + str(run_dir.relative_to(ROOT)))
