@@ -24,6 +24,7 @@ import pyudev
 from vhostpci_driver.apps.net import NetBackend, net_policy
 from vhostpci_driver.device import VhostPciDevice
 from vhostpci_driver.events import FeaturesNegotiated
+from vhostpci_driver.pci.dma import DEFAULT_IOVA
 from vhostpci_driver.pci.vfio import VfioFunction
 from vhostpci_driver.service import Service
 
@@ -183,6 +184,9 @@ def test_6_vfio_cdev_and_iommufd_reopen_and_serve_traffic() -> None:
         fn = VfioFunction(address)  # "auto" takes the cdev where the kernel made one
         try:
             assert fn.interface == "cdev" and fn.ioas > 0
+            allowed = fn.allowed_iovas()
+            print(f"IOAS {fn.ioas} allows {[f'{a:#x}-{b:#x}' for a, b in allowed]}", flush=True)
+            assert any(a <= DEFAULT_IOVA <= b for a, b in allowed)  # where the DMA pool goes
             _serve_traffic(fn)
         finally:
             fn.close()

@@ -310,7 +310,16 @@ class VfioFunction(PciFunction):
                 length=len(vaddr_view),
                 iova=iova,
             )
-            u.ioctl(self.iommufd, iu.IOMMU_IOAS_MAP, im)
+            try:
+                u.ioctl(self.iommufd, iu.IOMMU_IOAS_MAP, im)
+            except TransportError as e:
+                # A fixed IOVA in a reserved window (the MSI range, say) is refused with a bare
+                # errno; name the windows this IOAS does allow.
+                ranges = ", ".join(f"{a:#x}-{b:#x}" for a, b in self.allowed_iovas())
+                raise TransportError(
+                    f"IOVA {iova:#x} (+{len(vaddr_view):#x}) refused: {e}; this IOAS allows {ranges}",
+                    "IOMMU_IOAS_MAP",
+                ) from None
             self._dma[iova] = len(vaddr_view)
             return
         m = u.vfio_iommu_type1_dma_map(
@@ -322,6 +331,33 @@ class VfioFunction(PciFunction):
         )
         u.ioctl(self.container, u.VFIO_IOMMU_MAP_DMA, m)
         self._dma[iova] = len(vaddr_view)
+
+    def allowed_iovas(self) -> list[tuple[int, int]]:
+        """The IOAS's usable IOVA ranges, first to last byte (cdev only; IOMMU_IOAS_IOVA_RANGES).
+
+        The kernel says how many ranges there are when the array is too small
+        (iommufd.h); asked at most three times, in case they change in between.
+        """
+        if self.interface != "cdev":
+            return []
+        count = 0
+        for _ in range(3):
+            ranges = (iu.iommu_iova_range * max(count, 1))()
+            q = iu.iommu_ioas_iova_ranges(
+                size=ctypes.sizeof(iu.iommu_ioas_iova_ranges),
+                ioas_id=self.ioas,
+                num_iovas=count,
+                allowed_iovas=ctypes.addressof(ranges),
+            )
+            try:
+                u.ioctl(self.iommufd, iu.IOMMU_IOAS_IOVA_RANGES, q)
+            except TransportError:
+                if q.num_iovas <= count or q.num_iovas > 4096:
+                    raise
+                count = q.num_iovas
+                continue
+            return [(r.start, r.last) for r in ranges[: q.num_iovas]]
+        raise TransportError("the IOAS's IOVA ranges kept changing", "IOMMU_IOAS_IOVA_RANGES")
 
     def dma_unmap(self, iova: Iova, size: int) -> None:
         if self.noiommu:
