@@ -445,6 +445,7 @@ class VhostPciDevice:
         """Everything ``vhostpci status`` shows."""
         state = self.engine.dump()
         state.update(
+            backend=self.function.backend,
             remote_uuid=str(self.config.remote_uuid),
             remote_up=self.remote_up,
             window_size=self.config.window_size,

@@ -58,6 +58,7 @@ def test_run_serves_answers_status_and_dump_and_stops_on_sigterm(short_dir: Path
         assert st.returncode == 0, st.stderr
         (service,) = json.loads(st.stdout)["services"]
         assert service["remote_uuid"] == str(UUIDS[0]) and service["remote_up"]
+        assert service["backend"] == "vfio-user"
         assert len(service["regions"]) == 2 and len(service["frontends"]) == 1
         assert service["ports"][MAC_A]["rx_frames"] >= 500
         text = vhostpci("status", env=env)

@@ -66,6 +66,11 @@ class PciFunction(abc.ABC):
     #: a human-readable address ("0000:00:05.0" or "vfio-user:/run/x.sock")
     address: str
 
+    @property
+    @abc.abstractmethod
+    def backend(self) -> str:
+        """How the function is reached, for status: vfio-cdev, vfio-group, vfio-noiommu, uio, vfio-user."""
+
     @abc.abstractmethod
     def config_read(self, offset: int, size: int) -> bytes:
         """Read ``size`` bytes of PCI config space at ``offset``."""

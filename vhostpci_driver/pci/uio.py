@@ -176,6 +176,10 @@ class UioIntx:
 class UioFunction(PciFunction):
     """A PCI function bound to uio_pci_generic, opened through sysfs and /dev/uioN."""
 
+    @property
+    def backend(self) -> str:
+        return "uio"
+
     def __init__(self, address: str, *, sysfs_root: str = "/sys", dev_root: str = "/dev") -> None:
         self.address = sysfs.parse_address(address)
         self._stack = contextlib.ExitStack()

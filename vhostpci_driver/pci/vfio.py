@@ -81,6 +81,10 @@ class VfioFunction(PciFunction):
             self._closed = True
             raise
 
+    @property
+    def backend(self) -> str:
+        return "vfio-noiommu" if self.noiommu else f"vfio-{self.interface}"
+
     def _fd(self, path: Path) -> int:
         try:
             fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)

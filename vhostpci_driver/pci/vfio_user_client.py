@@ -84,6 +84,10 @@ class _Region:
 class VfioUserFunction(PciFunction):
     """A :class:`PciFunction` over vfio-user."""
 
+    @property
+    def backend(self) -> str:
+        return "vfio-user"
+
     def __init__(self, path: str, *, timeout: float = 5.0) -> None:
         self.address = f"vfio-user:{path}"
         self.path = path
