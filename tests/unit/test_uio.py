@@ -506,7 +506,7 @@ class ModelFunction(PciFunction):
     """The reference device model in this process, offering INTx and no MSI-X vectors, as UIO does."""
 
     address = "in-process reference device"
-    backend = "model"  # type: ignore[assignment]
+    backend = "model"
 
     def __init__(self) -> None:
         self.model = VhostPciDeviceModel(window_size=1 << 24)
