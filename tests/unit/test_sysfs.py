@@ -121,7 +121,9 @@ def test_the_vfio_device_cdev_is_found_under_vfio_dev(tmp_path: Path) -> None:
     cdev.mkdir()
     (cdev / "power").mkdir()  # a non-device entry is ignored
     assert sysfs.vfio_cdev("0000:00:04.0", str(root)) is None
-    (cdev / "vfio3").mkdir()
+    (cdev / "vfio3").mkdir()  # a no-IOMMU function's entry: no char device behind it
+    assert sysfs.vfio_cdev("00:04.0", str(root)) is None
+    (cdev / "vfio3/dev").write_text("511:0\n")
     assert sysfs.vfio_cdev("00:04.0", str(root)) == "vfio3"
 
 
@@ -137,6 +139,7 @@ def test_insisting_on_the_cdev_interface_says_what_the_kernel_lacks(tmp_path: Pa
         VfioFunction("0000:00:04.0", sysfs_root=str(root), dev_root=str(dev), interface="cdev")
     assert ei.value.register == "interface"
     (d / "vfio-dev/vfio0").mkdir(parents=True)
+    (d / "vfio-dev/vfio0/dev").write_text("511:0\n")
     with pytest.raises(TransportError, match=f"no {dev}/iommu"):
         VfioFunction("0000:00:04.0", sysfs_root=str(root), dev_root=str(dev), interface="cdev")
     # open_function's vfio-cdev insists on the same (this machine's /dev decides which complaint)

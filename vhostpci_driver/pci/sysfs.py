@@ -103,11 +103,14 @@ def vfio_cdev(address: str, root: str = "/sys") -> str | None:
     """The function's VFIO device cdev (``vfio3`` for /dev/vfio/devices/vfio3), if the kernel made one.
 
     vfio-pci makes it when the kernel has CONFIG_VFIO_DEVICE_CDEV, as the
-    ``vfio-dev/vfioN`` child of the PCI device (drivers/vfio/vfio_main.c); never
-    for a no-IOMMU function (drivers/vfio/vfio.h: "cdev does not support noiommu").
+    ``vfio-dev/vfioN`` child of the PCI device (drivers/vfio/vfio_main.c). A
+    no-IOMMU function gets that child too, but as a plain device with no char
+    device behind it (drivers/vfio/vfio.h: "cdev does not support noiommu"), so
+    it has no ``dev`` (major:minor) attribute: that is what tells them apart.
     """
     d = _dev(root, parse_address(address)) / "vfio-dev"
     names = sorted(p.name for p in d.iterdir() if re.fullmatch(r"vfio\d+", p.name)) if d.is_dir() else []
+    names = [n for n in names if (d / n / "dev").exists()]
     return names[0] if names else None
 
 

@@ -126,6 +126,8 @@ class VfioFunction(PciFunction):
         if not dinfo.flags & u.VFIO_DEVICE_FLAGS_PCI:
             raise TransportError("the VFIO device is not a PCI device", "VFIO_DEVICE_GET_INFO")
         self.num_regions, self.num_irqs = dinfo.num_regions, dinfo.num_irqs
+        #: the kernel can reset the function (FLR, PM or bus reset; vfio.h VFIO_DEVICE_FLAGS_RESET)
+        self.can_reset = bool(dinfo.flags & u.VFIO_DEVICE_FLAGS_RESET)
 
     def _open_group(self, root: str, vfio: Path, group_id: int) -> None:
         noiommu_node = vfio / f"noiommu-{group_id}"
@@ -393,6 +395,13 @@ class VfioFunction(PciFunction):
             self.disable_irqs(index)
 
     def reset(self) -> None:
+        if not self.can_reset:
+            # vfio-pci answers EINVAL; say why instead.
+            raise TransportError(
+                f"{self.address} offers no function reset (no FLR, PM or bus reset): "
+                "reset the device through its virtio status register",
+                "VFIO_DEVICE_RESET",
+            )
         u.ioctl(self.device, u.VFIO_DEVICE_RESET)
 
     def close(self) -> None:
