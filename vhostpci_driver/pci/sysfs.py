@@ -109,9 +109,8 @@ def vfio_cdev(address: str, root: str = "/sys") -> str | None:
     it has no ``dev`` (major:minor) attribute: that is what tells them apart.
     """
     d = _dev(root, parse_address(address)) / "vfio-dev"
-    names = sorted(p.name for p in d.iterdir() if re.fullmatch(r"vfio\d+", p.name)) if d.is_dir() else []
-    names = [n for n in names if (d / n / "dev").exists()]
-    return names[0] if names else None
+    entries = sorted(d.iterdir()) if d.is_dir() else []
+    return next((p.name for p in entries if re.fullmatch(r"vfio\d+", p.name) and (p / "dev").exists()), None)
 
 
 def _write(path: Path, value: str, log: list[tuple[str, str]]) -> None:

@@ -308,35 +308,37 @@ class VfioFunction(PciFunction):
         if self.noiommu:
             return
         if self.interface == "cdev":
-            im = iu.iommu_ioas_map(
-                size=ctypes.sizeof(iu.iommu_ioas_map),
-                flags=iu.IOMMU_IOAS_MAP_FIXED_IOVA | iu.IOMMU_IOAS_MAP_READABLE | iu.IOMMU_IOAS_MAP_WRITEABLE,
-                ioas_id=self.ioas,
-                user_va=virtual_address(vaddr_view),
-                length=len(vaddr_view),
+            self._ioas_map(vaddr_view, iova)
+        else:
+            m = u.vfio_iommu_type1_dma_map(
+                argsz=ctypes.sizeof(u.vfio_iommu_type1_dma_map),
+                flags=u.VFIO_DMA_MAP_FLAG_READ | u.VFIO_DMA_MAP_FLAG_WRITE,
+                vaddr=virtual_address(vaddr_view),
                 iova=iova,
+                size=len(vaddr_view),
             )
-            try:
-                u.ioctl(self.iommufd, iu.IOMMU_IOAS_MAP, im)
-            except TransportError as e:
-                # A fixed IOVA in a reserved window (the MSI range, say) is refused with a bare
-                # errno; name the windows this IOAS does allow.
-                ranges = ", ".join(f"{a:#x}-{b:#x}" for a, b in self.allowed_iovas())
-                raise TransportError(
-                    f"IOVA {iova:#x} (+{len(vaddr_view):#x}) refused: {e}; this IOAS allows {ranges}",
-                    "IOMMU_IOAS_MAP",
-                ) from None
-            self._dma[iova] = len(vaddr_view)
-            return
-        m = u.vfio_iommu_type1_dma_map(
-            argsz=ctypes.sizeof(u.vfio_iommu_type1_dma_map),
-            flags=u.VFIO_DMA_MAP_FLAG_READ | u.VFIO_DMA_MAP_FLAG_WRITE,
-            vaddr=virtual_address(vaddr_view),
-            iova=iova,
-            size=len(vaddr_view),
-        )
-        u.ioctl(self.container, u.VFIO_IOMMU_MAP_DMA, m)
+            u.ioctl(self.container, u.VFIO_IOMMU_MAP_DMA, m)
         self._dma[iova] = len(vaddr_view)
+
+    def _ioas_map(self, vaddr_view: memoryview, iova: Iova) -> None:
+        im = iu.iommu_ioas_map(
+            size=ctypes.sizeof(iu.iommu_ioas_map),
+            flags=iu.IOMMU_IOAS_MAP_FIXED_IOVA | iu.IOMMU_IOAS_MAP_READABLE | iu.IOMMU_IOAS_MAP_WRITEABLE,
+            ioas_id=self.ioas,
+            user_va=virtual_address(vaddr_view),
+            length=len(vaddr_view),
+            iova=iova,
+        )
+        try:
+            u.ioctl(self.iommufd, iu.IOMMU_IOAS_MAP, im)
+        except TransportError as e:
+            # A fixed IOVA in a reserved window (the MSI range, say) is refused with a bare
+            # errno; name the windows this IOAS does allow.
+            ranges = ", ".join(f"{a:#x}-{b:#x}" for a, b in self.allowed_iovas())
+            raise TransportError(
+                f"IOVA {iova:#x} (+{len(vaddr_view):#x}) refused: {e}; this IOAS allows {ranges}",
+                "IOMMU_IOAS_MAP",
+            ) from None
 
     def allowed_iovas(self) -> list[tuple[int, int]]:
         """The IOAS's usable IOVA ranges, first to last byte (cdev only; IOMMU_IOAS_IOVA_RANGES).
@@ -373,12 +375,11 @@ class VfioFunction(PciFunction):
                 size=ctypes.sizeof(iu.iommu_ioas_unmap), ioas_id=self.ioas, iova=iova, length=size
             )
             u.ioctl(self.iommufd, iu.IOMMU_IOAS_UNMAP, um)
-            self._dma.pop(iova, None)
-            return
-        m = u.vfio_iommu_type1_dma_unmap(
-            argsz=ctypes.sizeof(u.vfio_iommu_type1_dma_unmap), iova=iova, size=size
-        )
-        u.ioctl(self.container, u.VFIO_IOMMU_UNMAP_DMA, m)
+        else:
+            m = u.vfio_iommu_type1_dma_unmap(
+                argsz=ctypes.sizeof(u.vfio_iommu_type1_dma_unmap), iova=iova, size=size
+            )
+            u.ioctl(self.container, u.VFIO_IOMMU_UNMAP_DMA, m)
         self._dma.pop(iova, None)
 
     def removal_fd(self) -> int | None:
