@@ -53,6 +53,15 @@ class Rig:
             assert not self.thread.is_alive()
             self.thread = None
 
+    def close(self) -> None:
+        """Stop everything the rig started: our service and devices first, then the VMs, then the server."""
+        self.stop_service()
+        for dev in self.devices:
+            dev.close()
+        for vm in self.vms:
+            vm.stop()
+        self.server.stop()
+
 
 @pytest.fixture
 def short_dir() -> Iterator[Path]:
@@ -69,12 +78,7 @@ def rig(short_dir: Path) -> Iterator[Rig]:
     try:
         yield r
     finally:
-        r.stop_service()
-        for dev in r.devices:
-            dev.close()
-        for vm in r.vms:
-            vm.stop()
-        server.stop()
+        r.close()
 
 
 def wait_for(cond: object, timeout: float, what: str, step: float = 0.05) -> None:

@@ -131,12 +131,7 @@ def limited() -> Iterator[Rig]:
         rig.serve()
         yield rig
     finally:
-        rig.stop_service()
-        for dev in rig.devices:
-            dev.close()
-        for vm in rig.vms:
-            vm.stop()
-        rig.server.stop()
+        rig.close()
         for p in sorted(d.rglob("*"), reverse=True):
             p.rmdir() if p.is_dir() else p.unlink()
         d.rmdir()
