@@ -20,9 +20,18 @@ from vhostpci_driver.wire.ctrl import NO_SLOT, VirtqInfo
 
 RING_EVENT_IDX = 29
 
+#: The app-facing surface: a popped :class:`Chain` comes with its :class:`Queue`.
+__all__ = ["Chain", "Frontend", "Queue"]
+
 
 class Queue:
-    """A frontend virtqueue: the device-side ring, guarded against the frontend's removal."""
+    """A frontend virtqueue: the device-side ring, guarded against the frontend's removal.
+
+    Everything an app needs from a ring, and nothing of its internals: every
+    call raises :class:`FrontendGoneError` once the frontend is removed, and
+    :class:`~vhostpci_driver.errors.RingError` (naming the broken rule) once
+    the ring is broken.
+    """
 
     def __init__(self, frontend: Frontend, info: VirtqInfo, ring: DeviceQueue) -> None:
         self.frontend = frontend
@@ -30,25 +39,42 @@ class Queue:
         self.index = info.index
         self._ring = ring
 
-    @property
-    def ring(self) -> DeviceQueue:
-        """The ring itself; raises :class:`FrontendGoneError` once the frontend is removed."""
+    def _live(self) -> DeviceQueue:
         if self.frontend.removed:
             raise FrontendGoneError(f"frontend {self.frontend.key} was removed ({self.frontend.removed})")
         return self._ring
 
     def pop_batch(self, max_chains: int = 32) -> list[Chain]:
-        return self.ring.pop_batch(max_chains)
+        """Pop up to ``max_chains`` available chains (virtio 1.2, 2.7.13.3), every ring rule checked."""
+        return self._live().pop_batch(max_chains)
 
     def push_batch(self, used: Sequence[tuple[int, int]]) -> None:
-        self.ring.push_batch(used)
+        """Return ``(head, bytes written)`` pairs to the driver VM, one index store (virtio 1.2, 2.7.8)."""
+        self._live().push_batch(used)
+
+    def discard(self, chains: Sequence[Chain]) -> None:
+        """Give back the last ``chains`` popped, unused: they become available again, in order."""
+        self._live().discard(chains)
 
     def pending(self) -> int:
-        return self.ring.pending()
+        """Available chains not yet popped."""
+        return self._live().pending()
+
+    def avail_idx(self) -> int:
+        """The driver's avail index as it is now: compare two readings to see it move (re-arm races)."""
+        return self._live().avail_idx()
+
+    def enable_notifications(self) -> None:
+        """Ask the driver VM to kick for new buffers (virtio 1.2, 2.7.10); then look at the ring again."""
+        self._live().enable_notifications()
+
+    def disable_notifications(self) -> None:
+        """Ask the driver VM not to kick while the app is polling anyway (a hint it may ignore)."""
+        self._live().disable_notifications()
 
     def notify(self) -> None:
         """Interrupt the driver VM for this queue when the ring says it wants one (event idx)."""
-        if self.ring.need_notify():
+        if self._live().need_notify():
             self.frontend.doorbell(self.info.notify_slot)
 
     @property

@@ -7,13 +7,17 @@ the data path from the transport.
 
 from __future__ import annotations
 
+import ast
 import os
+import pathlib
 
 import pytest
 
+import vhostpci_driver.apps.net as net
 from vhostpci_driver.apps.net import NetBackend, net_policy
+from vhostpci_driver.errors import FrontendGoneError
 from vhostpci_driver.events import FeaturesNegotiated, FrontendKey
-from vhostpci_driver.frontends import Frontend
+from vhostpci_driver.frontends import Chain, Frontend
 from vhostpci_host import netpacket
 from vhostpci_host.frontend import NET_FEATURES, VIRTIO_NET_F_MRG_RXBUF, NetFrontend, mixed_size
 from vhostpci_host.guestram import GuestRam
@@ -83,3 +87,34 @@ def test_switch_moves_mixed_frames_both_ways(mergeable: bool) -> None:
         assert (r.received, r.duplicates, r.corrupt) == (n, 0, 0), be.stats()
     a.close()
     b.close()
+
+
+def test_net_app_uses_only_the_public_api() -> None:
+    """apps/net.py is the model app: it imports no ring internals and reaches no queue's private parts."""
+    tree = ast.parse(pathlib.Path(net.__file__).read_text())
+    modules = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    modules |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    assert not {m for m in modules if m and m.startswith("vhostpci_driver.virtqueue")}, modules
+    attrs = {n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute)}
+    assert not attrs & {"ring", "_ring", "_live"}, attrs & {"ring", "_ring", "_live"}
+
+
+def test_queue_public_api_discard_and_avail_idx() -> None:
+    """What an app needs from a Queue, over a real ring: pop, discard (back in order), avail index, re-arm."""
+    a = Vm("52:54:00:00:00:01", NET_FEATURES)
+    rx = a.backend_side.queue(0)
+    posted = rx.pending()
+    assert posted > 2 and rx.avail_idx() == posted  # the frontend posted its RX buffers at start
+    got = rx.pop_batch(2)
+    assert all(isinstance(c, Chain) for c in got) and rx.pending() == posted - 2
+    rx.discard(got)
+    assert rx.pending() == posted
+    again = rx.pop_batch(2)
+    assert [c.head for c in again] == [c.head for c in got]
+    rx.enable_notifications()
+    rx.disable_notifications()
+    rx.push_batch([(c.head, 0) for c in again])
+    a.backend_side.remove("test")
+    with pytest.raises(FrontendGoneError):
+        rx.avail_idx()
+    a.close()

@@ -24,8 +24,7 @@ from dataclasses import dataclass, field
 
 from vhostpci_driver.errors import FrontendGoneError, RingError
 from vhostpci_driver.events import Event, FeaturesNegotiated, FrontendKey, FrontendRemoved
-from vhostpci_driver.frontends import Frontend, Queue
-from vhostpci_driver.virtqueue.device import Chain
+from vhostpci_driver.frontends import Chain, Frontend, Queue
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +101,7 @@ class NetBackend:
                 return
             self.ports[mac] = port
             for q in (port.rx, port.tx):
-                q.ring.enable_notifications()
+                q.enable_notifications()
             log.info("net port %s up (mergeable=%s)", ev.key, port.mergeable)
         elif isinstance(ev, FrontendRemoved) and ev.key.device_type == VIRTIO_NET:
             mac = ev.key.device_id.to_bytes(6, "big")
@@ -152,10 +151,10 @@ class NetBackend:
             try:
                 p.rx.notify()
                 p.tx.notify()
-                p.rx.ring.enable_notifications()
-                p.tx.ring.enable_notifications()
+                p.rx.enable_notifications()
+                p.tx.enable_notifications()
                 # Frames queued between our last pop and the re-arm raised no kick: look again.
-                if p.tx.ring.pending() and not p.held:
+                if p.tx.pending() and not p.held:
                     moved += 1
             except (FrontendGoneError, RingError) as e:
                 p.broken = str(e)
@@ -169,8 +168,8 @@ class NetBackend:
             if p is None or p.broken:
                 continue
             try:
-                p.rx.ring.enable_notifications()
-                moved |= p.rx.ring.avail_idx() != seen
+                p.rx.enable_notifications()
+                moved |= p.rx.avail_idx() != seen
             except (FrontendGoneError, RingError) as e:
                 p.broken = str(e)
         return moved
@@ -196,7 +195,7 @@ class NetBackend:
                     delivered = 0
                 if delivered is None:
                     # The target's RX is short: hold the rest; new RX buffers will kick us.
-                    waiting[target.mac] = target.rx.ring.avail_idx()
+                    waiting[target.mac] = target.rx.avail_idx()
                     break
                 touched.add(target.mac)
                 moved += delivered
@@ -232,7 +231,7 @@ class NetBackend:
         while room < size:
             got = rx.pop_batch(1)
             if not got:
-                rx.ring.discard(bufs)  # too few RX buffers now: wait for the driver VM to post more
+                rx.discard(bufs)  # too few RX buffers now: wait for the driver VM to post more
                 return None
             bufs.append(got[0])
             room += got[0].writable_len
