@@ -31,7 +31,6 @@ from vhostpci_driver.events import (
     Event,
     FeaturesNegotiated,
     FrontendAdded,
-    FrontendKey,
     FrontendRemoved,
     MemoryAdded,
     RemoteDown,
@@ -47,7 +46,7 @@ from vhostpci_driver.virtio.transport import ISR_CONFIG, IrqSource, Status, Virt
 from vhostpci_driver.virtqueue.driver import DriverQueue
 from vhostpci_driver.window import BarWindow
 from vhostpci_driver.wire import device as dev_wire
-from vhostpci_driver.wire.ctrl import NO_SLOT, Limits
+from vhostpci_driver.wire.ctrl import NO_SLOT, FrontendKey, Limits
 from vhostpci_driver.wire.device import Feature, Queue, Vector
 
 log = logging.getLogger(__name__)

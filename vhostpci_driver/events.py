@@ -10,18 +10,7 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass
 
-from vhostpci_driver.wire.ctrl import MemoryRegion, VirtqInfo
-
-
-@dataclass(frozen=True)
-class FrontendKey:
-    """A frontend device of the driver VM: ``(device_type, device_id)``."""
-
-    device_type: int
-    device_id: int
-
-    def __str__(self) -> str:
-        return f"{self.device_type}:{self.device_id:#x}"
+from vhostpci_driver.wire.ctrl import FrontendKey, MemoryRegion, VirtqInfo
 
 
 @dataclass(frozen=True)

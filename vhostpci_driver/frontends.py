@@ -14,9 +14,8 @@ from collections.abc import Callable, Sequence
 
 from vhostpci_driver.addr import GuestMemory
 from vhostpci_driver.errors import FrontendGoneError
-from vhostpci_driver.events import FrontendKey
 from vhostpci_driver.virtqueue.device import Chain, DeviceQueue
-from vhostpci_driver.wire.ctrl import NO_SLOT, VirtqInfo
+from vhostpci_driver.wire.ctrl import NO_SLOT, FrontendKey, VirtqInfo
 
 RING_EVENT_IDX = 29
 

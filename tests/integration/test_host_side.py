@@ -14,14 +14,14 @@ from pathlib import Path
 import pytest
 
 from tests.integration.conftest import MAC_A, MAC_B, UUIDS, wait_for
-from vhostpci_driver.pci import vfio_user_wire as w
 from vhostpci_driver.pci.vfio_user_client import VfioUserFunction
-from vhostpci_driver.pci.vfio_user_wire import Command
 from vhostpci_driver.virtio import caps
 from vhostpci_driver.wire import device as dw
 from vhostpci_driver.wire import sock as sw
+from vhostpci_driver.wire import vfio_user as w
 from vhostpci_driver.wire.ctrl import Op
 from vhostpci_driver.wire.sock import SocketRegion, SockMemoryInfo, SockMessage, SockMsgType
+from vhostpci_driver.wire.vfio_user import Command
 from vhostpci_host.harness import DriverVmProcess, HostServer
 
 

@@ -22,10 +22,10 @@ import pytest
 
 from tests.integration.conftest import MAC_A, MAC_B, UUIDS, Rig, wait_for
 from vhostpci_driver.errors import ProtocolError
-from vhostpci_driver.pci import vfio_user_wire as w
 from vhostpci_driver.pci.function import IRQ_MSIX
 from vhostpci_driver.pci.vfio_user_client import VfioUserFunction
 from vhostpci_driver.wire import device as dw
+from vhostpci_driver.wire import vfio_user as w
 from vhostpci_host.harness import JsonProcess
 from vhostpci_host.pci_config import MSIX_CAP, MSIX_ENABLE
 

@@ -13,7 +13,6 @@ from vhostpci_driver.errors import FailReason
 from vhostpci_driver.events import (
     FeaturesNegotiated,
     FrontendAdded,
-    FrontendKey,
     FrontendRemoved,
     MemoryAdded,
     MemoryRemoved,
@@ -24,6 +23,7 @@ from vhostpci_driver.wire.ctrl import (
     AckResult,
     DeviceInfo,
     FeatureBits,
+    FrontendKey,
     Limits,
     MemoryInfo,
     MemoryRegion,

@@ -16,8 +16,9 @@ import pytest
 import vhostpci_driver.apps.net as net
 from vhostpci_driver.apps.net import NetBackend, net_policy
 from vhostpci_driver.errors import FrontendGoneError
-from vhostpci_driver.events import FeaturesNegotiated, FrontendKey
+from vhostpci_driver.events import FeaturesNegotiated
 from vhostpci_driver.frontends import Chain, Frontend
+from vhostpci_driver.wire.ctrl import FrontendKey
 from vhostpci_host import netpacket
 from vhostpci_host.frontend import NET_FEATURES, VIRTIO_NET_F_MRG_RXBUF, NetFrontend, mixed_size
 from vhostpci_host.guestram import GuestRam

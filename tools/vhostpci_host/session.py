@@ -20,12 +20,12 @@ from typing import Protocol
 
 from vhostpci_driver.addr import WindowOffset
 from vhostpci_driver.errors import FailReason
-from vhostpci_driver.events import FrontendKey
 from vhostpci_driver.wire.ctrl import (
     Ack,
     AckResult,
     DeviceInfo,
     FeatureBits,
+    FrontendKey,
     MemoryInfo,
     MemoryRegion,
     Op,

@@ -22,8 +22,8 @@ from collections import deque
 from collections.abc import Callable
 
 from vhostpci_driver.errors import ProtocolError, RemoteMemoryError
-from vhostpci_driver.pci import vfio_user_wire as w
-from vhostpci_driver.pci.vfio_user_wire import Command, Header
+from vhostpci_driver.wire import vfio_user as w
+from vhostpci_driver.wire.vfio_user import Command, Header
 from vhostpci_host.framing import SCM_MAX_FD, FramedReader, PeerClosedError, close_fds, send_with_fds
 from vhostpci_host.vfio_device import (
     DmaMapping,

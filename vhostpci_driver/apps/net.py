@@ -23,8 +23,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from vhostpci_driver.errors import FrontendGoneError, RingError
-from vhostpci_driver.events import Event, FeaturesNegotiated, FrontendKey, FrontendRemoved
+from vhostpci_driver.events import Event, FeaturesNegotiated, FrontendRemoved
 from vhostpci_driver.frontends import Chain, Frontend, Queue
+from vhostpci_driver.wire.ctrl import FrontendKey
 
 log = logging.getLogger(__name__)
 

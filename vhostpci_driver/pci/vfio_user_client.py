@@ -19,9 +19,9 @@ import struct
 
 from vhostpci_driver.addr import Iova
 from vhostpci_driver.errors import ProtocolError, TransportError
-from vhostpci_driver.pci import vfio_user_wire as w
 from vhostpci_driver.pci.function import CONFIG_REGION, IrqInfo, PciFunction, RegionInfo, SparseArea
-from vhostpci_driver.pci.vfio_user_wire import Command
+from vhostpci_driver.wire import vfio_user as w
+from vhostpci_driver.wire.vfio_user import Command
 
 DEVICE_FLAG_PCI = 2
 REGION_READ, REGION_WRITE, REGION_MMAP = 1, 2, 4

@@ -109,6 +109,18 @@ class MsgHeader:
 
 
 @dataclass(frozen=True)
+class FrontendKey:
+    """A frontend device of the driver VM: ``(device_type, device_id)``, as DEVICE_INFO and
+    FEATURE_BITS name it (protocol.md 4.2, 4.3)."""
+
+    device_type: int
+    device_id: int
+
+    def __str__(self) -> str:
+        return f"{self.device_type}:{self.device_id:#x}"
+
+
+@dataclass(frozen=True)
 class MemoryRegion:
     """One region of the driver VM's memory as it sits in the remote window."""
 

@@ -37,11 +37,11 @@ import tempfile
 
 from vhostpci_driver.addr import WindowOffset, Xgpa
 from vhostpci_driver.errors import ProtocolError
-from vhostpci_driver.pci import vfio_user_wire as w
-from vhostpci_driver.pci.vfio_user_wire import Command, Header
 from vhostpci_driver.virtqueue.driver import DriverQueue
 from vhostpci_driver.wire import ctrl
 from vhostpci_driver.wire import device as d
+from vhostpci_driver.wire import vfio_user as w
+from vhostpci_driver.wire.vfio_user import Command, Header
 from vhostpci_host.device_model import VhostPciDeviceModel
 from vhostpci_host.framing import FramedReader
 from vhostpci_host.fuzz.contract import FuzzInput, InvariantError, Target, check, fd_is_open, open_fds

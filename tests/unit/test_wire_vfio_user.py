@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from vhostpci_driver.errors import ProtocolError
-from vhostpci_driver.pci import vfio_user_wire as w
+from vhostpci_driver.wire import vfio_user as w
 
 
 @given(st.integers(0, 0xFFFF), st.integers(1, 16), st.binary(max_size=64), st.booleans())
