@@ -234,7 +234,8 @@ def run(
 
 def _require_vhost_pci(address: str) -> None:
     from vhostpci_driver.pci import sysfs
-    from vhostpci_driver.wire.device import VIRTIO_PCI_VENDOR, pci_device_id
+    from vhostpci_driver.spec.virtio_pci import VIRTIO_PCI_VENDOR
+    from vhostpci_driver.wire.device import pci_device_id
 
     info = sysfs.info(address, _sysfs_root())
     if (info.vendor, info.device) != (VIRTIO_PCI_VENDOR, pci_device_id()):
@@ -488,7 +489,8 @@ def list_(virtio_id: int, as_json: bool) -> None:
 def bind(address: str, driver: str, force: bool) -> None:
     """Give a function to vfio-pci (or uio_pci_generic); 'vhostpci unbind' gives it back."""
     from vhostpci_driver.pci import sysfs
-    from vhostpci_driver.wire.device import VIRTIO_PCI_VENDOR, pci_device_id
+    from vhostpci_driver.spec.virtio_pci import VIRTIO_PCI_VENDOR
+    from vhostpci_driver.wire.device import pci_device_id
 
     root = _sysfs_root()
     info = sysfs.info(address, root)

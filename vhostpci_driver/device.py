@@ -40,14 +40,17 @@ from vhostpci_driver.frontends import Frontend
 from vhostpci_driver.memory import RegionTable
 from vhostpci_driver.pci.access import AccessRegisters, registers_for
 from vhostpci_driver.pci.dma import DmaPool
-from vhostpci_driver.pci.function import IRQ_MSIX, PciFunction
+from vhostpci_driver.pci.function import PciFunction
 from vhostpci_driver.pci.mmio import Registers
-from vhostpci_driver.virtio.transport import ISR_CONFIG, IrqSource, Status, VirtioPciTransport
+from vhostpci_driver.spec.vfio import VFIO_PCI_MSIX_IRQ_INDEX
+from vhostpci_driver.spec.virtio import Feature, Status
+from vhostpci_driver.spec.virtio_pci import ISR_CONFIG, NO_VECTOR
+from vhostpci_driver.virtio.transport import IrqSource, VirtioPciTransport
 from vhostpci_driver.virtqueue.driver import DriverQueue
 from vhostpci_driver.window import BarWindow
 from vhostpci_driver.wire import device as dev_wire
 from vhostpci_driver.wire.ctrl import NO_SLOT, FrontendKey, Limits
-from vhostpci_driver.wire.device import Feature, Queue, Vector
+from vhostpci_driver.wire.device import Queue, Vector
 
 log = logging.getLogger(__name__)
 E = TypeVar("E", bound=Event)
@@ -180,7 +183,7 @@ class VhostPciDevice:
             self.intx = t.enable_intx()
         for q, vec in ((Queue.CONTROLQ, Vector.CONTROLQ), (Queue.ACKQ, Vector.ACKQ)):
             d, a, u = self._ring_addrs[q]
-            t.setup_queue(q, qs, d, a, u, vector=vec if vectors else dev_wire.NO_VECTOR)
+            t.setup_queue(q, qs, d, a, u, vector=vec if vectors else NO_VECTOR)
         self._kick_ctrl = t.notifier(Queue.CONTROLQ)
         self._kick_ack = t.notifier(Queue.ACKQ)
         for i, b in enumerate(self._ctrl_bufs):
@@ -197,7 +200,7 @@ class VhostPciDevice:
         if self.polling:
             return "polling"
         t = self.transport
-        if t.caps.msix is not None and self.function.irq_info(IRQ_MSIX).count > 0:
+        if t.caps.msix is not None and self.function.irq_info(VFIO_PCI_MSIX_IRQ_INDEX).count > 0:
             return "msix"
         if t.intx_available():
             return "intx"

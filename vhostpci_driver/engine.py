@@ -23,6 +23,7 @@ from vhostpci_driver.events import (
     MemoryRemoved,
 )
 from vhostpci_driver.memory import RegionTable
+from vhostpci_driver.spec.virtio import Feature
 from vhostpci_driver.virtqueue.layout import ring_part_sizes
 from vhostpci_driver.wire import ctrl
 from vhostpci_driver.wire.ctrl import (
@@ -41,10 +42,9 @@ from vhostpci_driver.wire.ctrl import (
 
 #: Transport feature bits the toolkit's device-side ring implements (virtio 1.2, 6):
 #: what the default policy accepts for a frontend no app serves.
-RING_INDIRECT_DESC = 28
-RING_EVENT_IDX = 29
-VERSION_1 = 32
-TRANSPORT_FEATURES = (1 << RING_INDIRECT_DESC) | (1 << RING_EVENT_IDX) | (1 << VERSION_1)
+TRANSPORT_FEATURES = (
+    (1 << Feature.RING_INDIRECT_DESC) | (1 << Feature.RING_EVENT_IDX) | (1 << Feature.VERSION_1)
+)
 
 #: ``(frontend, offered bits) -> accepted bits``; the engine keeps only bits that were offered.
 FeaturePolicy = Callable[[FrontendKey, int], int]

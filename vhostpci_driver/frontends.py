@@ -14,10 +14,9 @@ from collections.abc import Callable, Sequence
 
 from vhostpci_driver.addr import GuestMemory
 from vhostpci_driver.errors import FrontendGoneError
+from vhostpci_driver.spec.virtio import Feature
 from vhostpci_driver.virtqueue.device import Chain, DeviceQueue
 from vhostpci_driver.wire.ctrl import NO_SLOT, FrontendKey, VirtqInfo
-
-RING_EVENT_IDX = 29
 
 #: The app-facing surface: a popped :class:`Chain` comes with its :class:`Queue`.
 __all__ = ["Chain", "Frontend", "Queue"]
@@ -113,7 +112,7 @@ class Frontend:
     def start(self, features: int) -> None:
         """Build the rings once the features are known (EVENT_IDX changes the ring protocol)."""
         self.features = features
-        event_idx = bool(features >> RING_EVENT_IDX & 1)
+        event_idx = bool(features >> Feature.RING_EVENT_IDX & 1)
         self.queues = {
             v.index: Queue(
                 self,

@@ -15,6 +15,8 @@ import pytest
 
 from tests.integration.conftest import MAC_A, MAC_B, UUIDS, wait_for
 from vhostpci_driver.pci.vfio_user_client import VfioUserFunction
+from vhostpci_driver.spec import vfio as sv
+from vhostpci_driver.spec.virtio_pci import VIRTIO_PCI_VENDOR
 from vhostpci_driver.virtio import caps
 from vhostpci_driver.wire import device as dw
 from vhostpci_driver.wire import sock as sw
@@ -43,7 +45,7 @@ def test_config_space_shows_the_virtio_capabilities(host: tuple[HostServer, Driv
     _, _, path = host
     with VfioUserFunction(path) as fn:
         cfg = fn.config_read(0, 256)
-        assert struct.unpack_from("<HH", cfg, 0) == (dw.VIRTIO_PCI_VENDOR, dw.pci_device_id())
+        assert struct.unpack_from("<HH", cfg, 0) == (VIRTIO_PCI_VENDOR, dw.pci_device_id())
         assert cfg[8] >= 1  # revision: modern
         sizes = {i: fn.region_info(i).size for i in range(6) if fn.region_info(i).size}
         c = caps.parse(cfg, sizes)
@@ -123,7 +125,9 @@ def test_qemu_realize_sequence_is_accepted(host: tuple[HostServer, DriverVmProce
         hdr, body, fds = call(Command.DEVICE_GET_REGION_INFO, w.REGION_INFO.pack(32, 0, index, 0, 0, 0))
         assert len(body) <= 32 + 16  # QEMU's receive buffer for region info is argsz + 16
         argsz, rflags, _, cap_off = w.REGION_INFO.unpack_from(body)[:4]
-        if rflags & w.REGION_FLAG_CAPS:  # hw/vfio-user/device.c: CAPS needs 32 <= cap_offset <= argsz
+        if (
+            rflags & sv.VFIO_REGION_INFO_FLAG_CAPS
+        ):  # hw/vfio-user/device.c: CAPS needs 32 <= cap_offset <= argsz
             assert 32 <= cap_off <= 32
         for fd in fds:
             os.close(fd)
@@ -133,7 +137,7 @@ def test_qemu_realize_sequence_is_accepted(host: tuple[HostServer, DriverVmProce
             )
             assert len(body) <= argsz + 16 and len(fds) <= 1
             _, rflags, _, cap_offset = w.REGION_INFO.unpack_from(body)[:4]
-            assert not rflags & w.REGION_FLAG_CAPS or 32 <= cap_offset <= argsz
+            assert not rflags & sv.VFIO_REGION_INFO_FLAG_CAPS or 32 <= cap_offset <= argsz
             for fd in fds:
                 os.close(fd)
     hdr, _, _ = call(Command.DEVICE_GET_IRQ_INFO, w.IRQ_INFO.pack(16, 0, 3, 0))  # ERR: an error is tolerated
@@ -145,15 +149,17 @@ def test_qemu_realize_sequence_is_accepted(host: tuple[HostServer, DriverVmProce
     hdr, body, _ = call(Command.DEVICE_GET_IRQ_INFO, w.IRQ_INFO.pack(16, 0, 2, 0))
     assert w.IRQ_INFO.unpack(body)[3] >= 3
     # MSI-X enable as QEMU does it: INTx off, a no-fd eventfd run, then one SET_IRQS per vector.
-    trig = w.IRQ_ACTION_TRIGGER
-    assert not call(Command.DEVICE_SET_IRQS, w.IRQ_SET.pack(20, w.IRQ_DATA_NONE | trig, 0, 0, 0))[0].is_error
-    assert not call(Command.DEVICE_SET_IRQS, w.IRQ_SET.pack(20, w.IRQ_DATA_EVENTFD | trig, 2, 0, 1))[
+    trig = sv.VFIO_IRQ_SET_ACTION_TRIGGER
+    assert not call(Command.DEVICE_SET_IRQS, w.IRQ_SET.pack(20, sv.VFIO_IRQ_SET_DATA_NONE | trig, 0, 0, 0))[
         0
     ].is_error
+    assert not call(
+        Command.DEVICE_SET_IRQS, w.IRQ_SET.pack(20, sv.VFIO_IRQ_SET_DATA_EVENTFD | trig, 2, 0, 1)
+    )[0].is_error
     efds = [os.eventfd(0) for _ in range(3)]
     for v, fd in enumerate(efds):
         assert not call(
-            Command.DEVICE_SET_IRQS, w.IRQ_SET.pack(20, w.IRQ_DATA_EVENTFD | trig, 2, v, 1), [fd]
+            Command.DEVICE_SET_IRQS, w.IRQ_SET.pack(20, sv.VFIO_IRQ_SET_DATA_EVENTFD | trig, 2, v, 1), [fd]
         )[0].is_error
     hdr, _, _ = call(Command.REGION_WRITE, w.REGION_RW.pack(0x42, 7, 2) + struct.pack("<H", 0x8000 | 66))
     assert not hdr.is_error
@@ -208,7 +214,7 @@ def test_malformed_storm_leaves_the_server_serving_and_leaks_nothing(
         s.close()
     # The server still serves, and holds exactly what it held before.
     with VfioUserFunction(path) as fn:
-        assert struct.unpack("<H", fn.config_read(0, 2))[0] == dw.VIRTIO_PCI_VENDOR
+        assert struct.unpack("<H", fn.config_read(0, 2))[0] == VIRTIO_PCI_VENDOR
     wait_for(lambda: fd_count(server.pid) == base, 5, f"fd count back to {base}")
 
 

@@ -8,17 +8,15 @@ import struct
 import pytest
 
 from vhostpci_driver.errors import RemoteMemoryError
+from vhostpci_driver.spec.virtio import Feature, Status
 from vhostpci_driver.virtqueue.driver import DriverQueue
 from vhostpci_driver.wire import ctrl
 from vhostpci_driver.wire import device as d
-from vhostpci_host.device_model import (
-    DRIVER_OK,
-    FEATURES_OK,
-    NEEDS_RESET,
-    VhostPciDeviceModel,
-)
+from vhostpci_host.device_model import VhostPciDeviceModel
 from vhostpci_host.vfio_device import VfioDeviceError
 from vhostpci_host.vfio_user_server import DmaTable
+
+DRIVER_OK, FEATURES_OK, NEEDS_RESET = Status.DRIVER_OK, Status.FEATURES_OK, Status.DEVICE_NEEDS_RESET
 
 IOVA = 0x4000_0000
 COMMON = {"dfs": 0, "df": 4, "gfs": 8, "gf": 12, "cvec": 16, "status": 20, "qsel": 22, "qsize": 24,
@@ -90,19 +88,19 @@ def b() -> Bench:
 def test_features_ok_only_for_offered_bits_with_version_1(b: Bench) -> None:
     assert not b.negotiate(1 << 5) & FEATURES_OK  # a device-specific bit nobody offered
     b.w("status", 0, 1)
-    assert not b.negotiate(1 << d.Feature.RING_EVENT_IDX) & FEATURES_OK  # no VERSION_1
+    assert not b.negotiate(1 << Feature.RING_EVENT_IDX) & FEATURES_OK  # no VERSION_1
     b.w("status", 0, 1)
-    assert b.negotiate(1 << d.Feature.VERSION_1) & FEATURES_OK
+    assert b.negotiate(1 << Feature.VERSION_1) & FEATURES_OK
 
 
 def test_queue_setup_rules_and_reset(b: Bench) -> None:
-    b.negotiate(1 << d.Feature.VERSION_1)
+    b.negotiate(1 << Feature.VERSION_1)
     b.w("qsel", 0, 2)
     b.w("qsize", 12, 2)  # not a power of two: a driver error
     assert b.r("status", 1) & NEEDS_RESET and b.fired(0)
     b.w("status", 0, 1)
     assert b.r("status", 1) == 0  # reset completes at once
-    b.negotiate(1 << d.Feature.VERSION_1)
+    b.negotiate(1 << Feature.VERSION_1)
     b.setup_queue(0, IOVA)
     b.setup_queue(1, IOVA + 0x4000)
     b.w("status", 1 | 2 | FEATURES_OK | DRIVER_OK, 1)
@@ -113,7 +111,7 @@ def test_queue_setup_rules_and_reset(b: Bench) -> None:
 
 
 def test_driver_ok_with_rings_outside_dma_memory(b: Bench) -> None:
-    b.negotiate(1 << d.Feature.VERSION_1)
+    b.negotiate(1 << Feature.VERSION_1)
     b.setup_queue(0, IOVA + (1 << 21))  # beyond the 1 MiB mapped
     b.w("status", 1 | 2 | FEATURES_OK | DRIVER_OK, 1)
     assert b.r("status", 1) & NEEDS_RESET and b.fired(0)
@@ -124,7 +122,7 @@ def test_controlq_ids_and_acks(b: Bench) -> None:
     errors: list[tuple[str, int | None]] = []
     b.m.on_ack = lambda rid, ack: acks.append((rid, ack.result))
     b.m.on_ack_error = lambda why, rid: errors.append((why, rid))
-    b.negotiate(1 << d.Feature.VERSION_1)
+    b.negotiate(1 << Feature.VERSION_1)
     cq = b.setup_queue(0, IOVA)
     aq = b.setup_queue(1, IOVA + 0x4000)
     assert cq is not None and aq is not None
@@ -153,7 +151,7 @@ def test_controlq_ids_and_acks(b: Bench) -> None:
 
 
 def test_short_controlq_buffer_is_a_driver_error(b: Bench) -> None:
-    b.negotiate(1 << d.Feature.VERSION_1)
+    b.negotiate(1 << Feature.VERSION_1)
     cq = b.setup_queue(0, IOVA)
     assert cq is not None
     cq.add((), ((IOVA + 0x10000, 16),), 0)

@@ -12,9 +12,10 @@ import os
 import pytest
 
 from vhostpci_driver.errors import RingError
+from vhostpci_driver.spec.virtio_net import VIRTIO_NET_F_MRG_RXBUF
 from vhostpci_driver.virtqueue.device import DeviceQueue
 from vhostpci_host import netpacket
-from vhostpci_host.frontend import MRG_BUF, NET_FEATURES, VIRTIO_NET_F_MRG_RXBUF, NetFrontend, mixed_size
+from vhostpci_host.frontend import MRG_BUF, NET_FEATURES, NetFrontend, mixed_size
 from vhostpci_host.guestram import GuestRam
 
 A = netpacket.mac_bytes("52:54:00:00:00:0a")

@@ -18,9 +18,10 @@ from vhostpci_driver.apps.net import NetBackend, net_policy
 from vhostpci_driver.errors import FrontendGoneError
 from vhostpci_driver.events import FeaturesNegotiated
 from vhostpci_driver.frontends import Chain, Frontend
+from vhostpci_driver.spec.virtio_net import VIRTIO_NET_F_MRG_RXBUF
 from vhostpci_driver.wire.ctrl import FrontendKey
 from vhostpci_host import netpacket
-from vhostpci_host.frontend import NET_FEATURES, VIRTIO_NET_F_MRG_RXBUF, NetFrontend, mixed_size
+from vhostpci_host.frontend import NET_FEATURES, NetFrontend, mixed_size
 from vhostpci_host.guestram import GuestRam
 
 

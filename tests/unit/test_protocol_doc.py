@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from vhostpci_driver.errors import FailReason
+from vhostpci_driver.spec import virtio_pci  # noqa: F401  (declares virtio_pci_common_cfg)
 from vhostpci_driver.wire import ctrl, device, sock
 from vhostpci_driver.wire.layout import REGISTRY
 

@@ -38,10 +38,6 @@ from vhostpci_driver.events import RemoteUp
 from vhostpci_driver.pci.access import registers_for
 from vhostpci_driver.pci.dma import PAGEMAP_PRESENT, physical_address, physical_iova, virtual_address
 from vhostpci_driver.pci.function import (
-    CONFIG_REGION,
-    IRQ_INTX,
-    IRQ_MSI,
-    IRQ_MSIX,
     IrqInfo,
     PciFunction,
     RegionInfo,
@@ -49,12 +45,18 @@ from vhostpci_driver.pci.function import (
 from vhostpci_driver.pci.mmio import MappedRegisters
 from vhostpci_driver.pci.open import open_function
 from vhostpci_driver.pci.uio import UioFunction, parse_resource
-from vhostpci_driver.virtio.transport import ISR_CONFIG, ISR_QUEUE, MSIX_ENABLE, VirtioPciTransport
+from vhostpci_driver.spec.pci import PCI_MSIX_FLAGS_ENABLE as MSIX_ENABLE
+from vhostpci_driver.spec.vfio import VFIO_PCI_CONFIG_REGION_INDEX as CONFIG_REGION
+from vhostpci_driver.spec.vfio import VFIO_PCI_INTX_IRQ_INDEX as INTX_IRQ
+from vhostpci_driver.spec.vfio import VFIO_PCI_INTX_IRQ_INDEX as IRQ_INTX
+from vhostpci_driver.spec.vfio import VFIO_PCI_MSI_IRQ_INDEX as IRQ_MSI
+from vhostpci_driver.spec.vfio import VFIO_PCI_MSIX_IRQ_INDEX as IRQ_MSIX
+from vhostpci_driver.spec.virtio_pci import ISR_CONFIG, ISR_QUEUE, VIRTIO_PCI_VENDOR
+from vhostpci_driver.virtio.transport import VirtioPciTransport
 from vhostpci_driver.wire import ctrl
 from vhostpci_driver.wire import device as d
 from vhostpci_host.device_model import VhostPciDeviceModel
 from vhostpci_host.pci_config import MSIX_CAP, PciConfig
-from vhostpci_host.vfio_device import INTX_IRQ
 from vhostpci_host.vfio_user_server import DmaTable
 
 ADDR = "0000:00:04.0"  # fake_tree's vhost-pci function
@@ -217,8 +219,8 @@ def test_io_port_bars_are_read_and_written_one_port_access_at_a_time(rig: Rig) -
 
 def test_config_space_by_pread_and_pwrite(rig: Rig) -> None:
     with rig.open() as fn:
-        assert fn.config_read(0, 4) == struct.pack("<HH", d.VIRTIO_PCI_VENDOR, d.pci_device_id())
-        assert fn.region_read(CONFIG_REGION, 0, 2) == struct.pack("<H", d.VIRTIO_PCI_VENDOR)
+        assert fn.config_read(0, 4) == struct.pack("<HH", VIRTIO_PCI_VENDOR, d.pci_device_id())
+        assert fn.region_read(CONFIG_REGION, 0, 2) == struct.pack("<H", VIRTIO_PCI_VENDOR)
         fn.config_write(0x3C, b"\x0b")
         fn.region_write(CONFIG_REGION, 0x04, struct.pack("<H", 0x0006))
         assert rig.config(0x3C, 1) == b"\x0b" and rig.config(0x04, 2) == b"\x06\x00"

@@ -13,6 +13,7 @@ import pytest
 from vhostpci_driver.errors import TransportError
 from vhostpci_driver.pci import iommufd_uapi as iu
 from vhostpci_driver.pci import vfio_uapi as u
+from vhostpci_driver.spec import vfio as sv
 
 HEADER = Path("/usr/include/linux/vfio.h")
 #: where each group of declarations comes from, and the C guard that says the header has it
@@ -108,7 +109,7 @@ def test_ioctl_numbers_match_the_header(
 def test_constants_match_the_header(kernel_values: dict[str, int]) -> None:
     for key, value in kernel_values.items():
         if key.startswith("const."):
-            assert getattr(u if key.startswith("const.VFIO") else iu, key[6:]) == value, key
+            assert getattr(sv if key.startswith("const.VFIO") else iu, key[6:]) == value, key
 
 
 def test_the_cli_offers_every_backend_open_function_takes() -> None:

@@ -9,8 +9,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from vhostpci_driver.errors import TransportError
+from vhostpci_driver.spec import pci
+from vhostpci_driver.spec.virtio_pci import CfgType
 from vhostpci_driver.virtio import caps
-from vhostpci_driver.virtio.caps import CfgType
 
 BARS = {0: 0x8000, 1: 0x1000, 2: 1 << 30}
 
@@ -19,8 +20,8 @@ def config_with(*entries: tuple[int, bytes]) -> bytearray:
     """Config space whose capability list is ``entries`` (offset, body sans id/next), in order."""
     cfg = bytearray(256)
     struct.pack_into("<HH", cfg, 0, 0x1AF4, 0x107F)
-    struct.pack_into("<H", cfg, caps.PCI_STATUS, caps.PCI_STATUS_CAP_LIST)
-    cfg[caps.PCI_CAPABILITY_LIST] = entries[0][0] if entries else 0
+    struct.pack_into("<H", cfg, pci.PCI_STATUS, pci.PCI_STATUS_CAP_LIST)
+    cfg[pci.PCI_CAPABILITY_LIST] = entries[0][0] if entries else 0
     for i, (off, body) in enumerate(entries):
         nxt = entries[i + 1][0] if i + 1 < len(entries) else 0
         cfg[off + 1] = nxt
@@ -31,12 +32,12 @@ def config_with(*entries: tuple[int, bytes]) -> bytearray:
 
 def vcap(cfg_type: int, bar: int, offset: int, length: int, mult: int | None = None) -> bytes:
     cap_len = 20 if mult is not None else 16
-    body = bytes([caps.PCI_CAP_ID_VNDR, cap_len, cfg_type, bar, 0, 0, 0]) + struct.pack("<II", offset, length)
+    body = bytes([pci.PCI_CAP_ID_VNDR, cap_len, cfg_type, bar, 0, 0, 0]) + struct.pack("<II", offset, length)
     return body + (struct.pack("<I", mult) if mult is not None else b"")
 
 
 def msix(table_size: int) -> bytes:
-    return bytes([caps.PCI_CAP_ID_MSIX]) + struct.pack("<HII", table_size - 1, 1, 0x800 | 1)
+    return bytes([pci.PCI_CAP_ID_MSIX]) + struct.pack("<HII", table_size - 1, 1, 0x800 | 1)
 
 
 GOOD = [
@@ -97,7 +98,7 @@ def test_missing_common_or_short_common() -> None:
 
 def test_no_capability_list_bit() -> None:
     cfg = config_with(*GOOD)
-    cfg[caps.PCI_STATUS] = 0
+    cfg[pci.PCI_STATUS] = 0
     with pytest.raises(TransportError, match="no capability list"):
         caps.parse(bytes(cfg), BARS)
 
@@ -113,7 +114,7 @@ def test_notify_without_multiplier() -> None:
 @given(st.binary(min_size=256, max_size=256))
 def test_random_config_spaces_only_raise_transport_error(raw: bytes) -> None:
     cfg = bytearray(raw)
-    cfg[caps.PCI_STATUS] |= caps.PCI_STATUS_CAP_LIST
+    cfg[pci.PCI_STATUS] |= pci.PCI_STATUS_CAP_LIST
     try:
         caps.parse(bytes(cfg), BARS)
     except TransportError:

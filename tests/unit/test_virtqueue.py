@@ -11,12 +11,10 @@ from hypothesis import strategies as st
 from vhostpci_driver.addr import WindowOffset, Xgpa
 from vhostpci_driver.errors import RingError
 from vhostpci_driver.memory import BufferWindow, Region, RegionTable
+from vhostpci_driver.spec.virtio import VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE
 from vhostpci_driver.virtqueue.device import DeviceQueue
 from vhostpci_driver.virtqueue.driver import DriverQueue
 from vhostpci_driver.virtqueue.layout import (
-    VIRTQ_DESC_F_INDIRECT,
-    VIRTQ_DESC_F_NEXT,
-    VIRTQ_DESC_F_WRITE,
     layout,
     need_event,
 )

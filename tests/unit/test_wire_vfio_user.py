@@ -7,6 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from vhostpci_driver.errors import ProtocolError
+from vhostpci_driver.spec import vfio as sv
 from vhostpci_driver.wire import vfio_user as w
 
 
@@ -49,16 +50,18 @@ def test_region_info_with_sparse_areas_round_trips(areas: list[tuple[int, int]])
     size = 1 << 22
     full = w.encode_region_info(1 << 12, 7, 2, size, 0x1000, areas=tuple(areas))
     argsz, flags, index, rsize, offset, got = w.decode_region_info(full)
-    caps = w.REGION_FLAG_CAPS if areas else 0
+    caps = sv.VFIO_REGION_INFO_FLAG_CAPS if areas else 0
     assert (flags, index, rsize, offset, got) == (7 | caps, 2, size, 0x1000, tuple(areas))
     short = w.encode_region_info(32, 7, 2, size, 0x1000, areas=tuple(areas))
     assert len(short) == 32 and w.decode_region_info(short)[0] == argsz  # asks for more room...
-    assert not w.decode_region_info(short)[1] & w.REGION_FLAG_CAPS  # ...and, as QEMU needs, no CAPS flag
+    assert (
+        not w.decode_region_info(short)[1] & sv.VFIO_REGION_INFO_FLAG_CAPS
+    )  # ...and, as QEMU needs, no CAPS flag
 
 
 def test_region_info_capability_chain_is_bounded() -> None:
     body = bytearray(w.encode_region_info(4096, 7, 2, 1 << 20, 0, areas=((0, 4096),)))
-    w.CAP_HEADER.pack_into(body, 32, w.CAP_SPARSE_MMAP, 1, 32)  # next points at itself
+    w.CAP_HEADER.pack_into(body, 32, sv.VFIO_REGION_INFO_CAP_SPARSE_MMAP, 1, 32)  # next points at itself
     with pytest.raises(ProtocolError, match="backwards"):
         w.decode_region_info(bytes(body))
     body = bytearray(w.encode_region_info(4096, 7, 2, 4096, 0, areas=((0, 8192),)))

@@ -1,7 +1,7 @@
 """The reference vhost-pci device (protocol.md, sections 2, 3 and 6), behind a vfio-user server.
 
 It behaves as a strict virtio-pci modern device so the guest toolkit cannot
-pass against a lenient one: queue registers only before DRIVER_OK, FEATURES_OK
+pass against a lenient one: queue registers only before Status.DRIVER_OK, Status.FEATURES_OK
 only for offered features including VERSION_1, DEVICE_NEEDS_RESET (and a
 config interrupt) when the driver breaks a rule, a message never truncated
 into a short buffer. The host side talks to it through :meth:`send_control`,
@@ -22,21 +22,22 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from vhostpci_driver.errors import ProtocolError, RingError
+from vhostpci_driver.spec import vfio
+from vhostpci_driver.spec.pci import (
+    PCI_COMMAND_INTX_DISABLE,
+    PCI_MSIX_ENTRY_CTRL_MASKBIT,
+    PCI_MSIX_ENTRY_SIZE,
+    PCI_MSIX_ENTRY_VECTOR_CTRL,
+    PCI_MSIX_FLAGS_ENABLE,
+    PCI_MSIX_FLAGS_MASKALL,
+)
+from vhostpci_driver.spec.virtio import Feature, Status
+from vhostpci_driver.spec.virtio_pci import COMMON_FIELDS, ISR_CONFIG, ISR_QUEUE, NO_VECTOR, PCI_CFG_DATA
 from vhostpci_driver.virtqueue.device import DeviceQueue
 from vhostpci_driver.wire import ctrl
 from vhostpci_driver.wire import device as d
-from vhostpci_host.pci_config import (
-    MSIX_ENABLE,
-    MSIX_MASKALL,
-    NUM_QUEUES,
-    PCI_COMMAND_INTX_DISABLE,
-    PciConfig,
-)
+from vhostpci_host.pci_config import NUM_QUEUES, PCI_CFG_CAP, PciConfig
 from vhostpci_host.vfio_device import (
-    CONFIG_REGION,
-    INTX_IRQ,
-    MSIX_IRQ,
-    NUM_PCI_REGIONS,
     DeviceFlag,
     DmaSpace,
     IoEventFdSpec,
@@ -50,21 +51,12 @@ from vhostpci_host.vfio_device import (
 
 log = logging.getLogger(__name__)
 
-# virtio 1.2, 4.1.4.3: struct virtio_pci_common_cfg, (offset, width) by name
-COMMON = {
-    "device_feature_select": (0, 4), "device_feature": (4, 4), "driver_feature_select": (8, 4),
-    "driver_feature": (12, 4), "config_msix_vector": (16, 2), "num_queues": (18, 2), "device_status": (20, 1),
-    "config_generation": (21, 1), "queue_select": (22, 2), "queue_size": (24, 2),
-    "queue_msix_vector": (26, 2),
-    "queue_enable": (28, 2), "queue_notify_off": (30, 2), "queue_desc": (32, 8), "queue_driver": (40, 8),
-    "queue_device": (48, 8), "queue_notify_data": (56, 2), "queue_reset": (58, 2),
-}  # fmt: skip
-FIELD_AT = {off: (name, width) for name, (off, width) in COMMON.items()}
+FIELD_AT = {off: (name, width) for name, (off, width) in COMMON_FIELDS.items()}
 # The field every byte belongs to: a read may start anywhere inside a field and must still
 # return exactly the bytes asked for (a lookup by field start alone read wrong, or forever).
-FIELD_OF_BYTE = {off + i: (name, off, width) for name, (off, width) in COMMON.items() for i in range(width)}
-ACKNOWLEDGE, DRIVER, DRIVER_OK, FEATURES_OK, NEEDS_RESET, FAILED = 1, 2, 4, 8, 0x40, 0x80
-ISR_QUEUE, ISR_CONFIG = 1, 2
+FIELD_OF_BYTE = {
+    off + i: (name, off, width) for name, (off, width) in COMMON_FIELDS.items() for i in range(width)
+}
 MAX_MSG_LEN = 4096
 
 
@@ -73,7 +65,7 @@ class QueueState:
     """One virtqueue's registers (virtio 1.2, 4.1.4.3)."""
 
     size: int = d.MAX_QUEUE_SIZE
-    vector: int = d.NO_VECTOR
+    vector: int = NO_VECTOR
     enable: int = 0
     desc: int = 0
     driver: int = 0
@@ -94,7 +86,7 @@ class _WindowRegion:
 class _Slot:
     kick_fd: int
     call_fd: int
-    vector: int = d.NO_VECTOR
+    vector: int = NO_VECTOR
 
 
 class VhostPciDeviceModel:
@@ -161,24 +153,24 @@ class VhostPciDeviceModel:
         self.device_feature_select = 0
         self.driver_feature_select = 0
         self.driver_features = 0
-        self.config_vector = d.NO_VECTOR
+        self.config_vector = NO_VECTOR
         self.config_generation = 0
         self.queue_select = 0
         self.queues = [QueueState() for _ in range(NUM_QUEUES)]
         self.rings: list[DeviceQueue | None] = [None] * NUM_QUEUES
         self.isr = 0
         for slot in self.slots.values():
-            slot.vector = d.NO_VECTOR
+            slot.vector = NO_VECTOR
 
     # -- VfioUserDevice: regions and irqs ------------------------------------------------
 
     def regions(self) -> list[RegionSpec]:
         rw = RegionFlag.READ | RegionFlag.WRITE
-        specs = [RegionSpec(i, 0, RegionFlag(0)) for i in range(NUM_PCI_REGIONS)]
+        specs = [RegionSpec(i, 0, RegionFlag(0)) for i in range(vfio.VFIO_PCI_NUM_REGIONS)]
         specs[d.BAR_VIRTIO] = RegionSpec(d.BAR_VIRTIO, d.BAR_VIRTIO_SIZE, rw)
         specs[d.BAR_MSIX] = RegionSpec(d.BAR_MSIX, d.BAR_MSIX_SIZE, rw)
         specs[d.BAR_WINDOW] = self._window_spec()
-        specs[CONFIG_REGION] = RegionSpec(CONFIG_REGION, 4096, rw)
+        specs[vfio.VFIO_PCI_CONFIG_REGION_INDEX] = RegionSpec(vfio.VFIO_PCI_CONFIG_REGION_INDEX, 4096, rw)
         return specs
 
     def _window_spec(self) -> RegionSpec:
@@ -199,25 +191,26 @@ class VhostPciDeviceModel:
 
     def irqs(self) -> list[IrqSpec]:
         return [
-            IrqSpec(INTX_IRQ, 1, IrqFlag.EVENTFD | IrqFlag.MASKABLE | IrqFlag.AUTOMASKED),
-            IrqSpec(1, 0),
-            IrqSpec(MSIX_IRQ, self.nvectors),
-            IrqSpec(3, 0),
-            IrqSpec(4, 0),
+            IrqSpec(vfio.VFIO_PCI_INTX_IRQ_INDEX, 1, IrqFlag.EVENTFD | IrqFlag.MASKABLE | IrqFlag.AUTOMASKED),
+            IrqSpec(vfio.VFIO_PCI_MSI_IRQ_INDEX, 0),
+            IrqSpec(vfio.VFIO_PCI_MSIX_IRQ_INDEX, self.nvectors),
+            IrqSpec(vfio.VFIO_PCI_ERR_IRQ_INDEX, 0),
+            IrqSpec(vfio.VFIO_PCI_REQ_IRQ_INDEX, 0),
         ]
 
     def set_irqs(self, index: int, flags: int, start: int, count: int, fds: list[int]) -> None:
-        data = flags & 0x7
-        if index == MSIX_IRQ:
+        data = flags & vfio.VFIO_IRQ_SET_DATA_TYPE_MASK
+        if index == vfio.VFIO_PCI_MSIX_IRQ_INDEX:
             targets = range(start, start + count) if count else list(self.msix_fds)
             for i, v in enumerate(targets):
                 old = self.msix_fds.pop(v, None)
                 if old is not None:
                     os.close(old)
-                if data == 4 and i < len(fds):  # DATA_EVENTFD with an fd assigns; without, de-assigns
+                # DATA_EVENTFD with an fd assigns; without, de-assigns
+                if data == vfio.VFIO_IRQ_SET_DATA_EVENTFD and i < len(fds):
                     self.msix_fds[v] = fds[i]
-        elif index == INTX_IRQ:
-            self._set_intx(flags & 0x38, data, count, fds)
+        elif index == vfio.VFIO_PCI_INTX_IRQ_INDEX:
+            self._set_intx(flags & vfio.VFIO_IRQ_SET_ACTION_TYPE_MASK, data, count, fds)
             return
         else:
             for fd in fds:
@@ -230,20 +223,21 @@ class VhostPciDeviceModel:
         """SET_IRQS on the INTx index: TRIGGER sets or clears the eventfd, MASK/UNMASK the mask,
         UNMASK with an eventfd names the fd whose writes unmask (vfio.h, VFIO_DEVICE_SET_IRQS).
         The model owns ``fds``: the one it keeps stays open, any other is closed."""
-        given = fds[0] if fds and data == 4 and count else None
+        given = fds[0] if fds and data == vfio.VFIO_IRQ_SET_DATA_EVENTFD and count else None
         for fd in fds:
             if fd != given:
                 os.close(fd)
-        if action == 0x20:  # ACTION_TRIGGER
+        if action == vfio.VFIO_IRQ_SET_ACTION_TRIGGER:
             if self.intx_fd is not None:
                 os.close(self.intx_fd)
             self.intx_fd, given = given, None
             self.intx_masked = False
-        elif action == 0x08 and data == 1 and count:  # ACTION_MASK, DATA_NONE
+        elif action == vfio.VFIO_IRQ_SET_ACTION_MASK and data == vfio.VFIO_IRQ_SET_DATA_NONE and count:
             self.intx_masked = True
-        elif action == 0x10 and data == 1 and count:  # ACTION_UNMASK, DATA_NONE
+        elif action == vfio.VFIO_IRQ_SET_ACTION_UNMASK and data == vfio.VFIO_IRQ_SET_DATA_NONE and count:
             self._intx_unmask()
-        elif action == 0x10 and data == 4:  # ACTION_UNMASK, DATA_EVENTFD: a resample fd
+        elif action == vfio.VFIO_IRQ_SET_ACTION_UNMASK and data == vfio.VFIO_IRQ_SET_DATA_EVENTFD:
+            # an eventfd whose writes unmask: a resample fd
             if self.intx_unmask_fd is not None:
                 if self._remove_reader is not None:
                     self._remove_reader(self.intx_unmask_fd)
@@ -383,7 +377,7 @@ class VhostPciDeviceModel:
     # -- region access -----------------------------------------------------------------
 
     def region_read(self, index: int, offset: int, count: int) -> bytes:
-        if index == CONFIG_REGION:
+        if index == vfio.VFIO_PCI_CONFIG_REGION_INDEX:
             return self._config_read(offset, count)
         if index == d.BAR_VIRTIO:
             return self._bar0_read(offset, count)
@@ -398,7 +392,7 @@ class VhostPciDeviceModel:
         raise VfioDeviceError(errno.EINVAL, f"region {index} is not implemented")
 
     def region_write(self, index: int, offset: int, data: bytes) -> None:
-        if index == CONFIG_REGION:
+        if index == vfio.VFIO_PCI_CONFIG_REGION_INDEX:
             self._config_write(offset, data)
         elif index == d.BAR_VIRTIO:
             self._bar0_write(offset, data)
@@ -413,7 +407,7 @@ class VhostPciDeviceModel:
 
     def _config_read(self, offset: int, count: int) -> bytes:
         bar, off, length = self.config.pci_cfg_window()
-        data_at = 0x90 + 16
+        data_at = PCI_CFG_CAP + PCI_CFG_DATA
         raw = bytearray(self.config.read(offset, count))
         if offset < data_at + 4 and data_at < offset + count and bar == d.BAR_VIRTIO and length in (1, 2, 4):
             # virtio 1.2, 4.1.4.9: pci_cfg_data reads through to the BAR.
@@ -426,7 +420,7 @@ class VhostPciDeviceModel:
     def _config_write(self, offset: int, data: bytes) -> None:
         self.config.write(offset, data)
         bar, off, length = self.config.pci_cfg_window()
-        data_at = 0x90 + 16
+        data_at = PCI_CFG_CAP + PCI_CFG_DATA
         if offset == data_at and bar == d.BAR_VIRTIO and length in (1, 2, 4) and len(data) >= length:
             self._bar0_write(off, data[:length])
 
@@ -446,7 +440,7 @@ class VhostPciDeviceModel:
             return self._device_config()[rel : rel + count].ljust(count, b"\0")
         if d.VECTOR_OFFSET <= offset < d.VECTOR_OFFSET + 2 * self.num_slots and count == 2:
             slot = self.slots.get((offset - d.VECTOR_OFFSET) // 2)
-            return struct.pack("<H", slot.vector if slot else d.NO_VECTOR)
+            return struct.pack("<H", slot.vector if slot else NO_VECTOR)
         if d.PENDING_OFFSET <= offset < d.PENDING_OFFSET + 4 * ((self.num_slots + 31) // 32) and count == 4:
             word = (offset - d.PENDING_OFFSET) // 4
             return struct.pack("<I", (self.pending_slots >> (32 * word)) & 0xFFFFFFFF)
@@ -466,7 +460,7 @@ class VhostPciDeviceModel:
         elif d.VECTOR_OFFSET <= offset < d.VECTOR_OFFSET + 2 * self.num_slots and count == 2:
             slot = self.slots.get((offset - d.VECTOR_OFFSET) // 2)
             if slot is not None:
-                slot.vector = value if value < self.nvectors else d.NO_VECTOR
+                slot.vector = value if value < self.nvectors else NO_VECTOR
         elif d.PENDING_OFFSET <= offset < d.PENDING_OFFSET + 4 * ((self.num_slots + 31) // 32) and count == 4:
             word = (offset - d.PENDING_OFFSET) // 4
             self.pending_slots &= ~(value << (32 * word))  # write 1 to clear
@@ -541,12 +535,12 @@ class VhostPciDeviceModel:
         elif name == "driver_feature_select":
             self.driver_feature_select = value
         elif name == "driver_feature":
-            if self.status & FEATURES_OK or self.driver_feature_select > 1:
+            if self.status & Status.FEATURES_OK or self.driver_feature_select > 1:
                 return
             shift = 32 * self.driver_feature_select
             self.driver_features = (self.driver_features & ~(0xFFFFFFFF << shift)) | (value << shift)
         elif name == "config_msix_vector":
-            self.config_vector = value if value < self.nvectors else d.NO_VECTOR
+            self.config_vector = value if value < self.nvectors else NO_VECTOR
         elif name == "device_status":
             self._set_status(value)
         elif name == "queue_select":
@@ -557,10 +551,10 @@ class VhostPciDeviceModel:
     def _queue_write(self, name: str, value: int, high: bool, count: int) -> None:
         q = self.queues[self.queue_select]
         if name == "queue_msix_vector":
-            q.vector = value if value < self.nvectors else d.NO_VECTOR
+            q.vector = value if value < self.nvectors else NO_VECTOR
             return
         # virtio 1.2, 4.1.4.3.2: queue setup only before DRIVER_OK, and not on an enabled queue.
-        if self.status & DRIVER_OK or q.enable:
+        if self.status & Status.DRIVER_OK or q.enable:
             if name != "queue_enable" or value != 1:
                 self._driver_error(f"{name} written on a live queue {self.queue_select}")
             return
@@ -587,21 +581,22 @@ class VhostPciDeviceModel:
         if value == 0:
             self.reset()
             return
-        if value & ~self.status & FEATURES_OK:
+        if value & ~self.status & Status.FEATURES_OK:
             feats = self.driver_features
-            if feats & ~d.OFFERED_FEATURES or not feats >> d.Feature.VERSION_1 & 1:
-                value &= ~FEATURES_OK  # virtio 1.2, 2.2.2: the device refuses; the driver reads it back
-        if value & ~self.status & DRIVER_OK:
+            if feats & ~d.OFFERED_FEATURES or not feats >> Feature.VERSION_1 & 1:
+                # virtio 1.2, 2.2.2: the device refuses; the driver reads it back
+                value &= ~Status.FEATURES_OK
+        if value & ~self.status & Status.DRIVER_OK:
             self.status = value
             self._start_queues()
             return
-        self.status = (self.status & NEEDS_RESET) | value
+        self.status = (self.status & Status.DEVICE_NEEDS_RESET) | value
 
     def _start_queues(self) -> None:
         if self.dma is None:
             self._driver_error("DRIVER_OK with no DMA memory mapped")
             return
-        event_idx = bool(self.driver_features >> d.Feature.RING_EVENT_IDX & 1)
+        event_idx = bool(self.driver_features >> Feature.RING_EVENT_IDX & 1)
         for i, q in enumerate(self.queues):
             if not q.enable:
                 continue
@@ -617,7 +612,7 @@ class VhostPciDeviceModel:
         """The driver broke a rule: DEVICE_NEEDS_RESET and a config interrupt (virtio 1.2, 2.1.2)."""
         log.warning("driver error: %s", why)
         self.counters["driver_errors"] += 1
-        self.status |= NEEDS_RESET
+        self.status |= Status.DEVICE_NEEDS_RESET
         self.rings = [None] * NUM_QUEUES
         self._config_changed()
 
@@ -626,10 +621,10 @@ class VhostPciDeviceModel:
     def _raise(self, vector: int, isr_bit: int) -> None:
         self.counters["interrupts"] += 1
         control = self.config.msix_control  # the hot path: one read for both bits
-        if control & MSIX_ENABLE:
+        if control & PCI_MSIX_FLAGS_ENABLE:
             if vector >= self.nvectors:
                 return
-            masked = control & MSIX_MASKALL or self.msix_table[16 * vector + 12] & 1
+            masked = control & PCI_MSIX_FLAGS_MASKALL or self._vector_masked(vector)
             fd = self.msix_fds.get(vector)
             if masked or fd is None:
                 self.pba |= 1 << vector  # pending: delivered when unmasked
@@ -639,13 +634,18 @@ class VhostPciDeviceModel:
             self.isr |= isr_bit
             self._intx_update()
 
+    def _vector_masked(self, vector: int) -> bool:
+        """PCI 3.0, 6.8.2.9: the entry's Vector Control Mask bit."""
+        ctrl = self.msix_table[PCI_MSIX_ENTRY_SIZE * vector + PCI_MSIX_ENTRY_VECTOR_CTRL]
+        return bool(ctrl & PCI_MSIX_ENTRY_CTRL_MASKBIT)
+
     def _deliver_pending(self) -> None:
         if not self.config.msix_enabled or self.config.msix_masked:
             return
-        for v in range(self.nvectors):
-            if self.pba >> v & 1 and not self.msix_table[16 * v + 12] & 1 and v in self.msix_fds:
-                self.pba &= ~(1 << v)
-                os.eventfd_write(self.msix_fds[v], 1)
+        for vec in range(self.nvectors):
+            if self.pba >> vec & 1 and not self._vector_masked(vec) and vec in self.msix_fds:
+                self.pba &= ~(1 << vec)
+                os.eventfd_write(self.msix_fds[vec], 1)
 
     def _config_changed(self) -> None:
         self.config_generation += 1
@@ -816,7 +816,7 @@ class VhostPciDeviceModel:
             return
         self.counters["kicks"] += 1
         self.pending_slots |= 1 << slot
-        if sl.vector != d.NO_VECTOR:
+        if sl.vector != NO_VECTOR:
             self._raise(sl.vector, ISR_QUEUE)
 
     def _doorbell(self, slot: int, rings: int = 1) -> None:

@@ -19,19 +19,16 @@ from collections.abc import Callable
 from typing import cast
 
 from vhostpci_driver.addr import Xgpa
+from vhostpci_driver.spec.virtio import DeviceId, Feature
+from vhostpci_driver.spec.virtio_net import VIRTIO_NET_F_MAC, VIRTIO_NET_F_MRG_RXBUF
 from vhostpci_driver.virtqueue.driver import DriverQueue
 from vhostpci_driver.wire.ctrl import DeviceInfo, Op, VirtqInfo
 from vhostpci_host import netpacket
 from vhostpci_host.guestram import GuestRam
 
-VIRTIO_NET = 1
-VIRTIO_NET_F_MAC = 5
-VIRTIO_NET_F_MRG_RXBUF = 15
-VIRTIO_RING_F_EVENT_IDX = 29
-VIRTIO_F_VERSION_1 = 32
 NET_FEATURES = (
-    (1 << VIRTIO_F_VERSION_1)
-    | (1 << VIRTIO_RING_F_EVENT_IDX)
+    (1 << Feature.VERSION_1)
+    | (1 << Feature.RING_EVENT_IDX)
     | (1 << VIRTIO_NET_F_MRG_RXBUF)
     | (1 << VIRTIO_NET_F_MAC)
 )
@@ -91,7 +88,7 @@ class Queue:
 class NetFrontend:
     """A virtio-net frontend: MAC, RX and TX queues, self-checking traffic."""
 
-    device_type = VIRTIO_NET
+    device_type = DeviceId.NET
 
     def __init__(self, ram: GuestRam, mac: bytes, queue_size: int = 256) -> None:
         self.ram = ram
@@ -119,7 +116,7 @@ class NetFrontend:
         """Apply the accepted features (virtio 1.2, 5.1.6.3.1: mergeable buffers change RX)."""
         self.accepted = accepted
         self.mergeable = bool(accepted >> VIRTIO_NET_F_MRG_RXBUF & 1)
-        event_idx = bool(accepted >> VIRTIO_RING_F_EVENT_IDX & 1)
+        event_idx = bool(accepted >> Feature.RING_EVENT_IDX & 1)
         for q in self.queues:
             q.ring.event_idx = event_idx
 

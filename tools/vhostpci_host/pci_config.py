@@ -12,26 +12,49 @@ from __future__ import annotations
 import struct
 from collections.abc import Callable
 
+from vhostpci_driver.spec.pci import (
+    PCI_BASE_ADDRESS_0,
+    PCI_BASE_ADDRESS_MEM_PREFETCH,
+    PCI_BASE_ADDRESS_MEM_TYPE_64,
+    PCI_CAP_ID_MSIX,
+    PCI_CAP_ID_VNDR,
+    PCI_CAPABILITY_LIST,
+    PCI_COMMAND,
+    PCI_COMMAND_INTX_DISABLE,
+    PCI_COMMAND_IO,
+    PCI_COMMAND_MASTER,
+    PCI_COMMAND_MEMORY,
+    PCI_INTERRUPT_LINE,
+    PCI_INTERRUPT_PIN,
+    PCI_MSIX_FLAGS,
+    PCI_MSIX_FLAGS_ENABLE,
+    PCI_MSIX_FLAGS_MASKALL,
+    PCI_REVISION_ID,
+    PCI_STATUS,
+    PCI_STATUS_CAP_LIST,
+    PCI_STATUS_INTERRUPT,
+    PCI_SUBSYSTEM_VENDOR_ID,
+    PCIE_CONFIG_SIZE,
+)
+from vhostpci_driver.spec.virtio_pci import (
+    CAP_BAR,
+    CAP_LENGTH,
+    CAP_OFFSET,
+    CAP_SIZE,
+    MODERN_REVISION,
+    NOTIFY_CAP_SIZE,
+    PCI_CFG_CAP_SIZE,
+    PCI_CFG_DATA,
+    VIRTIO_PCI_VENDOR,
+    CfgType,
+)
 from vhostpci_driver.wire import device as d
 
-CONFIG_SIZE = 4096
-PCI_COMMAND = 0x04
-PCI_STATUS = 0x06
-PCI_STATUS_CAP_LIST = 0x10
-PCI_STATUS_INTERRUPT = 0x08
-PCI_COMMAND_INTX_DISABLE = 0x400
-PCI_BAR0 = 0x10
-PCI_CAP_PTR = 0x34
-PCI_INTERRUPT_LINE = 0x3C
-PCI_INTERRUPT_PIN = 0x3D
-COMMAND_WRITABLE = 0x0007 | 0x0400  # memory, I/O, bus master, INTx disable
+CONFIG_SIZE = PCIE_CONFIG_SIZE
+COMMAND_WRITABLE = PCI_COMMAND_MEMORY | PCI_COMMAND_IO | PCI_COMMAND_MASTER | PCI_COMMAND_INTX_DISABLE
 
-BAR_MEM64 = 0x4
-BAR_PREFETCH = 0x8
-
+# Where this function's capabilities sit in its config space (its own layout, not the spec's)
 MSIX_CAP = 0x40
-MSIX_ENABLE = 0x8000
-MSIX_MASKALL = 0x4000
 COMMON_CAP = 0x4C
 NOTIFY_CAP = 0x5C
 ISR_CAP = 0x70
@@ -50,12 +73,12 @@ class PciConfig:
         self.on_msix: Callable[[bool, bool], None] = lambda enabled, masked: None
         self.on_command: Callable[[], None] = lambda: None
         s = self.space
-        struct.pack_into("<HH", s, 0, d.VIRTIO_PCI_VENDOR, d.pci_device_id(virtio_id))
+        struct.pack_into("<HH", s, 0, VIRTIO_PCI_VENDOR, d.pci_device_id(virtio_id))
         struct.pack_into("<H", s, PCI_STATUS, PCI_STATUS_CAP_LIST)
-        s[0x08] = 1  # revision 1: a modern (non-transitional) virtio device, virtio 1.2 4.1.2.1
+        s[PCI_REVISION_ID] = MODERN_REVISION  # a modern (non-transitional) virtio device
         s[0x0B] = 0xFF  # class: unassigned
-        struct.pack_into("<HH", s, 0x2C, d.VIRTIO_PCI_VENDOR, virtio_id)
-        s[PCI_CAP_PTR] = MSIX_CAP
+        struct.pack_into("<HH", s, PCI_SUBSYSTEM_VENDOR_ID, VIRTIO_PCI_VENDOR, virtio_id)
+        s[PCI_CAPABILITY_LIST] = MSIX_CAP
         s[PCI_INTERRUPT_PIN] = 1  # INTA
         self._mask16(PCI_COMMAND, COMMAND_WRITABLE)
         self.wmask[PCI_INTERRUPT_LINE] = 0xFF
@@ -66,44 +89,64 @@ class PciConfig:
         }
         self._bar(d.BAR_VIRTIO, d.BAR_VIRTIO_SIZE, 0)
         self._bar(d.BAR_MSIX, d.BAR_MSIX_SIZE, 0)
-        self._bar(d.BAR_WINDOW, window_size, BAR_MEM64 | BAR_PREFETCH)
+        self._bar(d.BAR_WINDOW, window_size, PCI_BASE_ADDRESS_MEM_TYPE_64 | PCI_BASE_ADDRESS_MEM_PREFETCH)
         # MSI-X (PCI 3.0, 6.8.2): table size - 1, table and PBA in BAR 1.
         struct.pack_into(
             "<BBHII",
             s,
             MSIX_CAP,
-            0x11,
+            PCI_CAP_ID_MSIX,
             COMMON_CAP,
             msix_vectors - 1,
             d.MSIX_TABLE_OFFSET | d.BAR_MSIX,
             d.MSIX_PBA_OFFSET | d.BAR_MSIX,
         )
-        self._mask16(MSIX_CAP + 2, MSIX_ENABLE | MSIX_MASKALL)
-        self._vcap(COMMON_CAP, NOTIFY_CAP, 1, d.COMMON_OFFSET, COMMON_LEN)
-        self._vcap(NOTIFY_CAP, ISR_CAP, 2, d.NOTIFY_OFFSET, NUM_QUEUES * d.NOTIFY_OFF_MULTIPLIER, cap_len=20)
-        struct.pack_into("<I", s, NOTIFY_CAP + 16, d.NOTIFY_OFF_MULTIPLIER)
-        self._vcap(ISR_CAP, DEVICE_CAP, 3, d.ISR_OFFSET, 1)
-        self._vcap(DEVICE_CAP, PCI_CFG_CAP, 4, d.DEVICE_CFG_OFFSET, d.VHOST_PCI_CONFIG.size)
-        self._vcap(PCI_CFG_CAP, 0, 5, 0, 0, cap_len=20)
+        self._mask16(MSIX_CAP + PCI_MSIX_FLAGS, PCI_MSIX_FLAGS_ENABLE | PCI_MSIX_FLAGS_MASKALL)
+        self._vcap(COMMON_CAP, NOTIFY_CAP, CfgType.COMMON, d.COMMON_OFFSET, COMMON_LEN)
+        self._vcap(
+            NOTIFY_CAP,
+            ISR_CAP,
+            CfgType.NOTIFY,
+            d.NOTIFY_OFFSET,
+            NUM_QUEUES * d.NOTIFY_OFF_MULTIPLIER,
+            NOTIFY_CAP_SIZE,
+        )
+        struct.pack_into("<I", s, NOTIFY_CAP + CAP_SIZE, d.NOTIFY_OFF_MULTIPLIER)
+        self._vcap(ISR_CAP, DEVICE_CAP, CfgType.ISR, d.ISR_OFFSET, 1)
+        self._vcap(DEVICE_CAP, PCI_CFG_CAP, CfgType.DEVICE, d.DEVICE_CFG_OFFSET, d.VHOST_PCI_CONFIG.size)
+        self._vcap(PCI_CFG_CAP, 0, CfgType.PCI, 0, 0, PCI_CFG_CAP_SIZE)
         # virtio 1.2, 4.1.4.9: bar, offset, length and the data window are the driver's to write.
-        self.wmask[PCI_CFG_CAP + 4] = 0xFF
-        for off in (PCI_CFG_CAP + 8, PCI_CFG_CAP + 12, PCI_CFG_CAP + 16):
+        self.wmask[PCI_CFG_CAP + CAP_BAR] = 0xFF
+        for off in (PCI_CFG_CAP + CAP_OFFSET, PCI_CFG_CAP + CAP_LENGTH, PCI_CFG_CAP + PCI_CFG_DATA):
             self.wmask[off : off + 4] = b"\xff" * 4
 
     def _mask16(self, off: int, mask: int) -> None:
         struct.pack_into("<H", self.wmask, off, mask)
 
     def _bar(self, index: int, size: int, flags: int) -> None:
-        off = PCI_BAR0 + 4 * index
+        off = PCI_BASE_ADDRESS_0 + 4 * index
         mask = ~(size - 1) & 0xFFFFFFFFFFFFFFFF
         struct.pack_into("<I", self.space, off, flags)
         struct.pack_into("<I", self.wmask, off, mask & 0xFFFFFFF0)
-        if flags & BAR_MEM64:
+        if flags & PCI_BASE_ADDRESS_MEM_TYPE_64:
             struct.pack_into("<I", self.wmask, off + 4, mask >> 32)
 
-    def _vcap(self, off: int, nxt: int, cfg_type: int, offset: int, length: int, cap_len: int = 16) -> None:
+    def _vcap(
+        self, off: int, nxt: int, cfg_type: int, offset: int, length: int, cap_len: int = CAP_SIZE
+    ) -> None:
         struct.pack_into(
-            "<BBBBBBHII", self.space, off, 0x09, nxt, cap_len, cfg_type, d.BAR_VIRTIO, 0, 0, offset, length
+            "<BBBBBBHII",
+            self.space,
+            off,
+            PCI_CAP_ID_VNDR,
+            nxt,
+            cap_len,
+            cfg_type,
+            d.BAR_VIRTIO,
+            0,
+            0,
+            offset,
+            length,
         )
 
     @property
@@ -112,20 +155,20 @@ class PciConfig:
 
     @property
     def msix_control(self) -> int:
-        return int(struct.unpack_from("<H", self.space, MSIX_CAP + 2)[0])
+        return int(struct.unpack_from("<H", self.space, MSIX_CAP + PCI_MSIX_FLAGS)[0])
 
     @property
     def msix_enabled(self) -> bool:
-        return bool(self.msix_control & MSIX_ENABLE)
+        return bool(self.msix_control & PCI_MSIX_FLAGS_ENABLE)
 
     @property
     def msix_masked(self) -> bool:
-        return bool(self.msix_control & MSIX_MASKALL)
+        return bool(self.msix_control & PCI_MSIX_FLAGS_MASKALL)
 
     def pci_cfg_window(self) -> tuple[int, int, int]:
         """(bar, offset, length) the PCI_CFG capability points at."""
-        bar = self.space[PCI_CFG_CAP + 4]
-        off, length = struct.unpack_from("<II", self.space, PCI_CFG_CAP + 8)
+        bar = self.space[PCI_CFG_CAP + CAP_BAR]
+        off, length = struct.unpack_from("<II", self.space, PCI_CFG_CAP + CAP_OFFSET)
         return bar, off, length
 
     def read(self, offset: int, count: int) -> bytes:

@@ -12,44 +12,32 @@ import enum
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from vhostpci_driver.spec import vfio as v
+
 
 class RegionFlag(enum.IntFlag):
     """``VFIO_REGION_INFO_FLAG_*``."""
 
-    READ = 1 << 0
-    WRITE = 1 << 1
-    MMAP = 1 << 2
-    CAPS = 1 << 3
+    READ = v.VFIO_REGION_INFO_FLAG_READ
+    WRITE = v.VFIO_REGION_INFO_FLAG_WRITE
+    MMAP = v.VFIO_REGION_INFO_FLAG_MMAP
+    CAPS = v.VFIO_REGION_INFO_FLAG_CAPS
 
 
 class IrqFlag(enum.IntFlag):
     """``VFIO_IRQ_INFO_*``."""
 
-    EVENTFD = 1 << 0
-    MASKABLE = 1 << 1
-    AUTOMASKED = 1 << 2
-    NORESIZE = 1 << 3
+    EVENTFD = v.VFIO_IRQ_INFO_EVENTFD
+    MASKABLE = v.VFIO_IRQ_INFO_MASKABLE
+    AUTOMASKED = v.VFIO_IRQ_INFO_AUTOMASKED
+    NORESIZE = v.VFIO_IRQ_INFO_NORESIZE
 
 
 class DeviceFlag(enum.IntFlag):
     """``VFIO_DEVICE_FLAGS_*``."""
 
-    RESET = 1 << 0
-    PCI = 1 << 1
-
-
-# vfio-pci region and irq indices (vfio.h: VFIO_PCI_*_REGION_INDEX / _IRQ_INDEX).
-BAR0_REGION = 0
-BAR2_REGION = 2
-ROM_REGION = 6
-CONFIG_REGION = 7
-NUM_PCI_REGIONS = 9  # BAR0-5, ROM, CONFIG, VGA
-INTX_IRQ = 0
-MSI_IRQ = 1
-MSIX_IRQ = 2
-ERR_IRQ = 3
-REQ_IRQ = 4
-NUM_PCI_IRQS = 5
+    RESET = v.VFIO_DEVICE_FLAGS_RESET
+    PCI = v.VFIO_DEVICE_FLAGS_PCI
 
 
 @dataclass(frozen=True)

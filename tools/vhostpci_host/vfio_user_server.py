@@ -22,6 +22,7 @@ from collections import deque
 from collections.abc import Callable
 
 from vhostpci_driver.errors import ProtocolError, RemoteMemoryError
+from vhostpci_driver.spec import vfio as sv
 from vhostpci_driver.wire import vfio_user as w
 from vhostpci_driver.wire.vfio_user import Command, Header
 from vhostpci_host.framing import SCM_MAX_FD, FramedReader, PeerClosedError, close_fds, send_with_fds
@@ -78,8 +79,8 @@ class DmaTable:
             i < len(self._starts) and self._starts[i] < iova + size
         ):
             raise VfioDeviceError(errno.EEXIST, f"DMA range {iova:#x}+{size:#x} overlaps a mapping")
-        prot = (mmap.PROT_READ if flags & w.DMA_FLAG_READ else 0) | (
-            mmap.PROT_WRITE if flags & w.DMA_FLAG_WRITE else 0
+        prot = (mmap.PROT_READ if flags & sv.VFIO_DMA_MAP_FLAG_READ else 0) | (
+            mmap.PROT_WRITE if flags & sv.VFIO_DMA_MAP_FLAG_WRITE else 0
         )
         try:
             mm = mmap.mmap(fd, size, mmap.MAP_SHARED, prot or mmap.PROT_READ, offset=offset)
@@ -338,7 +339,7 @@ class VfioUserServer:
             return b"", []
         if cmd == Command.DMA_UNMAP:
             _argsz, flags, iova, size = w.unpack(w.DMA_UNMAP, body, "DMA_UNMAP")
-            gone = self.dma.unmap_all() if flags & w.DMA_UNMAP_ALL else self._unmap_one(iova, size)
+            gone = self.dma.unmap_all() if flags & sv.VFIO_DMA_UNMAP_FLAG_ALL else self._unmap_one(iova, size)
             for a, s in gone:
                 self.device.dma_unmapped(a, s)
             return w.DMA_UNMAP.pack(w.DMA_UNMAP.size, flags, iova, size), []
@@ -423,14 +424,17 @@ class VfioUserServer:
         if index >= len(irqs):
             raise VfioDeviceError(errno.EINVAL, f"no irq index {index}")
         total = irqs[index].count
-        data = flags & w.IRQ_DATA_MASK
-        if data not in (w.IRQ_DATA_NONE, w.IRQ_DATA_BOOL, w.IRQ_DATA_EVENTFD) or bin(data).count("1") != 1:
+        data = flags & sv.VFIO_IRQ_SET_DATA_TYPE_MASK
+        if (
+            data not in (sv.VFIO_IRQ_SET_DATA_NONE, sv.VFIO_IRQ_SET_DATA_BOOL, sv.VFIO_IRQ_SET_DATA_EVENTFD)
+            or bin(data).count("1") != 1
+        ):
             raise VfioDeviceError(errno.EINVAL, f"bad data flags {flags:#x}")
-        if start + count > total and not (count == 0 and data == w.IRQ_DATA_NONE):
+        if start + count > total and not (count == 0 and data == sv.VFIO_IRQ_SET_DATA_NONE):
             raise VfioDeviceError(errno.EINVAL, f"vectors {start}..{start + count} beyond {total}")
-        if data == w.IRQ_DATA_EVENTFD and len(fds) not in (0, count):
+        if data == sv.VFIO_IRQ_SET_DATA_EVENTFD and len(fds) not in (0, count):
             raise VfioDeviceError(errno.EINVAL, f"{len(fds)} eventfds for {count} vectors")
-        if data != w.IRQ_DATA_EVENTFD and fds:
+        if data != sv.VFIO_IRQ_SET_DATA_EVENTFD and fds:
             raise VfioDeviceError(errno.EINVAL, "eventfds without DATA_EVENTFD")
         for i, fd in enumerate(fds):
             # The device writes these from its loop, where a pipe would fail or block; VFIO

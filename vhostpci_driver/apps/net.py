@@ -25,20 +25,21 @@ from dataclasses import dataclass, field
 from vhostpci_driver.errors import FrontendGoneError, RingError
 from vhostpci_driver.events import Event, FeaturesNegotiated, FrontendRemoved
 from vhostpci_driver.frontends import Chain, Frontend, Queue
+from vhostpci_driver.spec.virtio import DeviceId, Feature
+from vhostpci_driver.spec.virtio_net import NET_HDR_SIZE, VIRTIO_NET_F_MRG_RXBUF
 from vhostpci_driver.wire.ctrl import FrontendKey
 
 log = logging.getLogger(__name__)
 
-VIRTIO_NET = 1
+VIRTIO_NET = DeviceId.NET
 RX, TX = 0, 1
-NET_HDR = 12  # struct virtio_net_hdr with num_buffers: always 12 bytes with VERSION_1
-VIRTIO_NET_F_MRG_RXBUF = 15
-RING_INDIRECT_DESC = 28
-RING_EVENT_IDX = 29
-VERSION_1 = 32
+NET_HDR = NET_HDR_SIZE
 #: What this backend implements; anything else offered (MAC, checksum, GSO...) is declined.
 SUPPORTED = (
-    (1 << VERSION_1) | (1 << RING_EVENT_IDX) | (1 << RING_INDIRECT_DESC) | (1 << VIRTIO_NET_F_MRG_RXBUF)
+    (1 << Feature.VERSION_1)
+    | (1 << Feature.RING_EVENT_IDX)
+    | (1 << Feature.RING_INDIRECT_DESC)
+    | (1 << VIRTIO_NET_F_MRG_RXBUF)
 )
 BROADCAST = b"\xff" * 6
 BATCH = 32

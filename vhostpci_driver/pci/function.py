@@ -3,7 +3,8 @@
 Higher layers (the virtio-pci transport, the DMA pool) see only this: config
 space, regions, interrupts as eventfds, DMA map/unmap, reset, close. Region and
 irq indices are vfio-pci's (``include/uapi/linux/vfio.h``: BAR0-5 = 0-5, ROM 6,
-CONFIG 7; INTx 0, MSI 1, MSI-X 2), whatever the backend.
+CONFIG 7; INTx 0, MSI 1, MSI-X 2; declared in :mod:`vhostpci_driver.spec.vfio`), whatever
+the backend.
 """
 
 from __future__ import annotations
@@ -13,15 +14,6 @@ import mmap
 from dataclasses import dataclass
 
 from vhostpci_driver.addr import Iova
-
-# vfio-pci region and irq indices (vfio.h VFIO_PCI_*_INDEX); the backends map
-# their own notions onto these.
-CONFIG_REGION = 7
-IRQ_INTX = 0
-IRQ_MSI = 1
-IRQ_MSIX = 2
-IRQ_ERR = 3
-IRQ_REQ = 4
 
 
 @dataclass(frozen=True)

@@ -17,9 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vhostpci_driver.errors import TransportError
+from vhostpci_driver.spec.virtio_pci import VIRTIO_PCI_VENDOR
 
 PCI_ADDRESS = re.compile(r"^[0-9a-f]{4}:[0-9a-f]{2}:[0-1][0-9a-f]\.[0-7]$")
-VIRTIO_VENDOR = 0x1AF4
 DRIVERS = ("vfio-pci", "uio_pci_generic")
 
 
@@ -72,7 +72,7 @@ def info(address: str, root: str = "/sys") -> PciInfo:
 
 
 def list_functions(
-    vendor: int = VIRTIO_VENDOR, device: int | None = None, root: str = "/sys"
+    vendor: int = VIRTIO_PCI_VENDOR, device: int | None = None, root: str = "/sys"
 ) -> list[PciInfo]:
     """Every function with ``vendor`` (and ``device``), sorted by address."""
     base = Path(root) / "bus/pci/devices"

@@ -42,22 +42,31 @@ from vhostpci_driver.addr import Iova
 from vhostpci_driver.errors import TransportError
 from vhostpci_driver.pci import sysfs
 from vhostpci_driver.pci.dma import physical_iova
-from vhostpci_driver.pci.function import CONFIG_REGION, IRQ_INTX, IrqInfo, PciFunction, RegionInfo
+from vhostpci_driver.pci.function import IrqInfo, PciFunction, RegionInfo
 from vhostpci_driver.pci.mmio import FdMMIO
+from vhostpci_driver.spec.pci import (
+    PCI_COMMAND,
+    PCI_COMMAND_INTX_DISABLE,
+    PCI_INTERRUPT_PIN,
+    PCI_STD_HEADER_SIZE,
+)
+from vhostpci_driver.spec.vfio import (
+    VFIO_PCI_BAR5_REGION_INDEX,
+    VFIO_PCI_CONFIG_REGION_INDEX,
+    VFIO_PCI_INTX_IRQ_INDEX,
+    VFIO_PCI_NUM_IRQS,
+    VFIO_PCI_ROM_REGION_INDEX,
+)
 
 DRIVER = "uio_pci_generic"
-NUM_BARS = 6
-ROM_REGION = 6
-NUM_IRQS = 5  # vfio.h: INTx, MSI, MSI-X, ERR, REQ
+NUM_BARS = VFIO_PCI_BAR5_REGION_INDEX + 1
 # include/linux/ioport.h
 IORESOURCE_IO = 0x100
 IORESOURCE_MEM = 0x200
-# include/uapi/linux/pci_regs.h: the Interrupt Disable bit is bit 10 of the command
-# register, bit 2 of its high byte (the byte the uio-howto example writes).
-PCI_COMMAND_HIGH = 0x05
-COMMAND_HIGH_INTX_DISABLE = 0x04
-PCI_INTERRUPT_PIN = 0x3D
-PCI_STD_HEADER_SIZE = 64
+# The Interrupt Disable bit is bit 10 of the command register, bit 2 of its high byte
+# (the byte the uio-howto example writes).
+PCI_COMMAND_HIGH = PCI_COMMAND + 1
+COMMAND_HIGH_INTX_DISABLE = PCI_COMMAND_INTX_DISABLE >> 8
 _HEX = re.compile(r"0x[0-9a-fA-F]{1,16}")
 
 
@@ -281,10 +290,10 @@ class UioFunction(PciFunction):
             if bar is None:
                 return RegionInfo(index, 0, False, False, False)
             return RegionInfo(index, bar.size, True, True, bar.mappable)
-        if index == ROM_REGION:
+        if index == VFIO_PCI_ROM_REGION_INDEX:
             # The rom file reads only after a write enables it, and nothing here needs the ROM.
             return RegionInfo(index, 0, False, False, False)
-        if index == CONFIG_REGION:
+        if index == VFIO_PCI_CONFIG_REGION_INDEX:
             return RegionInfo(index, self.config_size, True, True, False)
         raise TransportError(f"no region {index} (BARs 0-5, ROM 6, config 7)", "region")
 
@@ -325,7 +334,7 @@ class UioFunction(PciFunction):
             )
 
     def region_read(self, index: int, offset: int, size: int) -> bytes:
-        if index == CONFIG_REGION:
+        if index == VFIO_PCI_CONFIG_REGION_INDEX:
             return self.config_read(offset, size)
         bar = self._bar(index, offset, size)
         if bar.io:
@@ -343,7 +352,7 @@ class UioFunction(PciFunction):
         return bytes(regs.view(offset, size))  # not a register: a plain copy
 
     def region_write(self, index: int, offset: int, data: bytes) -> None:
-        if index == CONFIG_REGION:
+        if index == VFIO_PCI_CONFIG_REGION_INDEX:
             self.config_write(offset, data)
             return
         size = len(data)
@@ -392,9 +401,9 @@ class UioFunction(PciFunction):
 
     def irq_info(self, index: int) -> IrqInfo:
         """INTx has one vector but no eventfd (see :meth:`intx_source`); MSI and MSI-X have none."""
-        if index == IRQ_INTX:
+        if index == VFIO_PCI_INTX_IRQ_INDEX:
             return IrqInfo(index, 1 if self._has_intx() else 0, False)
-        if 0 <= index < NUM_IRQS:
+        if 0 <= index < VFIO_PCI_NUM_IRQS:
             return IrqInfo(index, 0, False)
         raise TransportError(f"no irq index {index}", "irq")
 
@@ -406,7 +415,7 @@ class UioFunction(PciFunction):
         )
 
     def disable_irqs(self, index: int) -> None:
-        if index == IRQ_INTX:
+        if index == VFIO_PCI_INTX_IRQ_INDEX:
             self.mask_intx(True)
         # Nothing else was ever routed: nothing to tear down.
 

@@ -37,14 +37,8 @@ from vhostpci_driver.pci import iommufd_uapi as iu
 from vhostpci_driver.pci import sysfs
 from vhostpci_driver.pci import vfio_uapi as u
 from vhostpci_driver.pci.dma import PAGEMAP_PRESENT, physical_address, physical_iova, virtual_address
-from vhostpci_driver.pci.function import (
-    CONFIG_REGION,
-    IRQ_REQ,
-    IrqInfo,
-    PciFunction,
-    RegionInfo,
-    SparseArea,
-)
+from vhostpci_driver.pci.function import IrqInfo, PciFunction, RegionInfo, SparseArea
+from vhostpci_driver.spec import vfio as sv
 
 # The pagemap helpers moved to dma.py (UIO needs them too); still importable from here.
 __all__ = ["INTERFACES", "PAGEMAP_PRESENT", "VfioFunction", "physical_address"]
@@ -123,25 +117,25 @@ class VfioFunction(PciFunction):
             self._open_group(root, dev / "vfio", pci.iommu_group)
         dinfo = u.vfio_device_info(argsz=ctypes.sizeof(u.vfio_device_info))
         u.ioctl(self.device, u.VFIO_DEVICE_GET_INFO, dinfo)
-        if not dinfo.flags & u.VFIO_DEVICE_FLAGS_PCI:
+        if not dinfo.flags & sv.VFIO_DEVICE_FLAGS_PCI:
             raise TransportError("the VFIO device is not a PCI device", "VFIO_DEVICE_GET_INFO")
         self.num_regions, self.num_irqs = dinfo.num_regions, dinfo.num_irqs
         #: the kernel can reset the function (FLR, PM or bus reset; vfio.h VFIO_DEVICE_FLAGS_RESET)
-        self.can_reset = bool(dinfo.flags & u.VFIO_DEVICE_FLAGS_RESET)
+        self.can_reset = bool(dinfo.flags & sv.VFIO_DEVICE_FLAGS_RESET)
 
     def _open_group(self, root: str, vfio: Path, group_id: int) -> None:
         noiommu_node = vfio / f"noiommu-{group_id}"
         self.noiommu = noiommu_node.exists()
         container = self.container = self._fd(vfio / "vfio")
-        if u.ioctl(container, u.VFIO_GET_API_VERSION) != u.VFIO_API_VERSION:
+        if u.ioctl(container, u.VFIO_GET_API_VERSION) != sv.VFIO_API_VERSION:
             raise TransportError("unknown VFIO API version", "VFIO_GET_API_VERSION")
-        iommu = u.VFIO_NOIOMMU_IOMMU if self.noiommu else u.VFIO_TYPE1v2_IOMMU
+        iommu = sv.VFIO_NOIOMMU_IOMMU if self.noiommu else sv.VFIO_TYPE1v2_IOMMU
         if not u.ioctl(container, u.VFIO_CHECK_EXTENSION, iommu):
             raise TransportError(f"the kernel does not offer IOMMU type {iommu}", "VFIO_CHECK_EXTENSION")
         group = self.group = self._fd(noiommu_node if self.noiommu else vfio / str(group_id))
         status = u.vfio_group_status(argsz=ctypes.sizeof(u.vfio_group_status))
         u.ioctl(group, u.VFIO_GROUP_GET_STATUS, status)
-        if not status.flags & u.VFIO_GROUP_FLAGS_VIABLE:
+        if not status.flags & sv.VFIO_GROUP_FLAGS_VIABLE:
             others = [a for a in sysfs.group_members(group_id, root) if a != self.address]
             raise TransportError(
                 f"IOMMU group {group_id} is not viable: bind every device in it to "
@@ -208,10 +202,10 @@ class VfioFunction(PciFunction):
             if head.argsz <= size:
                 break
             size = head.argsz  # vfio.h: the capability chain needs more room; ask again
-        areas = self._sparse(bytes(buf), head) if head.flags & u.VFIO_REGION_INFO_FLAG_CAPS else ()
-        info = RegionInfo(index, head.size, bool(head.flags & u.VFIO_REGION_INFO_FLAG_READ),
-                          bool(head.flags & u.VFIO_REGION_INFO_FLAG_WRITE),
-                          bool(head.flags & u.VFIO_REGION_INFO_FLAG_MMAP), areas)  # fmt: skip
+        areas = self._sparse(bytes(buf), head) if head.flags & sv.VFIO_REGION_INFO_FLAG_CAPS else ()
+        info = RegionInfo(index, head.size, bool(head.flags & sv.VFIO_REGION_INFO_FLAG_READ),
+                          bool(head.flags & sv.VFIO_REGION_INFO_FLAG_WRITE),
+                          bool(head.flags & sv.VFIO_REGION_INFO_FLAG_MMAP), areas)  # fmt: skip
         self._regions[index] = (info, head.offset)
         return info, head.offset
 
@@ -221,7 +215,7 @@ class VfioFunction(PciFunction):
         while off and seen < 16 and off + 8 <= len(raw):
             seen += 1
             cap_id, _ver, nxt = struct.unpack_from("<HHI", raw, off)
-            if cap_id == u.VFIO_REGION_INFO_CAP_SPARSE_MMAP and off + 16 <= len(raw):
+            if cap_id == sv.VFIO_REGION_INFO_CAP_SPARSE_MMAP and off + 16 <= len(raw):
                 (nr,) = struct.unpack_from("<I", raw, off + 8)
                 for i in range(min(nr, (len(raw) - off - 16) // 16)):
                     o, s = struct.unpack_from("<QQ", raw, off + 16 + 16 * i)
@@ -251,10 +245,10 @@ class VfioFunction(PciFunction):
             raise TransportError(f"short write to region {index}", "pwrite")
 
     def config_read(self, offset: int, size: int) -> bytes:
-        return self.region_read(CONFIG_REGION, offset, size)
+        return self.region_read(sv.VFIO_PCI_CONFIG_REGION_INDEX, offset, size)
 
     def config_write(self, offset: int, data: bytes) -> None:
-        self.region_write(CONFIG_REGION, offset, data)
+        self.region_write(sv.VFIO_PCI_CONFIG_REGION_INDEX, offset, data)
 
     def region_mmap(self, index: int, offset: int, size: int) -> mmap.mmap:
         info, base = self._region(index)
@@ -277,14 +271,14 @@ class VfioFunction(PciFunction):
     def irq_info(self, index: int) -> IrqInfo:
         i = u.vfio_irq_info(argsz=ctypes.sizeof(u.vfio_irq_info), index=index)
         u.ioctl(self.device, u.VFIO_DEVICE_GET_IRQ_INFO, i)
-        return IrqInfo(index, i.count, bool(i.flags & u.VFIO_IRQ_INFO_EVENTFD))
+        return IrqInfo(index, i.count, bool(i.flags & sv.VFIO_IRQ_INFO_EVENTFD))
 
     def set_irq_eventfds(self, index: int, start: int, fds: list[int]) -> None:
         size = ctypes.sizeof(u.vfio_irq_set) + 4 * len(fds)
         buf = (ctypes.c_char * size)()
         head = u.vfio_irq_set.from_buffer(buf)
         head.argsz, head.index, head.start, head.count = size, index, start, len(fds)
-        head.flags = u.VFIO_IRQ_SET_DATA_EVENTFD | u.VFIO_IRQ_SET_ACTION_TRIGGER
+        head.flags = sv.VFIO_IRQ_SET_DATA_EVENTFD | sv.VFIO_IRQ_SET_ACTION_TRIGGER
         struct.pack_into(f"<{len(fds)}i", buf, ctypes.sizeof(u.vfio_irq_set), *fds)
         u.ioctl(self.device, u.VFIO_DEVICE_SET_IRQS, buf)
 
@@ -292,7 +286,7 @@ class VfioFunction(PciFunction):
         head = u.vfio_irq_set(
             argsz=ctypes.sizeof(u.vfio_irq_set),
             index=index,
-            flags=u.VFIO_IRQ_SET_DATA_NONE | u.VFIO_IRQ_SET_ACTION_TRIGGER,
+            flags=sv.VFIO_IRQ_SET_DATA_NONE | sv.VFIO_IRQ_SET_ACTION_TRIGGER,
         )
         u.ioctl(self.device, u.VFIO_DEVICE_SET_IRQS, head)
 
@@ -312,7 +306,7 @@ class VfioFunction(PciFunction):
         else:
             m = u.vfio_iommu_type1_dma_map(
                 argsz=ctypes.sizeof(u.vfio_iommu_type1_dma_map),
-                flags=u.VFIO_DMA_MAP_FLAG_READ | u.VFIO_DMA_MAP_FLAG_WRITE,
+                flags=sv.VFIO_DMA_MAP_FLAG_READ | sv.VFIO_DMA_MAP_FLAG_WRITE,
                 vaddr=virtual_address(vaddr_view),
                 iova=iova,
                 size=len(vaddr_view),
@@ -383,11 +377,15 @@ class VfioFunction(PciFunction):
         self._dma.pop(iova, None)
 
     def removal_fd(self) -> int | None:
-        if self._request_fd is None and self.num_irqs > IRQ_REQ and self.irq_info(IRQ_REQ).count:
+        if (
+            self._request_fd is None
+            and self.num_irqs > sv.VFIO_PCI_REQ_IRQ_INDEX
+            and self.irq_info(sv.VFIO_PCI_REQ_IRQ_INDEX).count
+        ):
             fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
             self._stack.callback(os.close, fd)
-            self.set_irq_eventfds(IRQ_REQ, 0, [fd])
-            self._stack.callback(self._quietly_disable, IRQ_REQ)
+            self.set_irq_eventfds(sv.VFIO_PCI_REQ_IRQ_INDEX, 0, [fd])
+            self._stack.callback(self._quietly_disable, sv.VFIO_PCI_REQ_IRQ_INDEX)
             self._request_fd = fd
         return self._request_fd
 

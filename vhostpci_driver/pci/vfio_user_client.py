@@ -19,7 +19,9 @@ import struct
 
 from vhostpci_driver.addr import Iova
 from vhostpci_driver.errors import ProtocolError, TransportError
-from vhostpci_driver.pci.function import CONFIG_REGION, IrqInfo, PciFunction, RegionInfo, SparseArea
+from vhostpci_driver.pci.function import IrqInfo, PciFunction, RegionInfo, SparseArea
+from vhostpci_driver.spec import vfio as sv
+from vhostpci_driver.spec.vfio import VFIO_PCI_CONFIG_REGION_INDEX
 from vhostpci_driver.wire import vfio_user as w
 from vhostpci_driver.wire.vfio_user import Command
 
@@ -126,7 +128,7 @@ class VfioUserFunction(PciFunction):
         _argsz, flags, self.num_regions, self.num_irqs = w.unpack(w.DEVICE_INFO, info, "DEVICE_GET_INFO")
         if not flags & DEVICE_FLAG_PCI:
             raise TransportError("the device is not a PCI device", "DEVICE_GET_INFO.flags")
-        if self.num_regions <= CONFIG_REGION:
+        if self.num_regions <= VFIO_PCI_CONFIG_REGION_INDEX:
             raise TransportError(f"only {self.num_regions} regions: no config space", "DEVICE_GET_INFO")
 
     # -- messages -----------------------------------------------------------------
@@ -169,10 +171,10 @@ class VfioUserFunction(PciFunction):
     # -- config and regions ---------------------------------------------------------
 
     def config_read(self, offset: int, size: int) -> bytes:
-        return self.region_read(CONFIG_REGION, offset, size)
+        return self.region_read(VFIO_PCI_CONFIG_REGION_INDEX, offset, size)
 
     def config_write(self, offset: int, data: bytes) -> None:
-        self.region_write(CONFIG_REGION, offset, data)
+        self.region_write(VFIO_PCI_CONFIG_REGION_INDEX, offset, data)
 
     def _region(self, index: int) -> _Region:
         r = self._regions.get(index)
@@ -347,7 +349,7 @@ class VfioUserFunction(PciFunction):
         return IrqInfo(idx, count, bool(flags & IRQ_EVENTFD))
 
     def set_irq_eventfds(self, index: int, start: int, fds: list[int]) -> None:
-        flags = w.IRQ_DATA_EVENTFD | w.IRQ_ACTION_TRIGGER
+        flags = sv.VFIO_IRQ_SET_DATA_EVENTFD | sv.VFIO_IRQ_SET_ACTION_TRIGGER
         i = 0
         while i < len(fds):
             if fds[i] < 0:  # de-assign one vector: DATA_EVENTFD with no fd
@@ -364,14 +366,16 @@ class VfioUserFunction(PciFunction):
             i += len(run)
 
     def disable_irqs(self, index: int) -> None:
-        flags = w.IRQ_DATA_NONE | w.IRQ_ACTION_TRIGGER
+        flags = sv.VFIO_IRQ_SET_DATA_NONE | sv.VFIO_IRQ_SET_ACTION_TRIGGER
         self._request(Command.DEVICE_SET_IRQS, w.IRQ_SET.pack(w.IRQ_SET.size, flags, index, 0, 0))
 
     # -- DMA ------------------------------------------------------------------------
 
     def dma_map(self, fd: int, fd_offset: int, vaddr_view: memoryview, iova: Iova) -> None:
         size = len(vaddr_view)
-        body = w.DMA_MAP.pack(w.DMA_MAP.size, w.DMA_FLAG_READ | w.DMA_FLAG_WRITE, fd_offset, iova, size)
+        body = w.DMA_MAP.pack(
+            w.DMA_MAP.size, sv.VFIO_DMA_MAP_FLAG_READ | sv.VFIO_DMA_MAP_FLAG_WRITE, fd_offset, iova, size
+        )
         self._request(Command.DMA_MAP, body, [fd])
         self._dma[iova] = size
 

@@ -9,33 +9,25 @@ through the list and must ignore capabilities it does not understand).
 
 from __future__ import annotations
 
-import enum
 import struct
 from dataclasses import dataclass
 
 from vhostpci_driver.errors import TransportError
+from vhostpci_driver.spec.pci import (
+    PCI_CAP_ID_MSIX,
+    PCI_CAP_ID_VNDR,
+    PCI_CAPABILITY_LIST,
+    PCI_CONFIG_SIZE,
+    PCI_MSIX_FLAGS_QSIZE,
+    PCI_MSIX_TABLE_BIR,
+    PCI_STATUS,
+    PCI_STATUS_CAP_LIST,
+    PCI_STD_HEADER_SIZE,
+)
+from vhostpci_driver.spec.virtio_pci import CAP_SIZE, COMMON_CFG_MIN_SIZE, NOTIFY_CAP_SIZE, CfgType
 
-PCI_STATUS = 0x06
-PCI_STATUS_CAP_LIST = 0x10
-PCI_CAPABILITY_LIST = 0x34
-PCI_CAP_ID_MSIX = 0x11
-PCI_CAP_ID_VNDR = 0x09
-PCI_STD_HEADER_SIZE = 0x40
-PCI_CONFIG_SIZE = 0x100
 #: (256 - 64) / 4: more capabilities than fit the space means the list loops.
 MAX_CAPS = 48
-
-
-class CfgType(enum.IntEnum):
-    """``virtio_pci_cap.cfg_type`` (virtio 1.2, 4.1.4)."""
-
-    COMMON = 1
-    NOTIFY = 2
-    ISR = 3
-    DEVICE = 4
-    PCI = 5
-    SHARED_MEMORY = 8
-    VENDOR = 9
 
 
 @dataclass(frozen=True)
@@ -103,7 +95,10 @@ def parse(config: bytes, bar_sizes: dict[int, int]) -> Capabilities:
             if off + 12 > PCI_CONFIG_SIZE:
                 raise TransportError(f"MSI-X capability at {off:#x} runs past config space", "config.msix")
             ctrl, table, pba = struct.unpack_from("<HII", config, off + 2)
-            msix = MsixCap(off, (ctrl & 0x7FF) + 1, table & 7, table & ~7, pba & 7, pba & ~7)
+            bir = PCI_MSIX_TABLE_BIR
+            msix = MsixCap(
+                off, (ctrl & PCI_MSIX_FLAGS_QSIZE) + 1, table & bir, table & ~bir, pba & bir, pba & ~bir
+            )
         elif cap_id == PCI_CAP_ID_VNDR:
             cap = _virtio_cap(config, off, bar_sizes)
             # virtio 1.2, 4.1.4: the driver uses the first capability of each type it can use.
@@ -112,19 +107,21 @@ def parse(config: bytes, bar_sizes: dict[int, int]) -> Capabilities:
     for need in (CfgType.COMMON, CfgType.NOTIFY, CfgType.ISR):
         if need not in virtio:
             raise TransportError(f"no usable {need.name} capability", "config.virtio_caps")
-    if virtio[CfgType.COMMON].length < 56:
-        raise TransportError("COMMON capability shorter than the common config (56 bytes)", "config.common")
+    if virtio[CfgType.COMMON].length < COMMON_CFG_MIN_SIZE:
+        raise TransportError(
+            f"COMMON capability shorter than the common config ({COMMON_CFG_MIN_SIZE} bytes)", "config.common"
+        )
     return Capabilities(
         virtio[CfgType.COMMON], virtio[CfgType.NOTIFY], virtio[CfgType.ISR], virtio.get(CfgType.DEVICE), msix
     )
 
 
 def _virtio_cap(config: bytes, off: int, bar_sizes: dict[int, int]) -> VirtioCap | None:
-    if off + 16 > PCI_CONFIG_SIZE:
+    if off + CAP_SIZE > PCI_CONFIG_SIZE:
         raise TransportError(f"virtio capability at {off:#x} runs past config space", "config.virtio_cap")
     cap_len, cfg_type, bar = config[off + 2], config[off + 3], config[off + 4]
     offset, length = struct.unpack_from("<II", config, off + 8)
-    if cap_len < 16:
+    if cap_len < CAP_SIZE:
         raise TransportError(f"cap_len {cap_len} < 16 at {off:#x}", "config.virtio_cap.cap_len")
     if cfg_type not in CfgType._value2member_map_ or cfg_type in (
         CfgType.PCI,
@@ -142,7 +139,7 @@ def _virtio_cap(config: bytes, off: int, bar_sizes: dict[int, int]) -> VirtioCap
         )
     mult = 0
     if kind == CfgType.NOTIFY:
-        if cap_len < 20 or off + 20 > PCI_CONFIG_SIZE:
+        if cap_len < NOTIFY_CAP_SIZE or off + NOTIFY_CAP_SIZE > PCI_CONFIG_SIZE:
             raise TransportError("NOTIFY capability lacks notify_off_multiplier", "config.notify_cap")
         (mult,) = struct.unpack_from("<I", config, off + 16)
     return VirtioCap(kind, bar, offset, length, off, mult)

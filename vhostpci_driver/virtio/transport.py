@@ -15,7 +15,6 @@ that says what it was for (virtio 1.2, 4.1.5.4).
 from __future__ import annotations
 
 import contextlib
-import enum
 import os
 import struct
 import time
@@ -24,39 +23,39 @@ from typing import Protocol, runtime_checkable
 
 from vhostpci_driver.errors import TransportError, VhostPciError
 from vhostpci_driver.pci.access import AccessRegisters, registers_for
-from vhostpci_driver.pci.function import IRQ_INTX, IRQ_MSIX, PciFunction
+from vhostpci_driver.pci.function import PciFunction
 from vhostpci_driver.pci.mmio import RegisterBlock, Registers
+from vhostpci_driver.spec.pci import (
+    PCI_COMMAND,
+    PCI_COMMAND_MASTER,
+    PCI_COMMAND_MEMORY,
+    PCI_CONFIG_SIZE,
+    PCI_MSIX_FLAGS,
+    PCI_MSIX_FLAGS_ENABLE,
+)
+from vhostpci_driver.spec.vfio import VFIO_PCI_INTX_IRQ_INDEX, VFIO_PCI_MSIX_IRQ_INDEX
+from vhostpci_driver.spec.virtio import Feature, Status, queue_size_ok
+from vhostpci_driver.spec.virtio_pci import (
+    CONFIG_GENERATION,
+    CONFIG_MSIX_VECTOR,
+    DEVICE_FEATURE,
+    DEVICE_FEATURE_SELECT,
+    DEVICE_STATUS,
+    DRIVER_FEATURE,
+    DRIVER_FEATURE_SELECT,
+    NO_VECTOR,
+    NUM_QUEUES,
+    QUEUE_DESC,
+    QUEUE_DEVICE,
+    QUEUE_DRIVER,
+    QUEUE_ENABLE,
+    QUEUE_MSIX_VECTOR,
+    QUEUE_NOTIFY_OFF,
+    QUEUE_SELECT,
+    QUEUE_SIZE,
+)
 from vhostpci_driver.virtio import caps
 from vhostpci_driver.virtio.caps import Capabilities, VirtioCap
-from vhostpci_driver.wire.layout import is_pow2
-
-# virtio 1.2, 4.1.4.3: struct virtio_pci_common_cfg
-DEVICE_FEATURE_SELECT = 0
-DEVICE_FEATURE = 4
-DRIVER_FEATURE_SELECT = 8
-DRIVER_FEATURE = 12
-CONFIG_MSIX_VECTOR = 16
-NUM_QUEUES = 18
-DEVICE_STATUS = 20
-CONFIG_GENERATION = 21
-QUEUE_SELECT = 22
-QUEUE_SIZE = 24
-QUEUE_MSIX_VECTOR = 26
-QUEUE_ENABLE = 28
-QUEUE_NOTIFY_OFF = 30
-QUEUE_DESC = 32
-QUEUE_DRIVER = 40
-QUEUE_DEVICE = 48
-
-NO_VECTOR = 0xFFFF
-VERSION_1 = 32
-PCI_COMMAND = 0x04
-PCI_COMMAND_MEMORY = 0x2
-PCI_COMMAND_MASTER = 0x4
-MSIX_ENABLE = 0x8000
-# virtio 1.2, 4.1.4.5: ISR status bits
-ISR_QUEUE = 0x1
-ISR_CONFIG = 0x2
 
 
 class IrqSource(Protocol):
@@ -83,24 +82,13 @@ class IntxOwner(Protocol):
     def intx_source(self) -> IrqSource: ...
 
 
-class Status(enum.IntFlag):
-    """``device_status`` bits (virtio 1.2, 2.1)."""
-
-    ACKNOWLEDGE = 1
-    DRIVER = 2
-    DRIVER_OK = 4
-    FEATURES_OK = 8
-    DEVICE_NEEDS_RESET = 0x40
-    FAILED = 0x80
-
-
 class VirtioPciTransport:
     """One virtio-pci modern function: its structures, status, features, queues and interrupts."""
 
     def __init__(self, function: PciFunction, *, reset_timeout: float = 1.0) -> None:
         self.function = function
         self.reset_timeout = reset_timeout
-        config = function.config_read(0, caps.PCI_CONFIG_SIZE)
+        config = function.config_read(0, PCI_CONFIG_SIZE)
         bar_sizes = {}
         for bar in range(6):
             try:
@@ -176,9 +164,9 @@ class VirtioPciTransport:
         self.add_status(Status.ACKNOWLEDGE)
         self.add_status(Status.DRIVER)
         offered = self.device_features()
-        if not offered >> VERSION_1 & 1:
+        if not offered >> Feature.VERSION_1 & 1:
             raise TransportError("device does not offer VIRTIO_F_VERSION_1 (legacy only)", "device_feature")
-        accepted = offered & wanted | (1 << VERSION_1)
+        accepted = offered & wanted | (1 << Feature.VERSION_1)
         for page in (0, 1):
             self.common.write32(DRIVER_FEATURE_SELECT, page)
             self.common.write32(DRIVER_FEATURE, (accepted >> (32 * page)) & 0xFFFFFFFF)
@@ -210,9 +198,9 @@ class VirtioPciTransport:
         max_size = self.common.read16(QUEUE_SIZE)
         if max_size == 0:
             raise TransportError(f"queue {index} is not available (size 0)", "queue_size")
-        if not is_pow2(max_size):
+        if not queue_size_ok(max_size):
             raise TransportError(f"queue {index} size {max_size} is not a power of two", "queue_size")
-        if not is_pow2(size) or size > max_size:
+        if not queue_size_ok(size, max_size):
             raise TransportError(f"queue {index}: size {size} not a power of two <= {max_size}", "queue_size")
         self.common.write16(QUEUE_SIZE, size)
         self.common.write64(QUEUE_DESC, desc)
@@ -264,12 +252,12 @@ class VirtioPciTransport:
             raise TransportError(f"{count} vectors wanted, table has {msix.table_size}", "config.msix")
         fds = [os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC) for _ in range(count)]
         try:
-            self.function.set_irq_eventfds(IRQ_MSIX, 0, fds)
+            self.function.set_irq_eventfds(VFIO_PCI_MSIX_IRQ_INDEX, 0, fds)
             # The kernel's vfio-pci enables MSI-X itself; a vfio-user device learns it from config space.
-            ctrl_off = msix.cap_offset + 2
+            ctrl_off = msix.cap_offset + PCI_MSIX_FLAGS
             (ctrl,) = struct.unpack("<H", self.function.config_read(ctrl_off, 2))
-            if not ctrl & MSIX_ENABLE:
-                self.function.config_write(ctrl_off, struct.pack("<H", ctrl | MSIX_ENABLE))
+            if not ctrl & PCI_MSIX_FLAGS_ENABLE:
+                self.function.config_write(ctrl_off, struct.pack("<H", ctrl | PCI_MSIX_FLAGS_ENABLE))
         except BaseException:
             for fd in fds:
                 os.close(fd)
@@ -284,7 +272,7 @@ class VirtioPciTransport:
     def intx_available(self) -> bool:
         """Whether INTx can stand in for MSI-X: the backend delivers it and the function has a line."""
         fn = self.function
-        return isinstance(fn, IntxOwner) and fn.irq_info(IRQ_INTX).count > 0
+        return isinstance(fn, IntxOwner) and fn.irq_info(VFIO_PCI_INTX_IRQ_INDEX).count > 0
 
     def enable_intx(self) -> IrqSource:
         """Take interrupts on the INTx line instead of MSI-X vectors; see :meth:`intx_isr`."""
@@ -293,16 +281,16 @@ class VirtioPciTransport:
             raise TransportError(
                 f"{type(fn).__name__} routes interrupts to eventfds and offers no INTx source", "irq.intx"
             )
-        if fn.irq_info(IRQ_INTX).count < 1:
+        if fn.irq_info(VFIO_PCI_INTX_IRQ_INDEX).count < 1:
             raise TransportError("the function has no INTx line (interrupt pin 0)", "config.interrupt_pin")
         msix = self.caps.msix
         if msix is not None:
             # virtio 1.2, 4.1.5.4: only with MSI-X disabled does the device signal through
             # INTx and the ISR; a previous driver may have left it enabled.
-            ctrl_off = msix.cap_offset + 2
+            ctrl_off = msix.cap_offset + PCI_MSIX_FLAGS
             (ctrl,) = struct.unpack("<H", self.function.config_read(ctrl_off, 2))
-            if ctrl & MSIX_ENABLE:
-                self.function.config_write(ctrl_off, struct.pack("<H", ctrl & ~MSIX_ENABLE))
+            if ctrl & PCI_MSIX_FLAGS_ENABLE:
+                self.function.config_write(ctrl_off, struct.pack("<H", ctrl & ~PCI_MSIX_FLAGS_ENABLE))
         source = fn.intx_source()
         source.rearm()  # the line may have been left disabled (by the kernel or a previous driver)
         self.intx = source
@@ -352,10 +340,10 @@ class VirtioPciTransport:
         fds, self.eventfds = self.eventfds, []
         if fds:
             with contextlib.suppress(TransportError):
-                self.function.disable_irqs(IRQ_MSIX)
+                self.function.disable_irqs(VFIO_PCI_MSIX_IRQ_INDEX)
         for fd in fds:
             os.close(fd)
         if self.intx is not None:
             self.intx = None  # the source belongs to the function, which closes it
             with contextlib.suppress(TransportError):
-                self.function.disable_irqs(IRQ_INTX)
+                self.function.disable_irqs(VFIO_PCI_INTX_IRQ_INDEX)

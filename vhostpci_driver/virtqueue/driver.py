@@ -12,14 +12,16 @@ from collections.abc import Sequence
 
 from vhostpci_driver.addr import GuestMemory
 from vhostpci_driver.errors import RemoteMemoryError, RingError
-from vhostpci_driver.virtqueue import layout as _layout
-from vhostpci_driver.virtqueue.layout import (
-    DESC,
-    USED_ELEM,
+from vhostpci_driver.spec.virtio import (
     VIRTQ_AVAIL_F_NO_INTERRUPT,
     VIRTQ_DESC_F_NEXT,
     VIRTQ_DESC_F_WRITE,
     VIRTQ_USED_F_NO_NOTIFY,
+)
+from vhostpci_driver.virtqueue import layout as _layout
+from vhostpci_driver.virtqueue.layout import (
+    DESC,
+    USED_ELEM,
     check_alignment,
     check_size,
     full_barrier,

@@ -7,7 +7,7 @@ import sys
 import threading
 
 from vhostpci_driver.errors import RingError
-from vhostpci_driver.wire.layout import is_pow2
+from vhostpci_driver.spec.virtio import MAX_QUEUE_SIZE, misaligned_ring_part, queue_size_ok
 
 # The rings are little-endian (virtio 1.x); the views below use native 16/32-bit
 # items for speed, which is only right on a little-endian host.
@@ -17,16 +17,7 @@ if sys.byteorder != "little":  # pragma: no cover
 DESC = struct.Struct("<QIHH")  # struct virtq_desc: addr, len, flags, next
 DESC_SIZE = DESC.size
 USED_ELEM = struct.Struct("<II")  # struct virtq_used_elem: id, len
-MAX_SIZE = 32768
-
-VIRTQ_DESC_F_NEXT = 1
-VIRTQ_DESC_F_WRITE = 2
-VIRTQ_DESC_F_INDIRECT = 4
-VIRTQ_AVAIL_F_NO_INTERRUPT = 1
-VIRTQ_USED_F_NO_NOTIFY = 1
-
-# virtio 1.2, 2.7: Descriptor Table 16, Available Ring 2, Used Ring 4.
-DESC_ALIGN, AVAIL_ALIGN, USED_ALIGN = 16, 2, 4
+USED_ALIGN = 4  # virtio 1.2, 2.7: the used ring's alignment (spec.virtio has all three)
 
 
 def ring_part_sizes(size: int) -> tuple[int, int, int]:
@@ -44,18 +35,15 @@ def layout(size: int) -> tuple[int, int, int, int]:
 
 
 def check_size(size: int) -> None:
-    if not is_pow2(size) or size > MAX_SIZE:
-        raise RingError("queue-size", f"size {size} is not a power of two <= {MAX_SIZE}")
+    if not queue_size_ok(size):
+        raise RingError("queue-size", f"size {size} is not a power of two <= {MAX_QUEUE_SIZE}")
 
 
 def check_alignment(desc: int, avail: int, used: int) -> None:
-    for name, addr, align in (
-        ("desc", desc, DESC_ALIGN),
-        ("avail", avail, AVAIL_ALIGN),
-        ("used", used, USED_ALIGN),
-    ):
-        if addr % align:
-            raise RingError("ring-align", f"{name} ring at {addr:#x} is not {align}-byte aligned")
+    bad = misaligned_ring_part(desc, avail, used)
+    if bad is not None:
+        name, addr, align = bad
+        raise RingError("ring-align", f"{name} ring at {addr:#x} is not {align}-byte aligned")
 
 
 _FENCE = threading.Lock()

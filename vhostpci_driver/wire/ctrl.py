@@ -15,7 +15,8 @@ from dataclasses import dataclass
 
 from vhostpci_driver.addr import WindowOffset, Xgpa
 from vhostpci_driver.errors import FailReason, ProtocolError
-from vhostpci_driver.wire.layout import WireStruct, check_exact, check_reserved, is_pow2
+from vhostpci_driver.spec.virtio import MAX_QUEUE_SIZE, misaligned_ring_part, queue_size_ok
+from vhostpci_driver.wire.layout import WireStruct, check_exact, check_reserved
 
 VERSION = 1
 HEADER = WireStruct("vhost_pci_msg_hdr", [("type", "H"), ("version", "H"), ("len", "I"), ("request_id", "Q")])
@@ -53,7 +54,6 @@ FEATURE_BITS = WireStruct(
 ACK = WireStruct("vhost_pci_ack", [("acked_type", "H"), ("result", "H"), ("reason", "I"), ("value", "Q")])
 
 U64_END = 1 << 64
-MAX_VIRTQ_SIZE = 32768  # virtio 1.2, 2.7: Queue Size is at most 32768
 NO_SLOT = 0xFFFFFFFF  # a virtqueue with no notification slot (the app polls it)
 
 
@@ -290,16 +290,16 @@ def decode_virtq(buf: memoryview, offset: int, field: str, *, slot_reserved: boo
     if slot_reserved:
         check_reserved(slot, f"{field}.notify_slot")
         slot = NO_SLOT
-    if not is_pow2(size) or size > MAX_VIRTQ_SIZE:
+    if not queue_size_ok(size):
         raise ProtocolError(
-            f"{field}.size", f"{size} is not a power of two <= {MAX_VIRTQ_SIZE}", FailReason.BAD_RING
+            f"{field}.size", f"{size} is not a power of two <= {MAX_QUEUE_SIZE}", FailReason.BAD_RING
         )
-    # virtio 1.2, 2.7: Descriptor Table 16-byte, Available Ring 2-byte, Used Ring 4-byte aligned.
-    for name, addr, align in (("desc_xgpa", desc, 16), ("avail_xgpa", avail, 2), ("used_xgpa", used, 4)):
-        if addr % align:
-            raise ProtocolError(
-                f"{field}.{name}", f"{addr:#x} is not {align}-byte aligned", FailReason.BAD_RING
-            )
+    bad = misaligned_ring_part(desc, avail, used)
+    if bad is not None:
+        part, addr, align = bad
+        raise ProtocolError(
+            f"{field}.{part}_xgpa", f"{addr:#x} is not {align}-byte aligned", FailReason.BAD_RING
+        )
     return VirtqInfo(index, size, Xgpa(desc), Xgpa(avail), Xgpa(used), lai, lui, slot)
 
 

@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import enum
 
+from vhostpci_driver.spec.virtio import Feature
+from vhostpci_driver.spec.virtio_pci import MODERN_DEVICE_ID_BASE
 from vhostpci_driver.wire.layout import WireStruct
 
-VIRTIO_PCI_VENDOR = 0x1AF4
 #: The vhost-pci virtio device id. None was ever assigned upstream (the 2016
 #: patches used 21, virtio-vhost-user drafts 43, crosvm 61); 63 collides with none.
 DEFAULT_VIRTIO_ID = 63
-#: virtio 1.2, 4.1.2.1: modern-only devices use PCI device id 0x1040 + virtio id.
-MODERN_DEVICE_ID_BASE = 0x1040
 
 
 def pci_device_id(virtio_id: int = DEFAULT_VIRTIO_ID) -> int:
@@ -25,14 +24,7 @@ def pci_device_id(virtio_id: int = DEFAULT_VIRTIO_ID) -> int:
     return MODERN_DEVICE_ID_BASE + virtio_id
 
 
-class Feature(enum.IntEnum):
-    """Feature bits the device offers (virtio 1.2, 6): no device-specific bits."""
-
-    RING_EVENT_IDX = 29
-    VERSION_1 = 32
-    ACCESS_PLATFORM = 33
-
-
+#: Feature bits the device offers (virtio 1.2, 6): no device-specific bits.
 OFFERED_FEATURES = (1 << Feature.VERSION_1) | (1 << Feature.RING_EVENT_IDX) | (1 << Feature.ACCESS_PLATFORM)
 
 
@@ -53,7 +45,6 @@ class Vector(enum.IntEnum):
 
 
 STATUS_REMOTE_UP = 1 << 0
-NO_VECTOR = 0xFFFF  # virtio 1.2, 4.1.5.1.2: VIRTIO_MSI_NO_VECTOR
 
 VHOST_PCI_CONFIG = WireStruct(
     "vhost_pci_config",

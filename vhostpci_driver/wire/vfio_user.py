@@ -17,6 +17,7 @@ import struct
 from dataclasses import dataclass
 
 from vhostpci_driver.errors import ProtocolError
+from vhostpci_driver.spec.vfio import VFIO_REGION_INFO_CAP_SPARSE_MMAP, VFIO_REGION_INFO_FLAG_CAPS
 
 HEADER = struct.Struct("<HHIII")  # msg_id, command, size, flags, error
 HEADER_SIZE = HEADER.size
@@ -46,19 +47,6 @@ VERSION = struct.Struct("<HH")  # major, minor
 REGION_IO_FDS = struct.Struct("<IIII")  # argsz, flags, index, count (request and reply head)
 SUB_REGION_IO_FD = struct.Struct("<QQIIIIQ")  # offset, size, fd_index, type, flags, padding, datamatch
 
-REGION_FLAG_CAPS = 1 << 3  # VFIO_REGION_INFO_FLAG_CAPS
-DMA_FLAG_READ = 1
-DMA_FLAG_WRITE = 2
-DMA_UNMAP_ALL = 2
-CAP_SPARSE_MMAP = 1
-IRQ_DATA_NONE = 1
-IRQ_DATA_BOOL = 2
-IRQ_DATA_EVENTFD = 4
-IRQ_ACTION_MASK = 8
-IRQ_ACTION_UNMASK = 0x10
-IRQ_ACTION_TRIGGER = 0x20
-IRQ_DATA_MASK = 0x7
-IRQ_ACTION_MASK_ALL = 0x38
 # GET_REGION_IO_FDS sub-region types, and their flags: KVM's (include/uapi/linux/kvm.h).
 IO_FD_TYPE_IOEVENTFD = 0
 IO_FD_TYPE_IOREGIONFD = 1
@@ -200,14 +188,17 @@ def encode_region_info(
     """
     caps = b""
     if areas:
-        caps = CAP_HEADER.pack(CAP_SPARSE_MMAP, 1, 0) + SPARSE_HEAD.pack(len(areas), 0)
+        caps = CAP_HEADER.pack(VFIO_REGION_INFO_CAP_SPARSE_MMAP, 1, 0) + SPARSE_HEAD.pack(len(areas), 0)
         caps += b"".join(SPARSE_AREA.pack(o, s) for o, s in areas)
     need = REGION_INFO.size + len(caps)
     if caps and argsz >= need:
-        return REGION_INFO.pack(need, flags | REGION_FLAG_CAPS, index, REGION_INFO.size, size, offset) + caps
+        return (
+            REGION_INFO.pack(need, flags | VFIO_REGION_INFO_FLAG_CAPS, index, REGION_INFO.size, size, offset)
+            + caps
+        )
     # Without room for the chain, no CAPS flag either: QEMU refuses CAPS with cap_offset 0
     # (hw/vfio-user/device.c) and asks again with the argsz we return.
-    return REGION_INFO.pack(need, flags & ~REGION_FLAG_CAPS, index, 0, size, offset)
+    return REGION_INFO.pack(need, flags & ~VFIO_REGION_INFO_FLAG_CAPS, index, 0, size, offset)
 
 
 def decode_region_info(body: bytes) -> tuple[int, int, int, int, int, tuple[tuple[int, int], ...]]:
@@ -220,7 +211,7 @@ def decode_region_info(body: bytes) -> tuple[int, int, int, int, int, tuple[tupl
         if seen > 16 or cap_offset < REGION_INFO.size or cap_offset + CAP_HEADER.size > len(body):
             raise ProtocolError("REGION_INFO.cap_offset", f"capability at {cap_offset} outside the reply")
         cap_id, _ver, nxt = CAP_HEADER.unpack_from(body, cap_offset)
-        if cap_id == CAP_SPARSE_MMAP:
+        if cap_id == VFIO_REGION_INFO_CAP_SPARSE_MMAP:
             start = cap_offset + CAP_HEADER.size
             if start + SPARSE_HEAD.size > len(body):
                 raise ProtocolError("REGION_INFO.sparse", "truncated sparse-mmap capability")

@@ -20,9 +20,10 @@ import struct
 from vhostpci_driver.addr import WindowOffset, Xgpa
 from vhostpci_driver.errors import RingError
 from vhostpci_driver.memory import BufferWindow, Region, RegionTable
+from vhostpci_driver.spec.virtio import VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_WRITE
 from vhostpci_driver.virtqueue.device import Chain, DeviceQueue
 from vhostpci_driver.virtqueue.driver import DriverQueue
-from vhostpci_driver.virtqueue.layout import DESC, VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_WRITE, layout
+from vhostpci_driver.virtqueue.layout import DESC, layout
 from vhostpci_host.fuzz.contract import FuzzInput, InvariantError, Target, check
 
 GUARD = 4096

@@ -37,6 +37,10 @@ import tempfile
 
 from vhostpci_driver.addr import WindowOffset, Xgpa
 from vhostpci_driver.errors import ProtocolError
+from vhostpci_driver.spec import vfio as sv
+from vhostpci_driver.spec.vfio import VFIO_PCI_CONFIG_REGION_INDEX as CONFIG_REGION
+from vhostpci_driver.spec.vfio import VFIO_PCI_MSIX_IRQ_INDEX as MSIX_IRQ
+from vhostpci_driver.spec.virtio import Feature
 from vhostpci_driver.virtqueue.driver import DriverQueue
 from vhostpci_driver.wire import ctrl
 from vhostpci_driver.wire import device as d
@@ -45,7 +49,6 @@ from vhostpci_driver.wire.vfio_user import Command, Header
 from vhostpci_host.device_model import VhostPciDeviceModel
 from vhostpci_host.framing import FramedReader
 from vhostpci_host.fuzz.contract import FuzzInput, InvariantError, Target, check, fd_is_open, open_fds
-from vhostpci_host.vfio_device import CONFIG_REGION, MSIX_IRQ
 from vhostpci_host.vfio_user_server import MAX_MSG_FDS, VfioUserServer
 
 MAX_MESSAGES = 32
@@ -284,8 +287,8 @@ def vfio_user_seeds() -> dict[str, bytes]:
     version = _msg(0, 1, Command.VERSION, w.encode_version(0, 0, {"max_msg_fds": 16, "pgsizes": 4096}))
     dma_map = _msg(1 | FD_MEMFD << 2, 2, Command.DMA_MAP, w.DMA_MAP.pack(32, 3, 0, IOVA, MEMFD_SIZE))
     eventfd1 = 1 | FD_EVENTFD << 2
-    trigger = w.IRQ_ACTION_TRIGGER
-    irq = w.IRQ_DATA_EVENTFD | trigger
+    trigger = sv.VFIO_IRQ_SET_ACTION_TRIGGER
+    irq = sv.VFIO_IRQ_SET_DATA_EVENTFD | trigger
     realize = b"".join([
         version, dma_map,
         _msg(0, 3, Command.DEVICE_GET_INFO, w.DEVICE_INFO.pack(16, 0, 0, 0)),
@@ -293,12 +296,12 @@ def vfio_user_seeds() -> dict[str, bytes]:
         _msg(0, 5, Command.DEVICE_GET_REGION_INFO, w.REGION_INFO.pack(64, 0, CONFIG_REGION, 0, 0, 0)),
         _msg(0, 6, Command.DEVICE_GET_IRQ_INFO, w.IRQ_INFO.pack(16, 0, MSIX_IRQ, 0)),
         _msg(0, 7, Command.REGION_READ, w.REGION_RW.pack(0, CONFIG_REGION, 256)),
-        _msg(0, 8, Command.DEVICE_SET_IRQS, w.IRQ_SET.pack(20, w.IRQ_DATA_NONE | trigger, 0, 0, 0)),
+        _msg(0, 8, Command.DEVICE_SET_IRQS, w.IRQ_SET.pack(20, sv.VFIO_IRQ_SET_DATA_NONE | trigger, 0, 0, 0)),
         _msg(eventfd1, 9, Command.DEVICE_SET_IRQS, w.IRQ_SET.pack(20, irq, MSIX_IRQ, 0, 1)),
         _write(10, CONFIG_REGION, 0x42, struct.pack("<H", 0x8000)),
         _msg(0, 11, Command.DEVICE_RESET),
     ])  # fmt: skip
-    features = 1 << d.Feature.VERSION_1
+    features = 1 << Feature.VERSION_1
     intx = _msg(eventfd1, 3, Command.DEVICE_SET_IRQS, w.IRQ_SET.pack(20, irq, 0, 0, 1))
     # Our own client asks for BAR 0's notify registers as eventfds (argsz, flags, index, count).
     io_fds = _msg(0, 50, Command.DEVICE_GET_REGION_IO_FDS, struct.pack("<IIII", 4096, 0, d.BAR_VIRTIO, 0))
@@ -337,7 +340,7 @@ def vfio_user_seeds() -> dict[str, bytes]:
         dma_map, dma_map,
         _msg(1 | FD_DEVNULL << 2, 9, Command.DEVICE_GET_INFO, w.DEVICE_INFO.pack(16, 0, 0, 0)),
         _msg(0, 10, Command.DMA_MAP, w.DMA_MAP.pack(32, 3, 0, 0x1000, 4096)),
-        _msg(0, 11, Command.DMA_UNMAP, w.DMA_UNMAP.pack(24, w.DMA_UNMAP_ALL, 0, 0)),
+        _msg(0, 11, Command.DMA_UNMAP, w.DMA_UNMAP.pack(24, sv.VFIO_DMA_UNMAP_FLAG_ALL, 0, 0)),
     ])  # fmt: skip
     region_info = w.encode_region_info(
         0xFFFF, 7, d.BAR_WINDOW, 1 << 24, 0, areas=((0, 1 << 20), (1 << 21, 4096))

@@ -1,0 +1,44 @@
+"""PCI configuration space (PCI Local Bus 3.0, 6; names as Linux ``pci_regs.h`` has them) and MSI-X."""
+
+from __future__ import annotations
+
+PCI_CONFIG_SIZE = 0x100  # conventional PCI
+PCIE_CONFIG_SIZE = 0x1000  # PCI Express extended configuration space
+PCI_STD_HEADER_SIZE = 0x40
+
+PCI_VENDOR_ID = 0x00
+PCI_DEVICE_ID = 0x02
+PCI_COMMAND = 0x04
+PCI_STATUS = 0x06
+PCI_REVISION_ID = 0x08
+PCI_CLASS_DEVICE = 0x0A
+PCI_BASE_ADDRESS_0 = 0x10
+PCI_SUBSYSTEM_VENDOR_ID = 0x2C
+PCI_SUBSYSTEM_ID = 0x2E
+PCI_CAPABILITY_LIST = 0x34
+PCI_INTERRUPT_LINE = 0x3C
+PCI_INTERRUPT_PIN = 0x3D
+
+PCI_COMMAND_IO = 0x1
+PCI_COMMAND_MEMORY = 0x2
+PCI_COMMAND_MASTER = 0x4
+PCI_COMMAND_INTX_DISABLE = 0x400
+
+PCI_STATUS_INTERRUPT = 0x08
+PCI_STATUS_CAP_LIST = 0x10
+
+PCI_BASE_ADDRESS_MEM_TYPE_64 = 0x4
+PCI_BASE_ADDRESS_MEM_PREFETCH = 0x8
+
+PCI_CAP_ID_VNDR = 0x09
+PCI_CAP_ID_MSIX = 0x11
+
+# MSI-X (PCI 3.0, 6.8.2): the capability's Message Control, and the table's entries
+PCI_MSIX_FLAGS = 2  # Message Control, from the start of the capability
+PCI_MSIX_FLAGS_QSIZE = 0x07FF  # table size - 1
+PCI_MSIX_FLAGS_MASKALL = 0x4000
+PCI_MSIX_FLAGS_ENABLE = 0x8000
+PCI_MSIX_TABLE_BIR = 0x7  # the BAR indicator in the low bits of the table and PBA offsets
+PCI_MSIX_ENTRY_SIZE = 16
+PCI_MSIX_ENTRY_VECTOR_CTRL = 12
+PCI_MSIX_ENTRY_CTRL_MASKBIT = 0x1

@@ -1,0 +1,63 @@
+"""``include/uapi/linux/vfio.h``: region and irq indices and flags, by the header's names.
+
+vfio-user (QEMU ``docs/interop/vfio-user.rst``) carries the same values, so the
+kernel backend, our vfio-user client, our server and the reference device all
+take them from here. The ioctl structures and numbers are in
+:mod:`vhostpci_driver.pci.vfio_uapi`; tests/unit/test_vfio_uapi.py checks both
+against the installed header.
+"""
+
+from __future__ import annotations
+
+VFIO_API_VERSION = 0
+VFIO_TYPE1v2_IOMMU = 3
+VFIO_NOIOMMU_IOMMU = 8
+
+VFIO_GROUP_FLAGS_VIABLE = 1 << 0
+VFIO_GROUP_FLAGS_CONTAINER_SET = 1 << 1
+
+VFIO_DEVICE_FLAGS_RESET = 1 << 0
+VFIO_DEVICE_FLAGS_PCI = 1 << 1
+
+VFIO_REGION_INFO_FLAG_READ = 1 << 0
+VFIO_REGION_INFO_FLAG_WRITE = 1 << 1
+VFIO_REGION_INFO_FLAG_MMAP = 1 << 2
+VFIO_REGION_INFO_FLAG_CAPS = 1 << 3
+VFIO_REGION_INFO_CAP_SPARSE_MMAP = 1
+
+VFIO_IRQ_INFO_EVENTFD = 1 << 0
+VFIO_IRQ_INFO_MASKABLE = 1 << 1
+VFIO_IRQ_INFO_AUTOMASKED = 1 << 2
+VFIO_IRQ_INFO_NORESIZE = 1 << 3
+
+VFIO_IRQ_SET_DATA_NONE = 1 << 0
+VFIO_IRQ_SET_DATA_BOOL = 1 << 1
+VFIO_IRQ_SET_DATA_EVENTFD = 1 << 2
+VFIO_IRQ_SET_ACTION_MASK = 1 << 3
+VFIO_IRQ_SET_ACTION_UNMASK = 1 << 4
+VFIO_IRQ_SET_ACTION_TRIGGER = 1 << 5
+VFIO_IRQ_SET_DATA_TYPE_MASK = VFIO_IRQ_SET_DATA_NONE | VFIO_IRQ_SET_DATA_BOOL | VFIO_IRQ_SET_DATA_EVENTFD
+VFIO_IRQ_SET_ACTION_TYPE_MASK = (
+    VFIO_IRQ_SET_ACTION_MASK | VFIO_IRQ_SET_ACTION_UNMASK | VFIO_IRQ_SET_ACTION_TRIGGER
+)
+
+VFIO_DMA_MAP_FLAG_READ = 1 << 0
+VFIO_DMA_MAP_FLAG_WRITE = 1 << 1
+VFIO_DMA_UNMAP_FLAG_ALL = 1 << 1
+
+# vfio-pci region indices (enum VFIO_PCI_*_REGION_INDEX): BAR0-5, ROM, CONFIG, VGA
+VFIO_PCI_BAR0_REGION_INDEX = 0
+VFIO_PCI_BAR2_REGION_INDEX = 2
+VFIO_PCI_BAR5_REGION_INDEX = 5
+VFIO_PCI_ROM_REGION_INDEX = 6
+VFIO_PCI_CONFIG_REGION_INDEX = 7
+VFIO_PCI_VGA_REGION_INDEX = 8
+VFIO_PCI_NUM_REGIONS = 9
+
+# vfio-pci irq indices (enum VFIO_PCI_*_IRQ_INDEX)
+VFIO_PCI_INTX_IRQ_INDEX = 0
+VFIO_PCI_MSI_IRQ_INDEX = 1
+VFIO_PCI_MSIX_IRQ_INDEX = 2
+VFIO_PCI_ERR_IRQ_INDEX = 3
+VFIO_PCI_REQ_IRQ_INDEX = 4
+VFIO_PCI_NUM_IRQS = 5
