@@ -250,6 +250,21 @@ def _one_cpu() -> Iterator[None]:
 # -- the suite -----------------------------------------------------------------------------------
 
 
+#: every row name 'bench --only' takes (a test keeps it in step with run_bench's want() calls)
+BENCHMARKS = (
+    "ring-batch",
+    "cpython-floor",
+    "ack-round-trip",
+    "controlq-storm",
+    "net-switch-64",
+    "net-switch-1500",
+    "net-switch-64k",
+    "notify-interrupt",
+    "bring-up",
+    "memory",
+)
+
+
 def run_bench(
     quick: bool, only: str | None = None, progress: Callable[[str], None] | None = None
 ) -> dict[str, Any]:

@@ -1,31 +1,43 @@
 """The ``vhostpci`` command (guest side).
 
-Every command that reads has ``--json``. Exit codes: 0 success, 1 failure, 2
-usage. An error is one line saying what was wrong and what to do; ``--debug``
-shows the traceback.
+Every command that reads has ``--json``; every JSON document carries ``schema``
+and an error under ``--json`` is JSON too (docs/cli.md). Exit codes: 0 success,
+1 a runtime failure, 2 a usage error, 128+N when signal N stopped the command
+(130 SIGINT, 143 SIGTERM). An error is one line saying what was wrong and what to
+do; ``--debug`` shows the traceback.
 """
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import os
+import shutil
 import signal
+import socket
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from vhostpci_driver import __version__
+from vhostpci_driver.command import Failure, Group, emit, exit_for, stop_on_signals
 from vhostpci_driver.errors import VhostPciError
+from vhostpci_driver.params import DeviceAddress, FrameSize, Integer
 
-F = TypeVar("F", bound=Callable[..., Any])
+if TYPE_CHECKING:
+    from vhostpci_driver.service import App, Service
+
 APPS = ("net-switch", "net-loopback", "none")
 # vhostpci_driver.pci.open.BACKENDS (not imported: --help stays fast; a test checks they agree)
 PCI_BACKENDS = ("auto", "vfio", "vfio-cdev", "vfio-group", "uio")
+# vhostpci_driver.bench.BENCHMARKS (not imported, for the same reason; a test checks they agree)
+BENCHMARKS = (
+    "ring-batch", "cpython-floor", "ack-round-trip", "controlq-storm", "net-switch-64", "net-switch-1500",
+    "net-switch-64k", "notify-interrupt", "bring-up", "memory",
+)  # fmt: skip
 #: the kernel drivers each --backend serves under --watch
 WATCH_DRIVERS = {
     "auto": ("vfio-pci", "uio_pci_generic"),
@@ -34,30 +46,10 @@ WATCH_DRIVERS = {
     "vfio-group": ("vfio-pci",),
     "uio": ("uio_pci_generic",),
 }
-
-
-class Failure(click.ClickException):
-    """A one-line failure: exit status 1."""
-
-    exit_code = 1
-
-    def show(self, file: Any = None) -> None:
-        click.echo(f"vhostpci: error: {self.message}", err=True)
-
-
-def friendly(fn: F) -> F:
-    """Turn the toolkit's errors into one line and exit 1 (the traceback only with --debug)."""
-
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except (VhostPciError, OSError) as e:
-            if click.get_current_context().find_root().params.get("debug"):
-                raise
-            raise Failure(str(e)) from None
-
-    return wrapper  # type: ignore[return-value]
+#: drivers a vhost-pci function can be given to (the kernel's own, and the two this toolkit serves through)
+CANDIDATE_DRIVERS = ("virtio-pci", "vfio-pci", "uio_pci_generic")
+#: the highest virtio id whose modern PCI device id (0x1040 + id) fits 16 bits
+MAX_VIRTIO_ID = 0xFFFF - 0x1040
 
 
 def setup_logging(verbose: bool) -> None:
@@ -75,18 +67,37 @@ class _JsonFormatter(logging.Formatter):
         return json.dumps({"level": record.levelname, "logger": record.name, "message": record.getMessage()})
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(name="vhostpci", cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="vhostpci")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
 def main(debug: bool) -> None:
-    """Drive vhost-pci functions from inside the device VM."""
+    """Drive vhost-pci functions from inside the device VM.
+
+    Exit codes: 0 success, 1 failure, 2 usage error, 130/143 stopped by SIGINT/SIGTERM.
+    Shell completion and the --json schemas: docs/cli.md.
+    """
 
 
 # -- run ----------------------------------------------------------------------------------------
 
 
+def sd_notify(state: str) -> bool:
+    """Tell systemd (``Type=notify``) about ``state`` (``READY=1``); False outside a notify unit."""
+    where = os.environ.get("NOTIFY_SOCKET")
+    if not where:
+        return False
+    addr = "\0" + where[1:] if where.startswith("@") else where  # '@' names an abstract socket
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
+        try:
+            s.sendto(state.encode(), addr)
+        except OSError as e:
+            logging.getLogger("vhostpci.run").warning("cannot notify systemd at %s: %s", where, e)
+            return False
+    return True
+
+
 @main.command()
-@click.argument("addresses", nargs=-1)
+@click.argument("addresses", nargs=-1, type=DeviceAddress())
 @click.option(
     "--watch",
     is_flag=True,
@@ -100,7 +111,11 @@ def main(debug: bool) -> None:
     show_default=True,
     help="What serves the frontends: the net switch, net loopback, or nothing (control plane only).",
 )
-@click.option("--polling", is_flag=True, help="Spin on the rings instead of sleeping on interrupts.")
+@click.option(
+    "--polling",
+    is_flag=True,
+    help="Spin on the rings instead of sleeping on interrupts (status, hot-unplug and signals still work).",
+)
 @click.option(
     "--backend",
     "pci_backend",
@@ -118,7 +133,6 @@ def main(debug: bool) -> None:
     help="Drop root to this user once the functions are open; status sockets go to its group.",
 )
 @click.option("-v", "--verbose", is_flag=True)
-@friendly
 def run(
     addresses: tuple[str, ...],
     watch: bool,
@@ -130,106 +144,93 @@ def run(
 ) -> None:
     """Serve vhost-pci functions (PCI addresses or vfio-user:PATH) until SIGTERM.
 
-    Acks in flight are finished and every device is reset on the way out.
+    Acks in flight are finished and every device is reset on the way out. A
+    function that is hot-unplugged is let go; a vfio-user host that goes away is
+    logged and its device dropped. Under systemd (Type=notify) readiness is sent
+    once every named function is served. Exit 143 on SIGTERM, 130 on SIGINT, 1 if
+    a device failed or its host went away, 0 when every function was unplugged.
     """
     if not addresses and not watch:
         raise click.UsageError("name at least one ADDRESS, or use --watch")
     from vhostpci_driver import privilege
 
     identity = privilege.resolve(user) if user else None  # a typo fails before anything is touched
-    from vhostpci_driver.apps.net import NetBackend, net_policy
-    from vhostpci_driver.device import VhostPciDevice
-    from vhostpci_driver.pci.open import open_function
+    from vhostpci_driver.apps.net import NetBackend
     from vhostpci_driver.service import Service
-    from vhostpci_driver.status import StatusServer, run_dir, socket_name
+    from vhostpci_driver.status import run_dir
 
     setup_logging(verbose)
     log = logging.getLogger("vhostpci.run")
-    devices: list[VhostPciDevice] = []
-    statuses: list[StatusServer] = []
     backend = NetBackend("switch" if app == "net-switch" else "loopback") if app != "none" else None
-    by_address: dict[str, tuple[VhostPciDevice, StatusServer]] = {}
-    readers: dict[int, Callable[[], None]] = {}  # status sockets and removal requests, by fd
+    service = Service([], backend, polling=polling)
+    service.watching = watch
+    stopped_by: list[int] = []
 
-    def serve(address: str) -> None:
-        # Refuse before touching the function (opening it resets it): one already served, or not ours.
-        path = run_dir() / socket_name(address)
-        st = StatusServer(path, lambda: {}, lambda x, n: b"")  # raises if another service answers there
-        try:
-            if not address.startswith("vfio-user:"):
-                _require_vhost_pci(address)
-            fn = open_function(address, prefer=pci_backend, sysfs_root=_sysfs_root())
-            # The device owns fn from here: it closes it, on failure too.
-            dev = VhostPciDevice(fn, policies={1: net_policy} if backend else None, polling=polling)
-        except BaseException:
-            st.close()
-            raise
-        st.status, st.dump = _status_of(address, dev, backend), dev.table_dump
-        devices.append(dev)
-        statuses.append(st)
-        by_address[address] = (dev, st)
-        gone = dev.function.removal_fd()
-        if gone is not None:
-            readers[gone] = lambda: released(address)
-        readers[st.fileno()] = st.serve_ready
-        if service is not None:
-            service.readers.update(readers)
-        log.info("serving %s (status socket %s)", address, path)
+    def stop(signum: int) -> None:
+        stopped_by.append(signum)
+        service.stop.set()
 
-    def released(address: str) -> None:
-        # The kernel asks for the function back (hot-unplug waits on us): let go now, cleanly.
-        log.info("%s is being removed: releasing it", address)
-        unserve(address)
-        if not watch and not by_address and service is not None:
-            service.stop.set()
-
-    def unserve(address: str) -> None:
-        dev, st = by_address.pop(address)
-        gone = dev.function.removal_fd()
-        for fd in [st.fileno()] + ([] if gone is None else [gone]):
-            readers.pop(fd, None)
-            if service is not None:
-                service.readers.pop(fd, None)
-        devices.remove(dev)
-        statuses.remove(st)
-        st.close()
-        dev.close()
-        log.info("%s is gone: stopped serving it", address)
-
-    service: Service | None = None
+    # Signals first: a SIGTERM must stop us cleanly from the moment '--watch' says it watches.
+    stop_r, stop_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+    old_wakeup = signal.set_wakeup_fd(stop_w)
+    old = {s: signal.signal(s, lambda signum, _f: stop(signum)) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
-        for address in addresses:
-            serve(address)
-        service = Service(devices, backend, polling=polling)
-        # Signals first: a SIGTERM must stop us cleanly from the moment '--watch' says it watches.
-        stop_r, stop_w = os.pipe()
-        os.set_blocking(stop_w, False)
-        signal.set_wakeup_fd(stop_w)
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, lambda *_: service.stop.set())
+        for address in dict.fromkeys(addresses):  # the same function named twice is served once
+            _serve(service, address, backend, pci_backend, polling, log)
         if watch:
-            _watch(service, serve, unserve, by_address, log, WATCH_DRIVERS[pci_backend])
+            _watch(service, pci_backend, polling, log)
 
         def drain_wakeups() -> None:
-            os.read(stop_r, 64)  # the signal already set service.stop; this only woke select()
+            os.read(stop_r, 64)  # the signal already set service.stop; the pipe only woke the selector
 
-        service.readers[stop_r] = drain_wakeups
-        service.readers.update(readers)
+        service.add_reader(stop_r, drain_wakeups)
         if identity is not None:
-            privilege.drop(identity, [run_dir(), *(st.path for st in statuses)])
+            statuses = [s.status.path for s in service.served.values() if s.status is not None]
+            privilege.drop(identity, [run_dir(), *statuses])
             log.info("running as %s (uid %d, gid %d)", identity.name, identity.uid, identity.gid)
+        sd_notify(f"READY=1\nSTATUS=serving {len(service.served)} function(s)")
         service.run()
+        sd_notify("STOPPING=1")
         if service.error:
-            raise Failure(f"a device failed: {service.error}")
+            raise Failure(service.error)
         # Finish what is in flight (acks of messages already taken) before resetting.
-        for dev in devices:
+        for dev in service.devices:
             dev.process()
-        log.info("stopping: %d device(s) reset", len(devices))
+        log.info("stopping: %d device(s) reset", len(service.devices))
     finally:
-        for st in statuses:
-            st.close()
-        for dev in devices:
-            dev.close()
+        service.close()
+        signal.set_wakeup_fd(old_wakeup)
+        for s, h in old.items():
+            signal.signal(s, h)
+        os.close(stop_r)
+        os.close(stop_w)
+    exit_for(stopped_by[0] if stopped_by else None)
+
+
+def _serve(
+    service: Service, address: str, backend: App | None, pci_backend: str, polling: bool, log: logging.Logger
+) -> None:
+    """Open ``address`` and hand it to ``service`` with its status socket."""
+    from vhostpci_driver.apps.net import net_policy
+    from vhostpci_driver.device import VhostPciDevice
+    from vhostpci_driver.pci.open import open_function
+    from vhostpci_driver.status import StatusServer, run_dir, socket_name
+
+    # Refuse before touching the function (opening it resets it): one already served, or not ours.
+    path = run_dir() / socket_name(address)
+    st = StatusServer(path, lambda: {}, lambda x, n: b"")  # raises if another service answers there
+    try:
+        if not address.startswith("vfio-user:"):
+            _require_vhost_pci(address)
+        fn = open_function(address, prefer=pci_backend, sysfs_root=_sysfs_root())
+        # The device owns fn from here: it closes it, on failure too.
+        dev = VhostPciDevice(fn, policies={1: net_policy} if backend else None, polling=polling)
+    except BaseException:
+        st.close()
+        raise
+    st.status, st.dump = _status_of(address, dev, backend), dev.table_dump
+    service.add(address, dev, st)
+    log.info("serving %s (status socket %s)", address, path)
 
 
 def _require_vhost_pci(address: str) -> None:
@@ -244,28 +245,23 @@ def _require_vhost_pci(address: str) -> None:
         )
 
 
-def _watch(
-    service: Any,
-    serve: Callable[[str], None],
-    unserve: Callable[[str], None],
-    served: dict[str, Any],
-    log: logging.Logger,
-    drivers: tuple[str, ...] = ("vfio-pci",),
-) -> None:
-    """Serve present vhost-pci functions bound to one of ``drivers``, and follow hot-plug (pyudev)."""
+def _watch(service: Service, pci_backend: str, polling: bool, log: logging.Logger) -> None:
+    """Serve present vhost-pci functions bound to the backend's drivers, and follow hot-plug (pyudev)."""
     import pyudev
 
     from vhostpci_driver.pci import sysfs
     from vhostpci_driver.wire.device import pci_device_id
 
+    drivers = WATCH_DRIVERS[pci_backend]
+
     def try_serve(address: str) -> None:
         try:
-            serve(address)
+            _serve(service, address, service.app, pci_backend, polling, log)
         except VhostPciError as e:  # one function's failure does not stop the others
             log.warning("cannot serve %s: %s", address, e)
 
     for f in sysfs.list_functions(device=pci_device_id(), root=_sysfs_root()):
-        if f.driver in drivers and f.address not in served:
+        if f.driver in drivers and f.address not in service.served:
             try_serve(f.address)
     monitor = pyudev.Monitor.from_netlink(pyudev.Context())
     monitor.filter_by(subsystem="pci")
@@ -274,20 +270,18 @@ def _watch(
     def on_event() -> None:
         for dev in iter(lambda: monitor.poll(timeout=0), None):
             addr = dev.sys_name
-            if dev.action == "remove" and addr in served:
-                unserve(addr)
+            if dev.action == "remove" and addr in service.served:
+                service.remove(addr)
             elif (
                 dev.action in ("add", "bind")
-                and addr not in served
-                and (
-                    dev.attributes.get("device") == f"0x{pci_device_id():04x}".encode()
-                    and dev.driver in drivers
-                )
+                and addr not in service.served
+                and dev.attributes.get("device") == f"0x{pci_device_id():04x}".encode()
+                and dev.driver in drivers
             ):
                 try_serve(addr)
 
-    service.readers[monitor.fileno()] = on_event
-    log.info("watching for vhost-pci functions (serving %d)", len(served))
+    service.add_reader(monitor.fileno(), on_event)
+    log.info("watching for vhost-pci functions (serving %d)", len(service.served))
 
 
 def _status_of(address: str, dev: Any, backend: Any) -> Callable[[], dict[str, Any]]:
@@ -312,6 +306,10 @@ def _sockets(address: str | None) -> list[Path]:
     return sorted(d.glob("*.sock")) if d.is_dir() else []
 
 
+class _NoService(Failure):
+    """Nothing answers on a status socket: none there, or one a killed service left behind."""
+
+
 def _ask(path: Path, request: dict[str, Any]) -> dict[str, Any]:
     from vhostpci_driver.status import ask
 
@@ -323,46 +321,56 @@ def _ask(path: Path, request: dict[str, Any]) -> dict[str, Any]:
             "(see 'vhostpci run --user' in README)"
         ) from None
     except (FileNotFoundError, ConnectionRefusedError):
-        raise Failure(
+        raise _NoService(
             f"{path}: no service is running for this device (start one with 'vhostpci run')"
         ) from None
+    except TimeoutError:
+        raise Failure(f"{path}: the service did not answer within 5 s (is it stopped?)") from None
 
 
 @main.command()
-@click.argument("address", required=False)
-@click.option("--json", "as_json", is_flag=True, help="One JSON object.")
-@friendly
+@click.argument("address", required=False, type=DeviceAddress())
+@click.option("--json", "as_json", is_flag=True, help="One JSON object (schema: docs/cli.md).")
 def status(address: str | None, as_json: bool) -> None:
-    """Show what running services serve: remote UUID, regions, frontends, counters."""
-    answers = [(_ask(p, {"cmd": "status"}), p) for p in _sockets(address)]
-    if not answers:
+    """Show what running services serve: remote, regions, frontends, features, counters.
+
+    Without ADDRESS, every service in $VHOSTPCI_RUN_DIR; a socket left by a killed
+    service is reported as stale and skipped.
+    """
+    from vhostpci_driver.report import status_lines
+
+    states: list[dict[str, Any]] = []
+    stale: list[str] = []
+    for p in _sockets(address):
+        try:
+            answer = _ask(p, {"cmd": "status"})
+        except _NoService:
+            if address is not None:
+                raise
+            stale.append(str(p))  # a service killed with SIGKILL leaves its socket: not the others' problem
+            continue
+        states.append(answer.get("status", answer))
+    for gone in stale:
+        click.echo(f"vhostpci: note: {gone}: stale status socket (its service is gone); skipped", err=True)
+    if not states:
         raise Failure("no vhostpci service is running (start one with 'vhostpci run')")
-    states = [a.get("status", a) for a, _ in answers]
     if as_json:
-        click.echo(json.dumps({"services": states}, default=str))
+        emit({"services": states, "stale": stale})
         return
-    for st in states:
-        click.echo(
-            f"{st.get('address')}  remote {st.get('remote_uuid')} {'up' if st.get('remote_up') else 'down'}"
-            f"  window {st.get('window_size', 0) >> 20} MiB"
-        )
-        for r in st.get("regions", []):
-            click.echo(f"  region xgpa {r['xgpa']:#x} size {r['size']:#x} window {r['window_offset']:#x}")
-        for fe in st.get("frontends", []):
-            click.echo(
-                f"  frontend type {fe['device_type']} id {fe['device_id']:#x} features {fe['accepted']}"
-            )
-        click.echo(f"  stats {st.get('stats')}")
-        for mac, port in (st.get("ports") or {}).items():
-            click.echo(f"  port {mac} {port}")
+    for i, st in enumerate(states):
+        if i:
+            click.echo("")
+        for line in status_lines(st):
+            click.echo(line)
 
 
 @main.command()
-@click.argument("address")
-@click.option("--xgpa", required=True, type=lambda v: int(v, 0), help="Driver-VM physical address.")
+@click.argument("address", type=DeviceAddress())
+@click.option(
+    "--xgpa", required=True, type=Integer(metavar="XGPA"), help="Driver-VM physical address (0x hex)."
+)
 @click.option("--len", "length", default=256, show_default=True, type=click.IntRange(1, 1 << 20))
-@click.option("--json", "as_json", is_flag=True)
-@friendly
+@click.option("--json", "as_json", is_flag=True, help="One JSON object (schema: docs/cli.md).")
 def dump(address: str, xgpa: int, length: int, as_json: bool) -> None:
     """Hexdump driver-VM memory through the running service's window (mapped regions only)."""
     (path,) = _sockets(address)
@@ -371,7 +379,7 @@ def dump(address: str, xgpa: int, length: int, as_json: bool) -> None:
         raise Failure(ans["error"])
     data = bytes.fromhex(ans["hex"])
     if as_json:
-        click.echo(json.dumps({"xgpa": xgpa, "hex": ans["hex"]}))
+        emit({"address": address, "xgpa": xgpa, "hex": ans["hex"]})
         return
     for off in range(0, len(data), 16):
         row = data[off : off + 16]
@@ -384,33 +392,43 @@ def dump(address: str, xgpa: int, length: int, as_json: bool) -> None:
 
 @main.command()
 @click.option("--frontends", default=2, show_default=True, type=click.IntRange(1, 16))
-@click.option("--packets", default=20000, show_default=True, type=click.IntRange(1, 10_000_000))
-@click.option(
-    "--size", default="mixed", show_default=True, help="Frame size in bytes (64..65536) or 'mixed'."
-)
-@click.option("--json", "as_json", is_flag=True, help="One JSON object with the summary.")
-@friendly
+@click.option("--packets", default=20000, show_default=True, type=click.IntRange(1, 10_000_000),
+              help="Frames in all, shared between the frontends.")  # fmt: skip
+@click.option("--size", default="mixed", show_default=True, type=FrameSize(), help="Frame size in bytes.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object with the summary (docs/cli.md).")
 def demo(frontends: int, packets: int, size: str, as_json: bool) -> None:
-    """Run the whole system here: host side, simulated driver VMs, this driver, the net switch."""
+    """Run the whole system here: host side, simulated driver VMs, this driver, the net switch.
+
+    Ctrl-C, SIGTERM or SIGHUP stop it cleanly (exit 130, 143, 129): the driver
+    lets go first, then the driver VMs and the server, and its files in $TMPDIR go.
+    """
     from vhostpci_driver.demo import run_demo
 
-    if size != "mixed" and not (size.isdigit() and 64 <= int(size) <= 65536):
-        raise click.BadParameter("a size in 64..65536 or 'mixed'", param_hint="--size")
-    show = sys.stderr.isatty() and not as_json
-    if show:
-        with click.progressbar(length=packets, label="frames", file=sys.stderr) as bar:
-            done = [0]
+    with stop_on_signals():
+        show = sys.stderr.isatty() and not as_json
+        if show:
+            with click.progressbar(length=packets, label="frames", file=sys.stderr) as bar:
+                done = [0]
 
-            def progress(received: int, total: int) -> None:
-                bar.update(received - done[0])
-                done[0] = received
+                def progress(received: int, total: int) -> None:
+                    bar.update(received - done[0])
+                    done[0] = received
 
-            result = run_demo(frontends, packets, size, progress=progress)
-    else:
-        result = run_demo(frontends, packets, size)
+                result = run_demo(frontends, packets, size, progress=progress)
+        else:
+            started: list[bool] = []
+
+            def say_started(_received: int, total: int) -> None:
+                if not started:
+                    started.append(True)
+                    click.echo(
+                        f"vhostpci demo: switching {total} frames between {frontends} driver VMs", err=True
+                    )
+
+            result = run_demo(frontends, packets, size, progress=say_started)
     summary = result.as_dict()
     if as_json:
-        click.echo(json.dumps(summary))
+        emit(summary)
     else:
         p, t = summary["packets"], summary["throughput"]
         click.echo(
@@ -441,53 +459,79 @@ def _state_dir() -> Path:
     return run_dir() / "bound"
 
 
+def _served(address: str) -> bool:
+    from vhostpci_driver.status import alive, run_dir, socket_name
+
+    return alive(run_dir() / socket_name(address))
+
+
 @main.command("list")
-@click.option("--virtio-id", default=63, show_default=True, help="The vhost-pci virtio device id.")
-@click.option("--json", "as_json", is_flag=True)
-@friendly
+@click.option("--virtio-id", default=63, show_default=True, type=click.IntRange(0, MAX_VIRTIO_ID),
+              help="The vhost-pci virtio device id.")  # fmt: skip
+@click.option("--json", "as_json", is_flag=True, help="One JSON object (schema: docs/cli.md).")
 def list_(virtio_id: int, as_json: bool) -> None:
-    """Every vhost-pci function: its driver, IOMMU group, and whether a service runs for it."""
+    """Every vhost-pci function, the way dpdk-devbind shows devices.
+
+    Address, [vendor:device], name, the driver in use (drv=), the drivers it could
+    be given to (unused=), its IOMMU group, and whether a service is serving it.
+    """
     from vhostpci_driver.pci import sysfs
-    from vhostpci_driver.status import run_dir, socket_name
+    from vhostpci_driver.report import device_type_name, function_line
     from vhostpci_driver.wire.device import pci_device_id
 
-    root = _sysfs_root()
-    if root == "/sys":
-        import pyudev
-
-        ctx = pyudev.Context()
-        want = f"0x{pci_device_id(virtio_id):04x}"
-        addrs = [
-            d.sys_name
-            for d in ctx.list_devices(subsystem="pci")
-            if d.attributes.get("vendor") == b"0x1af4" and d.attributes.get("device") == want.encode()
-        ]
-        found = [sysfs.info(a, root) for a in addrs]
-    else:
-        found = sysfs.list_functions(device=pci_device_id(virtio_id), root=root)
-    rows = [{"address": f.address, "driver": f.driver, "iommu_group": f.iommu_group,
-             "service": (run_dir() / socket_name(f.address)).exists()} for f in found]  # fmt: skip
+    found = sysfs.list_functions(device=pci_device_id(virtio_id), root=_sysfs_root())
+    rows = [
+        {
+            "address": f.address,
+            "vendor": f"{f.vendor:04x}",
+            "device": f"{f.device:04x}",
+            "name": f"Virtio {device_type_name(virtio_id)}",
+            "driver": f.driver,
+            "unused": [d for d in CANDIDATE_DRIVERS if d != f.driver],
+            "iommu_group": f.iommu_group,
+            "service": _served(f.address),
+        }
+        for f in found
+    ]
     if as_json:
-        click.echo(json.dumps({"functions": rows}))
+        emit({"functions": rows})
         return
     if not rows:
         click.echo("no vhost-pci function found")
     for r in rows:
-        click.echo(
-            f"{r['address']}  driver={r['driver'] or '-'}  iommu_group={r['iommu_group']}"
-            f"  service={'running' if r['service'] else 'none'}"
-        )
+        click.echo(function_line(r))
+
+
+def _refuse(address: str, why: str, force_hint: bool = True) -> None:
+    hint = "; use --force if you mean it" if force_hint else ""
+    raise Failure(f"{address} {why}: not touched{hint}")
+
+
+def _check_in_use(address: str, root: str) -> None:
+    from vhostpci_driver.pci import sysfs
+
+    if _served(address):
+        _refuse(address, "is being served by a running 'vhostpci run' (stop it first)")
+    users = sysfs.in_use(address, root)
+    if users:
+        _refuse(address, f"is in use ({'; '.join(users)})")
 
 
 @main.command()
-@click.argument("address")
+@click.argument("address", type=DeviceAddress(pci_only=True))
 @click.option(
     "--driver", type=click.Choice(["vfio-pci", "uio_pci_generic"]), default="vfio-pci", show_default=True
 )
-@click.option("--force", is_flag=True, help="Bind even if the function is not a vhost-pci function.")
-@friendly
+@click.option(
+    "--force",
+    is_flag=True,
+    help="Bind even a function that is not vhost-pci, or one in use (an interface up, a disk mounted).",
+)
 def bind(address: str, driver: str, force: bool) -> None:
-    """Give a function to vfio-pci (or uio_pci_generic); 'vhostpci unbind' gives it back."""
+    """Give a vhost-pci function to vfio-pci (or uio_pci_generic); 'vhostpci unbind' gives it back.
+
+    Refuses anything that is not a vhost-pci function, or is in use, unless --force.
+    """
     from vhostpci_driver.pci import sysfs
     from vhostpci_driver.spec.virtio_pci import VIRTIO_PCI_VENDOR
     from vhostpci_driver.wire.device import pci_device_id
@@ -495,10 +539,13 @@ def bind(address: str, driver: str, force: bool) -> None:
     root = _sysfs_root()
     info = sysfs.info(address, root)
     if not force and (info.vendor, info.device) != (VIRTIO_PCI_VENDOR, pci_device_id()):
-        raise Failure(
-            f"{info.address} is {info.vendor:04x}:{info.device:04x}, not a vhost-pci function "
-            f"({VIRTIO_PCI_VENDOR:04x}:{pci_device_id():04x}); use --force if you mean it"
+        _refuse(
+            info.address,
+            f"is {info.vendor:04x}:{info.device:04x}, not a vhost-pci function "
+            f"({VIRTIO_PCI_VENDOR:04x}:{pci_device_id():04x})",
         )
+    if not force and info.driver != driver:
+        _check_in_use(info.address, root)
     if driver == "vfio-pci":
         if info.iommu_group is None and not sysfs.noiommu_enabled(root):
             raise Failure(
@@ -518,25 +565,43 @@ def bind(address: str, driver: str, force: bool) -> None:
 
 
 @main.command()
-@click.argument("address")
-@friendly
-def unbind(address: str) -> None:
+@click.argument("address", type=DeviceAddress(pci_only=True))
+@click.option(
+    "--force",
+    is_flag=True,
+    help="Unbind even a function 'vhostpci bind' did not bind, one that is not vhost-pci, or one in use.",
+)
+def unbind(address: str, force: bool) -> None:
     """Give a function back to the driver it had before 'vhostpci bind'.
 
-    A function that was unplugged meanwhile has nothing to give back: that is
-    success (the unit's ExecStopPost runs this after a hot-unplug).
+    Only a function this tool bound (it keeps a record in $VHOSTPCI_RUN_DIR/bound)
+    and nothing serves, unless --force. A function that was unplugged meanwhile
+    has nothing to give back: that is success (the unit's ExecStopPost runs this
+    after a hot-unplug); an address that never existed is an error.
     """
     from vhostpci_driver.pci import sysfs
+    from vhostpci_driver.wire.device import VIRTIO_PCI_VENDOR, pci_device_id
 
-    addr = sysfs.parse_address(address)
-    if not (Path(_sysfs_root()) / "bus/pci/devices" / addr).exists():
-        (_state_dir() / f"{addr}.driver").unlink(missing_ok=True)
-        click.echo(f"{addr} is gone (unplugged): nothing to give back")
+    root = _sysfs_root()
+    record = _state_dir() / f"{address}.driver"
+    try:
+        info = sysfs.info(address, root)
+    except VhostPciError:
+        if not record.exists():
+            raise
+        record.unlink()
+        click.echo(f"{address} is gone (unplugged): nothing to give back")
         return
-    previous, log = sysfs.unbind(address, _state_dir(), _sysfs_root())
+    if not force:
+        if (info.vendor, info.device) != (VIRTIO_PCI_VENDOR, pci_device_id()):
+            _refuse(address, f"is {info.vendor:04x}:{info.device:04x}, not a vhost-pci function")
+        if not record.exists():
+            _refuse(address, f"was not bound by 'vhostpci bind' (no record {record})")
+        _check_in_use(address, root)
+    previous, log = sysfs.unbind(address, _state_dir(), root)
     for path, value in log:
         click.echo(f"wrote {value.strip()!r} to {path}")
-    click.echo(f"{sysfs.parse_address(address)} returned to {previous or 'the default driver'}")
+    click.echo(f"{address} returned to {previous or 'the default driver'}")
 
 
 def _udev_sources() -> Path:
@@ -546,45 +611,80 @@ def _udev_sources() -> Path:
     raise Failure("the udev files are not installed (reinstall the package)")
 
 
+def entry_point() -> str:
+    """The running installation's ``vhostpci``, as an absolute command line (for the unit's Exec lines).
+
+    The console script beside the interpreter (a venv's bin/), else the one on
+    PATH, else this interpreter running the package.
+    """
+    beside = Path(sys.executable).parent / "vhostpci"
+    if beside.is_file() and os.access(beside, os.X_OK):
+        return str(beside.absolute())
+    found = shutil.which("vhostpci")
+    if found:
+        return str(Path(found).absolute())
+    return f"{Path(sys.executable).absolute()} -m vhostpci_driver"
+
+
+def documentation() -> Path:
+    """The installed docs/cli.md (data_files), else the source tree's."""
+    for candidate in (
+        Path(sys.prefix) / "share/doc/vhostpci/cli.md",
+        Path(__file__).resolve().parents[1] / "docs/cli.md",
+    ):
+        if candidate.exists():
+            return candidate
+    raise Failure("docs/cli.md is not installed (reinstall the package)")
+
+
 @main.command("install-udev")
-@click.option("--prefix", type=click.Path(path_type=Path), default=Path("/"), show_default=True)
-@friendly
+@click.option(
+    "--prefix", type=click.Path(path_type=Path, file_okay=False), default=Path("/"), show_default=True
+)
 def install_udev(prefix: Path) -> None:
-    """Install the udev rule, the vhostpci@.service unit and the vhostpci user's sysusers.d entry."""
+    """Install the udev rule, the vhostpci@.service unit and the vhostpci user's sysusers.d entry.
+
+    The unit runs this installation's vhostpci (its absolute path is written in).
+    """
     src = _udev_sources()
+    text = (src / "vhostpci@.service").read_text()
+    unit = text.replace("@VHOSTPCI@", entry_point()).replace("@DOCUMENTATION@", documentation().as_uri())
     targets = {
-        src / "90-vhostpci.rules": prefix / "etc/udev/rules.d/90-vhostpci.rules",
-        src / "vhostpci@.service": prefix / "etc/systemd/system/vhostpci@.service",
-        src / "vhostpci.sysusers": prefix / "etc/sysusers.d/vhostpci.conf",
+        prefix / "etc/udev/rules.d/90-vhostpci.rules": (src / "90-vhostpci.rules").read_bytes(),
+        prefix / "etc/systemd/system/vhostpci@.service": unit.encode(),
+        prefix / "etc/sysusers.d/vhostpci.conf": (src / "vhostpci.sysusers").read_bytes(),
     }
-    for s, t in targets.items():
+    for t, data in targets.items():
         t.parent.mkdir(parents=True, exist_ok=True)
-        t.write_bytes(s.read_bytes())
+        t.write_bytes(data)
         click.echo(f"installed {t}")
     click.echo("now: systemd-sysusers && udevadm control --reload && systemctl daemon-reload")
 
 
 @main.command()
-@click.option("--quick", is_flag=True, help="Fewer repetitions (about a minute).")
-@click.option("--only", default=None, help="One benchmark by name (e.g. ring-batch).")
-@click.option("--json", "as_json", is_flag=True, help="One JSON object: machine and rows.")
-@friendly
+@click.option("--quick", is_flag=True, help="Fewer repetitions (about 5 s).")
+@click.option("--only", type=click.Choice(BENCHMARKS), default=None, help="One benchmark.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object: machine and rows (docs/cli.md).")
 def bench(quick: bool, only: str | None, as_json: bool) -> None:
     """Measure the control and data plane against baselines taken in the same run (never fails a build)."""
     from vhostpci_driver.bench import run_bench
+    from vhostpci_driver.report import table
 
-    result = run_bench(quick, only, progress=None if as_json else lambda m: click.echo(f"... {m}", err=True))
-    if as_json:
-        click.echo(json.dumps(result))
-        return
-    click.echo(f"{'benchmark':<22} {'figure':>12} {'baseline':>12} {'ratio':>8}  {'target':<20} {'':<6} unit")
-    for r in result["benchmarks"]:
-        base = "-" if r["baseline"] is None else f"{r['baseline']}"
-        ratio = "-" if r["ratio"] is None else f"{r['ratio']}"
-        mark = {True: "met", False: "MISSED", None: ""}[r["met"]]
-        extra = f"; limited by {r['limited_by']}" if r["limited_by"] else ""
-        target = r["target"] if r["met"] is not None else "(reference)"
-        click.echo(
-            f"{r['name']:<22} {r['figure']:>12} {base:>12} {ratio:>8}  {target:<20} {mark:<6} "
-            f"{r['unit']}{' vs ' + r['baseline_name'] if r['baseline_name'] else ''}{extra}"
+    with stop_on_signals():
+        result = run_bench(
+            quick, only, progress=None if as_json else lambda m: click.echo(f"... {m}", err=True)
         )
+    if as_json:
+        emit(result)
+        return
+    rows = []
+    for r in result["benchmarks"]:
+        extra = f"; limited by {r['limited_by']}" if r["limited_by"] else ""
+        rows.append((
+            r["name"], r["figure"], "-" if r["baseline"] is None else r["baseline"],
+            "-" if r["ratio"] is None else r["ratio"], r["target"] if r["met"] is not None else "(reference)",
+            {True: "met", False: "MISSED", None: ""}[r["met"]],
+            f"{r['unit']}{' vs ' + r['baseline_name'] if r['baseline_name'] else ''}{extra}",
+        ))  # fmt: skip
+    for line in table(("BENCHMARK", "FIGURE", "BASELINE", "RATIO", "TARGET", "", "UNIT"), rows):
+        click.echo(line)

@@ -10,6 +10,7 @@ simulators), throughput.
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 import threading
@@ -68,16 +69,21 @@ def run_demo(
 
     if frontends < 1:
         raise ValueError("the demo needs at least one frontend")
-    per = packets // frontends
-    total = per * frontends
-    workdir = Path(tempfile.mkdtemp(prefix="vhostpci-demo-", dir="/tmp"))  # short: socket paths are bounded
-    server = HostServer(workdir)
+    # Every frame asked for is sent: the first (packets % frontends) frontends send one more.
+    shares = [packets // frontends + (i < packets % frontends) for i in range(frontends)]
+    total = sum(shares)
+    # $TMPDIR if set (the logs of the host side go there too), else /tmp: socket paths are bounded
+    workdir = Path(tempfile.mkdtemp(prefix="vhostpci-demo-", dir=os.environ.get("TMPDIR") or "/tmp"))
+    server: HostServer | None = None
     vms: list[DriverVmProcess] = []
     devices: list[VhostPciDevice] = []
     service: Service | None = None
     thread: threading.Thread | None = None
     try:
-        vms = [DriverVmProcess(server.socket, [mac(i)], memory="64M") for i in range(frontends)]
+        # One uid connects every driver VM: the server's per-uid limit must admit them all.
+        server = HostServer(workdir, extra=("--limit", f"max_connections_per_uid={max(8, frontends)}"))
+        for i in range(frontends):  # one by one: a signal in between still stops those started
+            vms.append(DriverVmProcess(server.socket, [mac(i)], memory="64M"))
         for vm in vms:
             devices.append(
                 VhostPciDevice(f"vfio-user:{server.device_socket(vm.uuid)}", policies={1: net_policy})
@@ -89,7 +95,7 @@ def run_demo(
             vm.read_event("ready", timeout=30)
         start = time.monotonic()
         for i, vm in enumerate(vms):
-            vm.send(f"send {mac((i + 1) % frontends)} {per} {size}")
+            vm.send(f"send {mac((i + 1) % frontends)} {shares[i]} {size}")
         received = 0
         deadline = start + timeout
         while received < total and time.monotonic() < deadline:
@@ -122,5 +128,6 @@ def run_demo(
             dev.close()
         for vm in vms:
             vm.stop()
-        server.stop()
+        if server is not None:
+            server.stop()
         shutil.rmtree(workdir, ignore_errors=True)

@@ -234,6 +234,14 @@ class VhostPciDevice:
             return [self.intx.fileno()]
         return list(self.irq_fds)
 
+    def control_fds(self) -> list[int]:
+        """The fds whose readability means work for :meth:`process`: config, controlq, ackq.
+
+        The notification slots' eventfds (the rest of :meth:`fileno_list`) are the
+        frontends' kicks, which the app that serves their rings waits on.
+        """
+        return self.fileno_list()[: Vector.FIRST_SLOT]
+
     def process(self) -> list[Event]:
         """Serve everything pending: config changes, controlq messages, returned ack buffers."""
         if self._closed:

@@ -1,34 +1,68 @@
 """The serving loop: devices, optionally one app, driven by their eventfds.
 
-``vhostpci run`` and the tests run this. One app may span several devices:
-the net switch forwards between frontends of different driver VMs, each
+``vhostpci run``, the demo and the tests run this. One app may span several
+devices: the net switch forwards between frontends of different driver VMs, each
 behind its own vhost-pci function, which is what vhost-pci is for.
-Interrupt-driven by default: it sleeps in ``select`` on the devices' vectors
-and the app's kick eventfds; with ``polling`` it spins on the rings instead
-(lower latency, one core busy).
+Interrupt-driven by default: it sleeps in a selector (epoll) on the devices'
+vectors, the app's kick eventfds and its readers (status sockets, removal fds, a
+signal pipe, a udev monitor); with ``polling`` it spins on the rings instead
+(lower latency, one core busy) and still looks at the readers on every turn
+without work, so ``vhostpci status`` and hot-unplug work under ``--polling`` too.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import select
+import selectors
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Protocol
 
-from vhostpci_driver.apps.net import NetBackend
 from vhostpci_driver.device import VhostPciDevice
 from vhostpci_driver.errors import DeviceError
-from vhostpci_driver.events import DeviceErrorEvent, Event
+from vhostpci_driver.events import DeviceErrorEvent, Event, FrontendKey
+from vhostpci_driver.frontends import Frontend
+from vhostpci_driver.status import StatusServer
 
 log = logging.getLogger(__name__)
 
+#: turns of a busy polling loop between two looks at the readers
+READERS_EVERY = 64
+
+
+class App(Protocol):
+    """What the service drives: the net switch (:class:`~vhostpci_driver.apps.net.NetBackend`) or yours."""
+
+    def on_event(self, ev: Event, frontends: Mapping[FrontendKey, Frontend]) -> None:
+        """Follow one device's event; ``frontends`` is that device's live table."""
+
+    def poll(self) -> int:
+        """Move what can be moved now; > 0 means "call again soon"."""
+
+    def kick_fds(self) -> list[int]:
+        """The eventfds whose readability means there is work for :meth:`poll`."""
+
+
+@dataclass
+class Served:
+    """A device the service serves by address, with its status socket."""
+
+    address: str
+    device: VhostPciDevice
+    status: StatusServer | None
+
 
 class Service:
-    """Serves ``devices`` and feeds their events to ``app`` until stopped."""
+    """Serves ``devices`` and feeds their events to ``app`` until stopped.
+
+    Devices given to the constructor are served anonymously; :meth:`add` serves one
+    by address (with its status socket and removal fd) and :meth:`remove` lets it go.
+    """
 
     def __init__(
-        self, devices: list[VhostPciDevice], app: NetBackend | None = None, *, polling: bool = False
+        self, devices: list[VhostPciDevice], app: App | None = None, *, polling: bool = False
     ) -> None:
         self.devices = devices
         self.app = app
@@ -36,35 +70,152 @@ class Service:
         self.stop = threading.Event()
         self.events: list[Event] = []
         self.error: str | None = None
-        #: extra fds to wait on (a status socket, a signal pipe) and what to do when readable
-        self.readers: dict[int, Callable[[], None]] = {}
+        #: keep running with no device left (``run --watch``); else the last removal stops the loop
+        self.watching = False
+        self.served: dict[str, Served] = {}
+        self._sel = selectors.DefaultSelector()
+        self._readers: dict[int, Callable[[], None]] = {}
+        self._device_fds: dict[int, VhostPciDevice] = {}
+        self._kicks: list[int] = []
+        self._turns = 0
+        for dev in devices:
+            self._watch_device(dev)
+
+    # -- what the loop waits on --------------------------------------------------------
+
+    def add_reader(self, fd: int, callback: Callable[[], None]) -> None:
+        """Call ``callback`` whenever ``fd`` is readable (a socket, a pipe, a monitor)."""
+        self._readers[fd] = callback
+        self._sel.register(fd, selectors.EVENT_READ)
+
+    def remove_reader(self, fd: int) -> None:
+        if self._readers.pop(fd, None) is not None:
+            self._unregister(fd)
+
+    def _unregister(self, fd: int) -> None:
+        try:
+            self._sel.unregister(fd)
+        except (KeyError, ValueError):
+            pass
+
+    def _watch_device(self, dev: VhostPciDevice) -> None:
+        if self.polling:
+            return
+        for fd in dev.control_fds():
+            self._device_fds[fd] = dev
+            self._sel.register(fd, selectors.EVENT_READ)
+
+    def _unwatch_device(self, dev: VhostPciDevice) -> None:
+        for fd in [fd for fd, d in self._device_fds.items() if d is dev]:
+            del self._device_fds[fd]
+            self._unregister(fd)
+        self._sync_kicks(force=True)
+
+    def _sync_kicks(self, force: bool = False) -> None:
+        """Wait on the app's kick eventfds as they are now (ports come and go with frontends)."""
+        kicks = [] if self.app is None or self.polling else self.app.kick_fds()
+        if kicks == self._kicks and not force:
+            return
+        for fd in self._kicks:
+            if fd not in self._readers and fd not in self._device_fds:
+                self._unregister(fd)
+        self._kicks = []
+        for fd in kicks:
+            if fd in self._readers or fd in self._device_fds or fd in self._kicks:
+                continue
+            try:
+                self._sel.register(fd, selectors.EVENT_READ)
+            except (OSError, ValueError, KeyError):
+                continue  # a port of a device already closed: it has nothing to wait for
+            self._kicks.append(fd)
+
+    # -- devices by address --------------------------------------------------------------
+
+    def add(self, address: str, dev: VhostPciDevice, status: StatusServer | None = None) -> None:
+        """Serve ``dev`` as ``address``: its vectors, its removal fd and its status socket."""
+        self.devices.append(dev)
+        self.served[address] = Served(address, dev, status)
+        self._watch_device(dev)
+        gone = dev.function.removal_fd()
+        if gone is not None:
+            self.add_reader(gone, lambda: self._released(address))
+        if status is not None:
+            self.add_reader(status.fileno(), status.serve_ready)
+
+    def remove(self, address: str) -> None:
+        """Stop serving ``address``: close its status socket and reset and close the device."""
+        s = self.served.pop(address)
+        gone = s.device.function.removal_fd()
+        if gone is not None:
+            self.remove_reader(gone)
+        if s.status is not None:
+            self.remove_reader(s.status.fileno())
+        self._unwatch_device(s.device)
+        self.devices.remove(s.device)
+        if s.status is not None:
+            s.status.close()
+        s.device.close()
+        log.info("stopped serving %s", address)
+
+    def _released(self, address: str) -> None:
+        dev = self.served[address].device
+        if dev.function.backend == "vfio-user":
+            # Every request on a vfio-user socket is answered before the next: readable
+            # between requests means the server closed it (or broke the protocol).
+            log.error("%s: the host went away (its vfio-user socket closed)", address)
+            if len(self.served) == 1 and not self.watching:
+                self.error = f"the host of {address} went away"
+        else:
+            # The kernel asks for the function back (hot-unplug waits on us): let go now, cleanly.
+            log.info("%s is being removed: releasing it", address)
+        self.remove(address)
+        if not self.served and not self.watching:
+            self.stop.set()
+
+    def close(self) -> None:
+        """Let go of every device served by address, then of the selector; idempotent."""
+        for address in list(self.served):
+            self.remove(address)
+        self._sel.close()
+
+    # -- the loop --------------------------------------------------------------------------
 
     def run_once(self, timeout: float) -> int:
         """Serve what is pending, then wait (bounded) for the next interrupt or kick; returns frames moved."""
+        changed = False
         for dev in self.devices:
             for ev in dev.process():
+                changed = True
                 self.events.append(ev)
                 if self.app is not None:
                     self.app.on_event(ev, dev.frontends)
                 if isinstance(ev, DeviceErrorEvent):
                     log.warning("%s: %s", ev.where, ev.message)
         moved = self.app.poll() if self.app is not None else 0
-        if moved or self.polling:
+        if self.polling:
+            self._turns += 1
+            if not moved or self._turns % READERS_EVERY == 0:
+                self._wait(0)
             return moved
-        device_fds = [fd for dev in self.devices for fd in dev.fileno_list()[:3]]
-        kicks = self.app.kick_fds() if self.app is not None else []
-        if not device_fds:  # polling devices: keep the loop turning, but let readers in
+        if moved:
+            return moved
+        self._sync_kicks(force=changed)
+        if not self._device_fds:  # devices without vectors poll: keep the loop turning, but let readers in
             timeout = min(timeout, 0.001)
-        ready, _, _ = select.select(device_fds + kicks + list(self.readers), [], [], timeout)
-        for fd in ready:
-            if fd in self.readers:
-                self.readers[fd]()
-            elif fd not in device_fds:  # a frontend kick: the next poll() serves it
+        self._wait(timeout)
+        return 0
+
+    def _wait(self, timeout: float) -> None:
+        for key, _ in self._sel.select(timeout):
+            fd = key.fd
+            reader = self._readers.get(fd)
+            if reader is not None:
+                reader()
+            elif fd in self._kicks:  # a frontend kick: the next poll() serves it
                 try:
                     os.eventfd_read(fd)
                 except BlockingIOError:
                     pass
-        return 0
 
     def run(self, tick: float = 0.1) -> None:
         """Serve until :attr:`stop` is set or a device fails."""

@@ -8,6 +8,7 @@ the data path and works only on mapped regions.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -31,8 +32,23 @@ def run_dir() -> Path:
 
 
 def socket_name(address: str) -> str:
-    """A file name for a device address (``0000:00:05.0`` or ``vfio-user:/x/y.sock``)."""
-    return re.sub(r"[^A-Za-z0-9_.-]", "_", address.removeprefix("vfio-user:").strip("/"))[-80:] + ".sock"
+    """A file name for a normalised device address.
+
+    ``0000:00:05.0`` -> ``0000:00:05.0.sock``; ``vfio-user:/run/x/dev.sock`` ->
+    ``vfio-user-dev-<8 hex>.sock``: the socket's own name (readable) and a hash of
+    its whole path (unique), short enough for ``sun_path`` under any run directory
+    that fits one.
+    """
+    if not address.startswith("vfio-user:"):
+        return f"{address}.sock"
+    path = address.removeprefix("vfio-user:")
+    stem = re.sub(r"[^A-Za-z0-9_.-]", "_", os.path.basename(path).removesuffix(".sock"))[:40]
+    return f"vfio-user-{stem}-{hashlib.sha256(path.encode()).hexdigest()[:8]}.sock"
+
+
+def alive(path: Path) -> bool:
+    """Whether a service answers on ``path`` (a socket left by a killed service refuses)."""
+    return _alive(path)
 
 
 class StatusServer:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -44,13 +45,19 @@ def test_run_serves_answers_status_and_dump_and_stops_on_sigterm(short_dir: Path
     vm = DriverVmProcess(server.socket, [MAC_A], vm_uuid=UUIDS[0], memory="64M")
     address = f"vfio-user:{server.device_socket(vm.uuid)}"
     env = {"VHOSTPCI_RUN_DIR": str(short_dir / "run")}
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(short_dir / "notify"))
+    notify.settimeout(30)
     svc = subprocess.Popen(
         [sys.executable, "-m", "vhostpci_driver", "run", address, "--app", "net-loopback"],
-        env={**os.environ, **env},
+        env={**os.environ, **env, "NOTIFY_SOCKET": str(short_dir / "notify")},
         stderr=subprocess.PIPE,
         text=True,
     )
     try:
+        # Type=notify: readiness once the function is served (its status socket answers from then on)
+        assert notify.recv(4096).split(b"\n")[0] == b"READY=1"
+        assert vhostpci("status", address, "--json", env=env).returncode == 0
         vm.read_event("ready", timeout=30)
         vm.send(f"send {MAC_A} 500 256")
         wait_for(lambda: vm.stats()["frontends"][0]["received"] >= 500, 30, "loopback traffic")
@@ -62,10 +69,15 @@ def test_run_serves_answers_status_and_dump_and_stops_on_sigterm(short_dir: Path
         assert len(service["regions"]) == 2 and len(service["frontends"]) == 1
         assert service["ports"][MAC_A]["rx_frames"] >= 500
         text = vhostpci("status", env=env)
-        assert text.returncode == 0 and "frontend type 1" in text.stdout
+        assert text.returncode == 0 and "{'" not in text.stdout  # a table, not a dict repr
+        (row,) = [ln.split() for ln in text.stdout.splitlines() if ln.strip().startswith("net ")]
+        device_id = f"{int(MAC_A.replace(':', ''), 16):#x}"
+        assert row[:3] == ["net", device_id, "256,256"] and "VERSION_1" in row, text.stdout
         ok = vhostpci("dump", address, "--xgpa", "0x0", "--len", "32", "--json", env=env)
         assert ok.returncode == 0 and len(bytes.fromhex(json.loads(ok.stdout)["hex"])) == 32
-        twice = vhostpci("run", address, env=env, timeout=30)  # already served: refused, device untouched
+        # already served (under another spelling of the same path): refused, device untouched
+        alias = address.replace(str(short_dir), f"{short_dir}/../{short_dir.name}")
+        twice = vhostpci("run", alias, env=env, timeout=30)
         assert twice.returncode == 1 and "already serving" in twice.stderr
         assert vhostpci("status", "--json", env=env).returncode == 0  # the first service is unharmed
         bad = vhostpci("dump", address, "--xgpa", "0x200000000", "--len", "16", env=env)
@@ -75,7 +87,8 @@ def test_run_serves_answers_status_and_dump_and_stops_on_sigterm(short_dir: Path
             and "Traceback" not in bad.stderr
         )
         svc.send_signal(signal.SIGTERM)
-        assert svc.wait(20) == 0
+        assert svc.wait(20) == 143  # 128 + SIGTERM, after a clean stop
+        assert notify.recv(4096) == b"STOPPING=1"
         assert not list((short_dir / "run").glob("*.sock"))  # the status socket is gone
         gone = vhostpci("status", env=env)
         assert gone.returncode == 1 and "no vhostpci service is running" in gone.stderr
@@ -85,6 +98,7 @@ def test_run_serves_answers_status_and_dump_and_stops_on_sigterm(short_dir: Path
             svc.wait(5)
         if svc.stderr is not None:
             svc.stderr.close()
+        notify.close()
         vm.stop()
         server.stop()
 
@@ -95,7 +109,7 @@ def test_errors_are_one_line_with_exit_codes(short_dir: Path) -> None:
     assert missing.stderr.strip().count("\n") == 0 and missing.stderr.startswith("vhostpci: error:")
     assert "cannot connect" in missing.stderr
     bad = vhostpci("run", "not-an-address")
-    assert bad.returncode == 1 and "not a PCI address" in bad.stderr
+    assert bad.returncode == 2 and "neither a PCI address" in bad.stderr  # a usage error
     usage = vhostpci("demo", "--frontends", "0")
     assert usage.returncode == 2
     debug = vhostpci("--debug", "run", f"vfio-user:{short_dir}/nothing.sock")
@@ -129,7 +143,7 @@ def test_run_watch_follows_the_system_and_stops_on_sigterm(tmp_path: Path) -> No
             lines.append(line)
         assert any("cannot serve 0000:00:04.0" in ln and "/dev/vfio" in ln for ln in lines), "".join(lines)
         proc.send_signal(signal.SIGTERM)
-        assert proc.wait(20) == 0
+        assert proc.wait(20) == 143
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -13,31 +13,34 @@ from vhostpci_driver.pci.open import open_function
 from vhostpci_driver.pci.vfio import PAGEMAP_PRESENT, VfioFunction, physical_address
 
 
-def fake_tree(root: Path) -> Path:
-    def function(addr: str, vendor: int, device: int, driver: str | None, group: int) -> None:
-        d = root / "devices/pci0000:00" / addr
-        d.mkdir(parents=True)
-        (d / "vendor").write_text(f"{vendor:#06x}\n")
-        (d / "device").write_text(f"{device:#06x}\n")
-        (d / "class").write_text("0xff0000\n")
-        (d / "driver_override").write_text("(null)\n")
-        link = root / "bus/pci/devices" / addr
-        link.parent.mkdir(parents=True, exist_ok=True)
-        link.symlink_to(d)
-        g = root / "kernel/iommu_groups" / str(group)
-        (g / "devices").mkdir(parents=True, exist_ok=True)
-        (g / "devices" / addr).symlink_to(d)
-        (d / "iommu_group").symlink_to(g)
-        if driver:
-            drv = root / "bus/pci/drivers" / driver
-            drv.mkdir(parents=True, exist_ok=True)
-            for f in ("bind", "unbind"):
-                (drv / f).touch()
-            (d / "driver").symlink_to(drv)
+def add_function(root: Path, addr: str, vendor: int, device: int, driver: str | None, group: int) -> Path:
+    """One PCI function in a fake sysfs tree, laid out as the kernel lays it out."""
+    d = root / "devices/pci0000:00" / addr
+    d.mkdir(parents=True)
+    (d / "vendor").write_text(f"{vendor:#06x}\n")
+    (d / "device").write_text(f"{device:#06x}\n")
+    (d / "class").write_text("0xff0000\n")
+    (d / "driver_override").write_text("(null)\n")
+    link = root / "bus/pci/devices" / addr
+    link.parent.mkdir(parents=True, exist_ok=True)
+    link.symlink_to(d)
+    g = root / "kernel/iommu_groups" / str(group)
+    (g / "devices").mkdir(parents=True, exist_ok=True)
+    (g / "devices" / addr).symlink_to(d)
+    (d / "iommu_group").symlink_to(g)
+    if driver:
+        drv = root / "bus/pci/drivers" / driver
+        drv.mkdir(parents=True, exist_ok=True)
+        for f in ("bind", "unbind"):
+            (drv / f).touch()
+        (d / "driver").symlink_to(drv)
+    return d
 
-    function("0000:00:04.0", 0x1AF4, 0x107F, "virtio-pci", 5)
-    function("0000:00:05.0", 0x1AF4, 0x1041, "virtio-pci", 6)
-    function("0000:00:06.0", 0x8086, 0x100E, "e1000", 6)
+
+def fake_tree(root: Path) -> Path:
+    add_function(root, "0000:00:04.0", 0x1AF4, 0x107F, "virtio-pci", 5)
+    add_function(root, "0000:00:05.0", 0x1AF4, 0x1041, "virtio-pci", 6)
+    add_function(root, "0000:00:06.0", 0x8086, 0x100E, "e1000", 6)
     (root / "bus/pci/drivers_probe").touch()
     (root / "bus/pci/drivers/vfio-pci").mkdir(parents=True)
     return root
@@ -148,3 +151,39 @@ def test_insisting_on_the_cdev_interface_says_what_the_kernel_lacks(tmp_path: Pa
     with pytest.raises(TransportError, match="not one of auto, cdev, group"):
         VfioFunction("0000:00:04.0", sysfs_root=str(root), interface="legacy")
     assert len(os.listdir("/proc/self/fd")) == fds
+
+
+def test_pyudev_and_the_tree_read_the_same() -> None:
+    """The real /sys through pyudev and through TreeDevice agree on every function (one code path)."""
+    real = sysfs.list_functions(vendor=0x1AF4, root="/sys") + sysfs.list_functions(vendor=0x8086, root="/sys")
+    if not Path("/sys/bus/pci/devices").is_dir():
+        pytest.skip("no PCI bus in this machine's sysfs")
+    for f in real:
+        tree = sysfs.TreeDevice(Path("/sys/bus/pci/devices") / f.address)
+        assert sysfs.info_of(tree) == f
+    with pytest.raises(TransportError, match="no PCI function 0000:7f:1f.7"):
+        sysfs.info("7f:1f.7", "/sys")
+
+
+def test_in_use_names_an_interface_that_is_up_and_a_held_or_mounted_disk(tmp_path: Path) -> None:
+    root = fake_tree(tmp_path / "sys")
+    nic = root / "bus/pci/devices/0000:00:06.0"
+    (nic / "net/eth0").mkdir(parents=True)
+    (nic / "net/eth0/flags").write_text("0x1002\n")  # IFF_BROADCAST|IFF_MULTICAST: down
+    mounts = tmp_path / "mounts"
+    mounts.write_text("proc /proc proc rw 0 0\n")
+    assert sysfs.in_use("0000:00:06.0", str(root), str(mounts)) == []
+    (nic / "net/eth0/flags").write_text("0x1003\n")  # IFF_UP
+    assert sysfs.in_use("0000:00:06.0", str(root), str(mounts)) == ["network interface eth0 is up"]
+    disk = add_function(root, "0000:00:07.0", 0x1AF4, 0x1042, "virtio-pci", 7)
+    vda = disk / "virtio3/block/vda"
+    (vda / "holders").mkdir(parents=True)
+    (vda / "vda1").mkdir()
+    (vda / "vda1/partition").write_text("1\n")
+    assert sysfs.in_use("0000:00:07.0", str(root), str(mounts)) == []
+    mounts.write_text("/dev/vda1 / ext4 rw 0 0\n")
+    (vda / "holders/dm-0").mkdir()
+    assert sysfs.in_use("0000:00:07.0", str(root), str(mounts)) == [
+        "block device vda is held by dm-0",
+        "block device vda1 is mounted",
+    ]

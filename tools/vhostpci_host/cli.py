@@ -1,9 +1,13 @@
-"""The ``vhostpci-host`` command: the reference host side."""
+"""The ``vhostpci-host`` command: the reference host side.
+
+Exit codes as ``vhostpci``'s (vhostpci_driver.command, docs/cli.md): 0 success, 1 a
+runtime failure (a peer missing, a socket taken), 2 a usage error, 128+N when signal
+N stopped it (130 SIGINT, 143 SIGTERM).
+"""
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 import sys
@@ -14,6 +18,8 @@ from typing import TYPE_CHECKING
 import click
 
 from vhostpci_driver import __version__
+from vhostpci_driver.command import Failure, Group, emit, exit_for
+from vhostpci_driver.params import MacAddress, QueueSize, SocketPath
 
 if TYPE_CHECKING:
     from vhostpci_driver.wire.sock import SockLimits
@@ -75,10 +81,27 @@ def _logging(verbose: bool) -> None:
     )
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class HostGroup(Group):
+    """``vhostpci_driver.command.Group``; a server that cannot start is a runtime failure too."""
+
+    def run(self, argv: list[str], prog: str) -> None:
+        from vhostpci_host.harness import ProcessError
+        from vhostpci_host.server import ServerError
+
+        try:
+            super().run(argv, prog)
+        except (ServerError, ProcessError) as e:
+            raise Failure(str(e)) from None
+
+
+@click.group(name="vhostpci-host", cls=HostGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="vhostpci-host")
-def main() -> None:
-    """Serve vhost-pci devices to device VMs and simulate driver VMs."""
+@click.option("--debug", is_flag=True, help="Show tracebacks.")
+def main(debug: bool) -> None:
+    """Serve vhost-pci devices to device VMs and simulate driver VMs.
+
+    Exit codes: 0 success, 1 failure, 2 usage error, 130/143 stopped by SIGINT/SIGTERM.
+    """
 
 
 @main.command()
@@ -86,21 +109,36 @@ def main() -> None:
     "--socket",
     "socket_path",
     required=True,
-    type=click.Path(path_type=Path),
-    help="UNIX socket driver VMs connect to.",
+    type=SocketPath(),
+    help="UNIX socket driver VMs connect to (its directory must exist; a live server's is refused).",
 )
 @click.option(
     "--devices-dir",
-    type=click.Path(path_type=Path),
+    type=click.Path(path_type=Path, file_okay=False),
     default=None,
-    help="Where each device's vfio-user socket is created (default: beside --socket).",
-)
-@click.option("--ping-interval", default=1.0, show_default=True, help="Heartbeat interval, seconds.")
-@click.option(
-    "--ping-misses", default=3, show_default=True, help="Missed heartbeats before a driver VM is gone."
+    help="Where each device's vfio-user socket is created (default: SOCKET.devices beside --socket; "
+    "made if missing and removed on exit).",
 )
 @click.option(
-    "--virtio-id", default=63, show_default=True, help="vhost-pci virtio device id (PCI id 0x1040+N)."
+    "--ping-interval",
+    default=1.0,
+    show_default=True,
+    type=click.FloatRange(min=0, min_open=True),
+    help="Heartbeat interval, seconds.",
+)
+@click.option(
+    "--ping-misses",
+    default=3,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Missed heartbeats before a driver VM is gone.",
+)
+@click.option(
+    "--virtio-id",
+    default=63,
+    show_default=True,
+    type=click.IntRange(0, 0xFFFF - 0x1040),
+    help="vhost-pci virtio device id (PCI id 0x1040+N).",
 )
 @click.option("--window-size", default=None, help="Remote window size (default: 2x the driver VM's memory).")
 @click.option(
@@ -121,6 +159,7 @@ def main() -> None:
     "--partial-timeout",
     default=5.0,
     show_default=True,
+    type=click.FloatRange(min=0, min_open=True),
     help="Seconds a peer may sit on half a message before it is dropped.",
 )
 @click.option("--json", "json_status", is_flag=True, help="Status as JSON lines on stdout.")
@@ -159,6 +198,7 @@ def serve(
     server = VhostPciServer(cfg)
     server.listen()
     server.serve_forever()
+    exit_for(server.stopped_by)
 
 
 @main.command("limits")
@@ -167,7 +207,7 @@ def limits_(as_json: bool) -> None:
     """List the peer limits 'serve --limit' takes, with their defaults."""
     known = _limit_defaults()
     if as_json:
-        click.echo(json.dumps({n: v for n, (_, v) in known.items()}))
+        emit({"limits": {n: v for n, (_, v) in known.items()}})
         return
     for name, (where, default) in known.items():
         scope = "in one message" if where == "SockLimits" else "held at once"
@@ -175,18 +215,32 @@ def limits_(as_json: bool) -> None:
 
 
 @main.command()
-@click.option("--server", required=True, type=click.Path(path_type=Path), help="The vhost-pci server socket.")
-@click.option("--uuid", "vm_uuid", default=None, help="This driver VM's UUID (default: a random one).")
-@click.option("--net", "macs", multiple=True, required=True, help="A virtio-net frontend with this MAC.")
-@click.option("--memory", default="256M", show_default=True, help="Guest memory size.")
-@click.option("--queue-size", default=256, show_default=True, help="Virtqueue size of every frontend queue.")
+@click.option("--server", required=True, type=SocketPath(), help="The vhost-pci server socket.")
+@click.option(
+    "--uuid", "vm_uuid", default=None, type=click.UUID, help="This driver VM's UUID (default: a random one)."
+)
+@click.option("--net", "macs", multiple=True, required=True, type=MacAddress(),
+              help="A virtio-net frontend with this MAC (repeatable).")  # fmt: skip
+@click.option("--memory", default="256M", show_default=True, help="Guest memory size (K/M/G).")
+@click.option("--queue-size", default=256, show_default=True, type=QueueSize(),
+              help="Virtqueue size of every frontend queue (a power of two).")  # fmt: skip
 @click.option("-v", "--verbose", is_flag=True)
 def frontend(
-    server: Path, vm_uuid: str | None, macs: tuple[str, ...], memory: str, queue_size: int, verbose: bool
+    server: Path,
+    vm_uuid: uuid.UUID | None,
+    macs: tuple[str, ...],
+    memory: str,
+    queue_size: int,
+    verbose: bool,
 ) -> None:
-    """Play a driver VM with virtio-net frontends; commands on stdin, JSON lines on stdout."""
+    """Play a driver VM with virtio-net frontends; commands on stdin, JSON lines on stdout.
+
+    Commands: send MAC COUNT SIZE|mixed [FRONTEND], stats, hostile KIND [FRONTEND], quit.
+    Exit 1 if the server is missing or goes away.
+    """
     from vhostpci_host import simulator
 
     _logging(verbose)
-    u = uuid.UUID(vm_uuid) if vm_uuid else uuid.uuid4()
-    sys.exit(simulator.run(str(server), u, list(macs), parse_size(memory), queue_size))
+    size = parse_size(memory)
+    rc = simulator.run(str(server), vm_uuid or uuid.uuid4(), list(macs), size, queue_size)
+    sys.exit(rc)

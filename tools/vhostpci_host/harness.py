@@ -34,8 +34,16 @@ class JsonProcess:
             / f"vhostpci-{name}-{os.getpid()}-{time.monotonic_ns()}.log"
         )
         self._stderr = open(self.stderr_path, "w+b")  # noqa: SIM115  (closed in stop())
+        # A process group of its own: the terminal's Ctrl-C reaches only whoever started it,
+        # which then stops its children in order (its own devices first, the server last).
         self.proc = subprocess.Popen(
-            argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._stderr, text=True, bufsize=1
+            argv,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self._stderr,
+            text=True,
+            bufsize=1,
+            process_group=0,
         )
         self.pending: list[dict[str, Any]] = []
         self._buf = b""  # raw bytes read from stdout: select() must not be fooled by a Python buffer
@@ -145,7 +153,11 @@ class HostServer(JsonProcess):
             "server",
         )
         self.devices: dict[str, str] = {}
-        self.read_event("listening")
+        try:
+            self.read_event("listening")
+        except BaseException:
+            self.stop()
+            raise
 
     def device_socket(self, vm_uuid: uuid.UUID, timeout: float = 10.0) -> str:
         """The vfio-user socket of ``vm_uuid``'s device, once the server made it."""

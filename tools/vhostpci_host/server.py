@@ -38,6 +38,20 @@ log = logging.getLogger(__name__)
 MIN_WINDOW = 2 << 20
 
 
+class ServerError(Exception):
+    """The server cannot start as configured (the command says so in one line, exit 1)."""
+
+
+def _answers(path: Path) -> bool:
+    """Whether something accepts connections on the UNIX socket ``path`` (a live server)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        try:
+            s.connect(str(path))
+        except OSError:
+            return False
+        return True
+
+
 def window_size_for(regions_end: int) -> int:
     """A power of two at least twice the driver VM's memory (protocol.md 2.2), so hot-plug fits."""
     size = MIN_WINDOW
@@ -83,7 +97,10 @@ class VhostPciServer:
         #: peers to drop at the next tick, and why (found while inside a device callback)
         self._doomed: dict[Channel, str] = {}
         self.running = True
+        #: the signal that stopped serve_forever(), if one did (the command exits 128 + it)
+        self.stopped_by: int | None = None
         self._listener: socket.socket | None = None
+        self._made_devices_dir = False
 
     # -- status ----------------------------------------------------------------
 
@@ -96,12 +113,26 @@ class VhostPciServer:
     # -- set-up ----------------------------------------------------------------
 
     def listen(self) -> None:
+        """Bind the socket; refuse one a live server answers on, or a path that is not a socket.
+
+        Nothing is created above the socket's own directory; the devices directory
+        is made if missing (and removed again by :meth:`close`).
+        """
         path = self.config.socket_path
-        self.config.devices_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if not path.parent.is_dir():
+            raise ServerError(f"{path.parent} does not exist: create it first")
         if path.exists() or path.is_symlink():
             if not stat.S_ISSOCK(path.lstat().st_mode):
-                raise SystemExit(f"{path} exists and is not a socket: refusing to replace it")
+                raise ServerError(f"{path} exists and is not a socket: refusing to replace it")
+            if _answers(path):
+                raise ServerError(f"{path}: a vhost-pci server is already listening there; not taken over")
             path.unlink()  # a stale socket of a previous run
+        devices = self.config.devices_dir
+        if not devices.is_dir():
+            if not devices.parent.is_dir():
+                raise ServerError(f"{devices.parent} does not exist: create it first")
+            devices.mkdir(mode=0o700)
+            self._made_devices_dir = True
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         old = os.umask(0o177)  # the socket is born 0600: no window in which others could connect
         try:
@@ -287,8 +318,13 @@ class VhostPciServer:
         stop_r, stop_w = os.pipe()
         os.set_blocking(stop_w, False)
         signal.set_wakeup_fd(stop_w)
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, lambda *_: setattr(self, "running", False))
+
+        def stop(signum: int, _frame: object) -> None:
+            self.stopped_by = signum
+            self.running = False
+
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(sig, stop)
         self.sel.register(stop_r, selectors.EVENT_READ, lambda: os.read(stop_r, 64))
         # Said once everything the loop holds is open: whoever waits for it (tests counting our
         # fds, the harness) sees the server as it will stay while idle.
@@ -322,5 +358,11 @@ class VhostPciServer:
                 self.config.socket_path.unlink()
             except FileNotFoundError:
                 pass
+        if self._made_devices_dir:
+            self._made_devices_dir = False
+            try:
+                self.config.devices_dir.rmdir()  # empty once every device's socket is gone
+            except OSError as e:
+                log.warning("cannot remove %s: %s", self.config.devices_dir, e.strerror)
         self.sel.close()
         self.status("stopped", at=time.time())

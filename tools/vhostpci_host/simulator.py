@@ -66,6 +66,14 @@ class _Send:
         return self.size or mixed_size(seq)
 
 
+#: what each stdin command takes (said when one comes with too few words or a frontend that is not there)
+USAGE = {
+    "send": "send MAC COUNT SIZE|mixed [FRONTEND]",
+    "hostile": "hostile KIND [FRONTEND]",
+    "poke": "poke XGPA HEX",
+}
+
+
 class DriverVm:
     """The simulator's state and event loop."""
 
@@ -76,7 +84,15 @@ class DriverVm:
         self.ram = GuestRam(memory)
         self.frontends = [NetFrontend(self.ram, netpacket.mac_bytes(m), queue_size) for m in macs]
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        s.connect(server)
+        try:
+            s.connect(server)
+        except OSError as e:
+            s.close()
+            for fe in self.frontends:
+                fe.close()
+            self.ram.close()
+            why = e.strerror or str(e)
+            raise ConnectionError(f"cannot connect to the vhost-pci server at {server}: {why}") from None
         self.channel = Channel(s)
         self.sel = selectors.DefaultSelector()
         self.next_id = 0
@@ -84,6 +100,8 @@ class DriverVm:
         self.sends: list[_Send] = []
         self.ready = False
         self.running = True
+        #: the signal that stopped run(), if one did (the command exits 128 + it)
+        self.stopped_by: int | None = None
         self.renegotiations = 0
         self.acks: dict[str, int] = {}
         self._stdin = b""
@@ -182,7 +200,9 @@ class DriverVm:
                 self.running = False
             else:
                 emit("error", message=f"unknown command {cmd!r}")
-        except (IndexError, ValueError, RemoteMemoryError) as e:
+        except IndexError:
+            emit("error", message=f"bad command {line.strip()!r}: usage: {USAGE.get(cmd, cmd)}")
+        except (ValueError, RemoteMemoryError) as e:
             emit("error", message=f"bad command {line.strip()!r}: {e}")
 
     def report(self) -> None:
@@ -208,8 +228,13 @@ class DriverVm:
         stop_r, stop_w = os.pipe()
         os.set_blocking(stop_w, False)
         signal.set_wakeup_fd(stop_w)
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, lambda *_: setattr(self, "running", False))
+
+        def stop(signum: int, _frame: object) -> None:
+            self.stopped_by = signum
+            self.running = False
+
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(sig, stop)
         self.sel.register(stop_r, selectors.EVENT_READ, "signal")
         self.connect()
         try:
@@ -226,7 +251,7 @@ class DriverVm:
         finally:
             self.report()
             self.close()
-        return 0
+        return 0 if self.stopped_by is None else 128 + self.stopped_by
 
     def _dispatch(self, data: object) -> None:
         if data == "socket":

@@ -2,17 +2,38 @@
 
 from __future__ import annotations
 
-import re
+import os
 
 from vhostpci_driver.errors import TransportError
 from vhostpci_driver.pci.function import PciFunction
 
-PCI_ADDRESS = re.compile(r"^[0-9a-f]{4}:[0-9a-f]{2}:[0-1][0-9a-f]\.[0-7]$")
 VFIO_USER = "vfio-user:"
 #: what ``prefer`` may say: pick by the bound driver, or insist on one kernel backend
 #: (``vfio`` takes the device cdev + iommufd where the kernel offers it, else the group;
 #: ``vfio-cdev`` and ``vfio-group`` insist on one of VFIO's two interfaces)
 BACKENDS = ("auto", "vfio", "vfio-cdev", "vfio-group", "uio")
+
+
+def normalize_address(address: str) -> str:
+    """The one spelling of a device address: ``0000:00:05.0``, or ``vfio-user:`` and a real path.
+
+    ``00:05.0`` gets its domain; a vfio-user path is made absolute with ``..`` and
+    symlinks resolved, so one device has one name (the "already serving" check and
+    the status socket's name rely on it).
+    """
+    if address.startswith(VFIO_USER):
+        path = address[len(VFIO_USER) :]
+        if not path:
+            raise TransportError("vfio-user: needs a socket path", "address")
+        return VFIO_USER + os.path.realpath(path)
+    from vhostpci_driver.pci.sysfs import parse_address  # noqa: PLC0415
+
+    try:
+        return parse_address(address)
+    except TransportError:
+        raise TransportError(
+            f"{address!r} is neither a PCI address (0000:00:05.0) nor vfio-user:/path.sock", "address"
+        ) from None
 
 
 def open_function(address: str, *, prefer: str = "auto", sysfs_root: str | None = None) -> PciFunction:
@@ -34,15 +55,8 @@ def open_function(address: str, *, prefer: str = "auto", sysfs_root: str | None 
             )
         from vhostpci_driver.pci.vfio_user_client import VfioUserFunction  # noqa: PLC0415
 
-        path = address[len(VFIO_USER) :]
-        if not path:
-            raise TransportError("vfio-user: needs a socket path", "address")
-        return VfioUserFunction(path)
-    addr = address.lower()
-    if not PCI_ADDRESS.match(addr):
-        raise TransportError(
-            f"{address!r} is neither a PCI address (0000:00:05.0) nor vfio-user:/path.sock", "address"
-        )
+        return VfioUserFunction(normalize_address(address)[len(VFIO_USER) :])
+    addr = normalize_address(address)
     from vhostpci_driver.pci import sysfs  # noqa: PLC0415  (sysfs and ioctls only when asked for)
 
     root = sysfs_root or sysfs.default_root()

@@ -386,6 +386,11 @@ class VfioUserFunction(PciFunction):
     def reset(self) -> None:
         self._request(Command.DEVICE_RESET)
 
+    def removal_fd(self) -> int | None:
+        """The socket: the server answers every request before the next is sent, so between
+        requests it turns readable only when the server closed it (the host went away)."""
+        return None if self._closed else self.sock.fileno()
+
     def close(self) -> None:
         """Unmap DMA (best effort), unmap regions, close region fds and the socket; idempotent."""
         if self._closed:
