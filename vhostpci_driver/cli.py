@@ -580,7 +580,8 @@ def unbind(address: str, force: bool) -> None:
     after a hot-unplug); an address that never existed is an error.
     """
     from vhostpci_driver.pci import sysfs
-    from vhostpci_driver.wire.device import VIRTIO_PCI_VENDOR, pci_device_id
+    from vhostpci_driver.spec.virtio_pci import VIRTIO_PCI_VENDOR
+    from vhostpci_driver.wire.device import pci_device_id
 
     root = _sysfs_root()
     record = _state_dir() / f"{address}.driver"

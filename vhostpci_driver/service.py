@@ -22,9 +22,10 @@ from typing import Protocol
 
 from vhostpci_driver.device import VhostPciDevice
 from vhostpci_driver.errors import DeviceError
-from vhostpci_driver.events import DeviceErrorEvent, Event, FrontendKey
+from vhostpci_driver.events import DeviceErrorEvent, Event
 from vhostpci_driver.frontends import Frontend
 from vhostpci_driver.status import StatusServer
+from vhostpci_driver.wire.ctrl import FrontendKey
 
 log = logging.getLogger(__name__)
 
