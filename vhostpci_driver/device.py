@@ -321,7 +321,7 @@ class VhostPciDevice:
         for token, written in used:
             i = int(token)  # type: ignore[call-overload]
             buf = self._ctrl_bufs[i]
-            outcome = self.engine.handle(bytes(buf.view[: min(written, buf.size)]))
+            outcome = self.engine.handle(buf.view[: min(written, buf.size)])  # decoded in place
             self.stats["controlq_messages"] += 1
             for ev in outcome.events:
                 self._apply(ev)

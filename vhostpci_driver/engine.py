@@ -9,7 +9,6 @@ is acked FAIL with a reason and changes nothing (protocol.md, section 5).
 
 from __future__ import annotations
 
-import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -137,9 +136,9 @@ class Engine:
             self.stats.dropped_short += 1
             self.last_error = f"controlq buffer of {len(view)} bytes holds no header"
             return Outcome(None, None)
-        mtype, _, _, request_id = struct.unpack_from("<HHIQ", view, 0)
+        msg = ctrl.receive(view, self.limits)
+        request_id = msg.header.request_id
         self.stats.received += 1
-        fail_result = self._fail_result(mtype, view)
         try:
             if request_id == 0:
                 raise _RefusedError(FailReason.MALFORMED, "request id 0 (ids start at 1)")
@@ -147,28 +146,19 @@ class Engine:
                 # Ids grow strictly (rule 1): an old id is a replay, refuse it without touching state.
                 raise _RefusedError(FailReason.DUPLICATE_ID, f"request id {request_id} already seen")
             self.last_request_id = request_id
-            try:
-                _, body = ctrl.decode_message(view, self.limits)
-            except ProtocolError as e:
-                raise _RefusedError(e.reason, str(e)) from None
-            ack, events = self._apply(body)
+            if isinstance(msg.body, ProtocolError):
+                raise _RefusedError(msg.body.reason, str(msg.body))
+            ack, events = self._apply(msg.body)
         except _RefusedError as r:
             self.stats.acked_fail += 1
             name = r.reason.name
             self.stats.fail_reasons[name] = self.stats.fail_reasons.get(name, 0) + 1
             self.last_error = f"request {request_id}: {r}"
-            return Outcome(request_id, Ack(mtype, fail_result, r.reason))
+            # DEL messages fail as DEL_FAIL, everything else (unknown types too) as ADD_FAIL.
+            result = AckResult.DEL_FAIL if msg.op == Op.DEL else AckResult.ADD_FAIL
+            return Outcome(request_id, Ack(msg.header.type, result, r.reason))
         self.stats.acked_done += 1
         return Outcome(request_id, ack, tuple(events))
-
-    @staticmethod
-    def _fail_result(mtype: int, view: memoryview) -> AckResult:
-        """DEL messages fail as DEL_FAIL, everything else (unknown types too) as ADD_FAIL."""
-        if mtype in (MsgType.MEMORY_INFO, MsgType.DEVICE_INFO) and len(view) >= ctrl.HEADER.size + 2:
-            (ops,) = struct.unpack_from("<H", view, ctrl.HEADER.size)
-            if ops == Op.DEL:
-                return AckResult.DEL_FAIL
-        return AckResult.ADD_FAIL
 
     def _apply(self, body: ctrl.ControlBody) -> tuple[Ack, list[Event]]:
         if isinstance(body, MemoryInfo):

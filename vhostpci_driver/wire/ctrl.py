@@ -231,20 +231,32 @@ def encode_ack(request_id: int, ack: Ack) -> bytes:
     return encode_message(request_id, ack)
 
 
-def decode_header(buf: bytes | bytearray | memoryview, limits: Limits | None = None) -> MsgHeader:
-    """Decode and check a header against the bytes that follow it.
+def unpack_header(buf: bytes | bytearray | memoryview) -> MsgHeader:
+    """The header's fields, unchecked (a caller can still ack a bad message by id)."""
+    mtype, version, length, request_id = HEADER.unpack_from(buf, 0, "header")
+    return MsgHeader(mtype, version, length, request_id)
+
+
+def check_header(hdr: MsgHeader, buf_len: int, limits: Limits | None = None) -> None:
+    """Check a header against the ``buf_len`` bytes it heads.
 
     Raises :class:`ProtocolError` with reason BAD_VERSION or MALFORMED. The
     type is *not* checked here, so a caller can still ack an unknown type by id.
     """
-    mtype, version, length, request_id = HEADER.unpack_from(buf, 0, "header")
-    hdr = MsgHeader(mtype, version, length, request_id)
-    if version != VERSION:
-        raise ProtocolError("header.version", f"version {version} is not {VERSION}", FailReason.BAD_VERSION)
-    if length > len(buf) - HEADER.size:
-        raise ProtocolError("header.len", f"len {length} exceeds the {len(buf) - HEADER.size} bytes present")
-    if limits is not None and HEADER.size + length > limits.max_msg_len:
-        raise ProtocolError("header.len", f"message of {HEADER.size + length} bytes over max_msg_len")
+    if hdr.version != VERSION:
+        raise ProtocolError(
+            "header.version", f"version {hdr.version} is not {VERSION}", FailReason.BAD_VERSION
+        )
+    if hdr.len > buf_len - HEADER.size:
+        raise ProtocolError("header.len", f"len {hdr.len} exceeds the {buf_len - HEADER.size} bytes present")
+    if limits is not None and HEADER.size + hdr.len > limits.max_msg_len:
+        raise ProtocolError("header.len", f"message of {HEADER.size + hdr.len} bytes over max_msg_len")
+
+
+def decode_header(buf: bytes | bytearray | memoryview, limits: Limits | None = None) -> MsgHeader:
+    """Decode and check a header against the bytes that follow it (see :func:`check_header`)."""
+    hdr = unpack_header(buf)
+    check_header(hdr, len(buf), limits)
     return hdr
 
 
@@ -348,28 +360,59 @@ def decode_feature_bits(payload: memoryview, what: str = "FEATURE_BITS") -> Feat
     return FeatureBits(dtype, did, features)
 
 
+def decode_body(hdr: MsgHeader, view: memoryview, limits: Limits) -> ControlBody:
+    """The body of a message whose header is ``hdr``, from ``view`` (the whole buffer, not copied)."""
+    payload = view[HEADER.size : HEADER.size + hdr.len]
+    if hdr.type == MsgType.MEMORY_INFO:
+        return decode_memory_info(payload, limits)
+    if hdr.type == MsgType.DEVICE_INFO:
+        return decode_device_info(payload, limits)
+    if hdr.type == MsgType.FEATURE_BITS:
+        return decode_feature_bits(payload)
+    raise ProtocolError("header.type", f"{hdr.type:#x} is not a controlq type", FailReason.UNKNOWN_TYPE)
+
+
 def decode_message(
     buf: bytes | bytearray | memoryview, limits: Limits | None = None
 ) -> tuple[MsgHeader, ControlBody]:
-    """Decode one controlq message (header and body).
-
-    A caller that must ack even a bad message decodes the header first with
-    :func:`decode_header` (for the request id), then calls this.
-    """
+    """Decode one controlq message (header and body)."""
     limits = limits or Limits()
     view = memoryview(buf)
     hdr = decode_header(view, limits)
-    payload = view[HEADER.size : HEADER.size + hdr.len]
-    body: ControlBody
-    if hdr.type == MsgType.MEMORY_INFO:
-        body = decode_memory_info(payload, limits)
-    elif hdr.type == MsgType.DEVICE_INFO:
-        body = decode_device_info(payload, limits)
-    elif hdr.type == MsgType.FEATURE_BITS:
-        body = decode_feature_bits(payload)
-    else:
-        raise ProtocolError("header.type", f"{hdr.type:#x} is not a controlq type", FailReason.UNKNOWN_TYPE)
-    return hdr, body
+    return hdr, decode_body(hdr, view, limits)
+
+
+@dataclass(frozen=True)
+class Received:
+    """One controlq buffer decoded in one pass, for a caller that acks even a bad message.
+
+    ``op`` is the ``ops`` field of a MEMORY_INFO or DEVICE_INFO (its first field,
+    read where the buffer holds it, whatever else is broken: a refused DEL is
+    acked DEL_FAIL); ``body`` is the decoded body, or the error saying why
+    there is none.
+    """
+
+    header: MsgHeader
+    op: int | None
+    body: ControlBody | ProtocolError
+
+
+_OPS_TYPES = frozenset({MsgType.MEMORY_INFO, MsgType.DEVICE_INFO})
+
+
+def receive(buf: bytes | bytearray | memoryview, limits: Limits) -> Received:
+    """Decode one controlq buffer of at least :data:`HEADER` size; never raises for its content."""
+    view = memoryview(buf)
+    hdr = unpack_header(view)
+    op = None
+    if hdr.type in _OPS_TYPES and len(view) >= HEADER.size + 2:
+        op = view[HEADER.size] | view[HEADER.size + 1] << 8  # ops: a u16, first in both payloads
+    try:
+        check_header(hdr, len(view), limits)
+        body = decode_body(hdr, view, limits)
+    except ProtocolError as e:
+        return Received(hdr, op, e)
+    return Received(hdr, op, body)
 
 
 def decode_ack(buf: bytes | bytearray | memoryview) -> tuple[int, Ack]:
