@@ -187,6 +187,9 @@ class _ControlRig:
         os.ftruncate(self.ram, 1 << 16)
         self.model.map_region(0, 1 << 16, self.ram, 0)
         self.server = VfioUserServer(str(workdir / "dev.sock"), self.model)
+        # As server.py serves a device: queue notifies and doorbells by ioeventfd (GET_REGION_IO_FDS),
+        # so the ackq kick is an eventfd write, not a REGION_WRITE message the model must decode.
+        self.model.attach_loop(self.server.add_reader, self.server.remove_reader)
         self.acked: set[int] = set()
         self.model.on_ack = lambda rid, ack: self.acked.add(rid)
         env = {**os.environ, "VHOSTPCI_RUN_DIR": str(workdir / "run")}
