@@ -11,7 +11,7 @@ import time
 import uuid
 from pathlib import Path
 
-from tests.integration.conftest import MAC_A, UUIDS, Rig, wait_for
+from tests.integration.conftest import MAC_A, MAC_B, UUIDS, Rig, wait_for
 from vhostpci_driver.device import VhostPciDevice
 from vhostpci_driver.events import Event, FeaturesNegotiated, FrontendAdded, MemoryAdded, RemoteUp
 from vhostpci_driver.wire import ctrl
@@ -144,7 +144,7 @@ def rss_kib(pid: int) -> int:
 
 def test_serving_a_4gib_window_stays_under_80mib_rss(short_dir: Path) -> None:
     server = HostServer(short_dir)
-    vm = DriverVmProcess(server.socket, [MAC_A], vm_uuid=uuid.UUID(int=0x4), memory="2G")
+    vm = DriverVmProcess(server.socket, [MAC_A, MAC_B], vm_uuid=uuid.UUID(int=0x4), memory="2G")
     path = server.device_socket(vm.uuid)
     env = {**os.environ, "VHOSTPCI_RUN_DIR": str(short_dir / "run")}
     proc = subprocess.Popen(
@@ -154,8 +154,8 @@ def test_serving_a_4gib_window_stays_under_80mib_rss(short_dir: Path) -> None:
     )
     try:
         vm.read_event("ready", 30)
-        vm.send(f"send {MAC_A} 2000 mixed")  # traffic through the window too
-        wait_for(lambda: vm.stats()["frontends"][0]["received"] >= 2000, 60, "traffic")
+        vm.send(f"send {MAC_B} 2000 mixed")  # traffic through the window too, A to B
+        wait_for(lambda: vm.stats()["frontends"][1]["received"] >= 2000, 60, "traffic")
         rss = rss_kib(proc.pid)
         assert rss < 80 * 1024, f"RSS {rss} KiB"
     finally:

@@ -45,6 +45,7 @@ def test_switch_moves_100k_mixed_frames_exactly_once(rig: Rig) -> None:
 def test_a_vanished_driver_vm_is_removed_and_the_other_keeps_forwarding(rig: Rig) -> None:
     a = rig.add_vm(MAC_A, vm_uuid=UUIDS[0])
     b = rig.add_vm(MAC_B, vm_uuid=UUIDS[1])
+    c = rig.add_vm(MAC_C, vm_uuid=UUIDS[2])
     rig.serve()
     a.send(f"send {MAC_B} 1000 64")
     wait_for(lambda: fe_stats(b)["received"] >= 1000, 30, "first traffic")
@@ -55,10 +56,10 @@ def test_a_vanished_driver_vm_is_removed_and_the_other_keeps_forwarding(rig: Rig
     kinds = [type(e) for e in rig.service.events]  # type: ignore[union-attr]
     assert kinds.index(FrontendRemoved) < kinds.index(MemoryRemoved)  # frontends first (rule 7)
     assert rig.server.read_event("remote-down", 5)["uuid"] == str(UUIDS[1])
-    # A keeps forwarding (to itself through the switch).
-    a.send(f"send {MAC_A} 2000 1500")
-    wait_for(lambda: fe_stats(a)["from"].get(MAC_A, 0) >= 2000, 30, "A's frames after B died")
-    assert fe_stats(a)["corrupt"] == 0
+    # A keeps forwarding (to C through the switch).
+    a.send(f"send {MAC_C} 2000 1500")
+    wait_for(lambda: fe_stats(c)["from"].get(MAC_A, 0) >= 2000, 30, "A's frames after B died")
+    assert fe_stats(c)["corrupt"] == 0
 
 
 def test_hostile_frontend_is_isolated(rig: Rig) -> None:

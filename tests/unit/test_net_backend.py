@@ -58,6 +58,18 @@ class Vm:
         self.ram.close()
 
 
+def _kicked(vms: list[Vm]) -> bool:
+    kicked = False
+    for vm in vms:
+        for q in vm.fe.queues:
+            try:
+                os.eventfd_read(q.kick_fd)
+                kicked = True
+            except BlockingIOError:
+                pass
+    return kicked
+
+
 @pytest.mark.parametrize("mergeable", [True, False])
 def test_switch_moves_mixed_frames_both_ways(mergeable: bool) -> None:
     feats = NET_FEATURES if mergeable else NET_FEATURES & ~(1 << VIRTIO_NET_F_MRG_RXBUF)
@@ -70,15 +82,7 @@ def test_switch_moves_mixed_frames_both_ways(mergeable: bool) -> None:
     for _ in range(20_000):  # bounded: a stall fails instead of hanging
         a.fe.send(b.fe.mac, n - a.fe.sent, mixed_size) if a.fe.sent < n else None
         b.fe.send(a.fe.mac, n - b.fe.sent, mixed_size) if b.fe.sent < n else None
-        kicked = False
-        for vm in (a, b):  # the backend runs only when kicked, or when it still has work
-            for q in vm.fe.queues:
-                try:
-                    os.eventfd_read(q.kick_fd)
-                    kicked = True
-                except BlockingIOError:
-                    pass
-        if kicked or moved:
+        if _kicked([a, b]) or moved:  # the backend runs only when kicked, or when it still has work
             moved = be.poll()
         a.service()
         b.service()
@@ -120,3 +124,31 @@ def test_queue_public_api_discard_and_avail_idx() -> None:
     with pytest.raises(FrontendGoneError):
         rx.avail_idx()
     a.close()
+
+
+def test_a_port_with_no_rx_buffer_does_not_stall_a_flood() -> None:
+    """B never takes its frames: its copies of A's broadcasts are dropped and counted, C gets every one."""
+    a, b, c = (Vm(f"52:54:00:00:00:0{i}", NET_FEATURES, queue_size=64) for i in (1, 2, 3))
+    be = NetBackend("switch")
+    for vm in (a, b, c):
+        be.on_event(FeaturesNegotiated(vm.key, NET_FEATURES, vm.accepted), {vm.key: vm.backend_side})
+    n, moved = 300, 0
+    for _ in range(20_000):  # bounded
+        if a.fe.sent < n:
+            a.fe.send(b"\xff" * 6, n - a.fe.sent, lambda _s: 64)
+        if _kicked([a, b, c]) or moved:
+            moved = be.poll()
+        a.service()
+        c.service()  # B: never
+        if c.fe.receiver.received == n and not moved:
+            break
+    ports = be.stats()
+    pa, pb, pc = (ports[netpacket.mac_str(vm.fe.mac)] for vm in (a, b, c))
+    assert c.fe.receiver.received == n and c.fe.receiver.from_sender(a.fe.mac) == n
+    assert pa["tx_flooded"] == n and pc["rx_frames"] == n
+    assert pb["rx_frames"] == 64  # its ring's buffers, then nothing
+    assert pb["rx_dropped_no_buffer"] == n - 64
+    b.service()
+    assert b.fe.receiver.received == 64 and b.fe.receiver.corrupt == 0
+    for vm in (a, b, c):
+        vm.close()

@@ -359,7 +359,7 @@ def test_autostart_udev_starts_the_service_on_hotplug_and_unplug_stops_it() -> N
             if out.returncode != 0:
                 return False
             (st,) = json.loads(out.stdout)["services"]
-            return bool(st["remote_up"]) and len(st["frontends"]) == 1
+            return bool(st["remote_up"]) and len(st["frontends"]) == 2  # tools/vm/hotplug.py: two ports
 
         _until(served, 120, "the service to serve the driver VM's frontend")
         pid = int(_unit_state(unit)["MainPID"])

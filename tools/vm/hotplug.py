@@ -7,7 +7,8 @@ socket here. The guest writes one command a line, and gets one answer a line:
     plug      start a second driver VM on the host and ``device_add`` its device
               (vfio-user-pci, on the hot-plug root port); answers ``ok PCI-SLOT-ID``
     stats     answers ``ok {json}``: the second driver VM's counters
-    send N    the second driver VM sends N frames to itself; answers ``ok``
+    send N    the second driver VM's second frontend sends N frames to its first (through the
+              switch, which never sends a frame back to its source port); answers ``ok``
     unplug    ``device_del`` it and wait for QEMU's DEVICE_DELETED, which comes only
               once the guest let go of the function; answers ``ok SECONDS``. QEMU 11.1.3
               aborts on it for any vfio-user-pci function (a QEMU bug, docs/host.md): the
@@ -32,6 +33,7 @@ from vhostpci_host.harness import DriverVmProcess, HostServer
 ROOT_PORT = "vphp0"  # the pcie-root-port the runner adds for hot-plug
 PLUGGED_ID = "vhostpci1"
 MAC2 = "52:54:00:00:00:bb"
+MAC2B = "52:54:00:00:00:bc"  # its second frontend: the switch's other port
 UUID2 = uuid.UUID("7e57ab1e-0000-4000-8000-00000000a002")
 
 
@@ -154,7 +156,7 @@ class HotplugController:
         try:
             if words[0] == "plug":
                 if self.vm2 is None:
-                    self.vm2 = DriverVmProcess(self.server.socket, [MAC2], vm_uuid=UUID2, memory="64M")
+                    self.vm2 = DriverVmProcess(self.server.socket, [MAC2, MAC2B], vm_uuid=UUID2, memory="64M")
                 host_sock = self.server.device_socket(UUID2)
                 guest_sock = self.guest_path + "/" + os.path.relpath(host_sock, self.run_dir)
                 self.qmp.execute(
@@ -168,7 +170,7 @@ class HotplugController:
             if words[0] == "stats" and self.vm2 is not None:
                 return "ok " + json.dumps(self.vm2.stats(timeout=10))
             if words[0] == "send" and self.vm2 is not None:
-                self.vm2.send(f"send {MAC2} {int(words[1])} 256")
+                self.vm2.send(f"send {MAC2} {int(words[1])} 256 1")
                 return "ok"
             if words[0] == "unplug":
                 t0 = time.monotonic()

@@ -4,14 +4,33 @@ Written only against the public API (:class:`~vhostpci_driver.device.VhostPciDev
 its events and :class:`~vhostpci_driver.frontends.Frontend`). Two modes:
 
 * ``loopback``: every frame a frontend transmits comes back on its own RX;
-* ``switch``: L2 forwarding between frontends by destination MAC (broadcast
-  floods), the VM-to-VM networking vhost-pci was designed for.
+* ``switch``: an L2 switch between frontends, the VM-to-VM networking
+  vhost-pci was designed for.
 
-Frames move in batches: a TX batch is popped at once, frames are copied into
-the target's RX buffers (virtio 1.2, 5.1.6: a 12-byte header, then the frame;
-with VIRTIO_NET_F_MRG_RXBUF a frame may span several buffers and the first
-header says how many), used entries are pushed per batch, and the driver VM is
-interrupted once per batch and queue, only if its event index asks for it.
+The switch (IEEE 802.1D forwarding, without learning):
+
+* its forwarding table is the frontends' MACs, from DEVICE_INFO (the host
+  assigns them); it is not learned from source addresses, so a driver VM
+  cannot draw another's traffic to itself by spoofing a source MAC;
+* a frame to a port's MAC goes to that port only (``unicast``);
+* broadcast and multicast frames (the I/G bit, the low bit of the first
+  destination byte: ARP, IPv6 neighbour discovery) are flooded to every
+  other port, and so is unknown unicast, as a learning switch does for an
+  address it has not learned (``flooded``);
+* a frame never goes back to the port it came from: one addressed to its own
+  sender's MAC, or unknown when no other port exists, is dropped
+  (``dropped_unknown``);
+* a unicast frame waits (the sender's TX is held) until its target posts RX
+  buffers: no loss between two ports; a flooded copy is dropped for a port
+  that has no RX buffer now (``rx_dropped_no_buffer``), so one slow port
+  never stalls a broadcast for the others.
+
+Frames move in batches: a TX batch is popped at once, RX buffers are popped in
+batches and kept until used, frames are copied into them (virtio 1.2, 5.1.6:
+a 12-byte header, then the frame; with VIRTIO_NET_F_MRG_RXBUF a frame may span
+several buffers and the first header says how many), used entries are pushed
+once per batch and queue, and the driver VM is interrupted once per batch and
+queue, only if its event index asks for it.
 """
 
 from __future__ import annotations
@@ -41,8 +60,12 @@ SUPPORTED = (
     | (1 << Feature.RING_INDIRECT_DESC)
     | (1 << VIRTIO_NET_F_MRG_RXBUF)
 )
-BROADCAST = b"\xff" * 6
 BATCH = 32
+_DST = slice(NET_HDR, NET_HDR + 6)  # the destination MAC, after the virtio-net header
+_MIN = NET_HDR + 6  # a frame shorter than this has no destination to switch on
+_NUM_BUFFERS = slice(10, 12)  # virtio 1.2, 5.1.6.4: the header's last field, num_buffers (le16)
+_ONE_BUFFER = (1).to_bytes(2, "little")
+RX_BATCH = 64  # RX buffers popped at once (kept in the port until filled)
 
 
 def net_policy(key: FrontendKey, offered: int) -> int:
@@ -50,15 +73,22 @@ def net_policy(key: FrontendKey, offered: int) -> int:
     return offered & SUPPORTED
 
 
-@dataclass
-class PortStats:
-    tx_frames: int = 0
-    rx_frames: int = 0
-    rx_bytes: int = 0
-    dropped: int = 0
+#: Per-port counters, as :meth:`NetBackend.stats` reports them (each an attribute of :class:`Port`).
+COUNTERS = (
+    "tx_frames",  # frames this port transmitted; each is counted once more below
+    "tx_bytes",
+    "tx_unicast",  # ... sent to the one port that has the destination MAC
+    "tx_flooded",  # ... broadcast, multicast or unknown unicast: copied to every other port
+    "tx_dropped_unknown",  # ... to the sender's own MAC, to a broken port, or flooded with no other port
+    "tx_dropped_malformed",  # ... shorter than a header and a destination MAC
+    "rx_frames",  # frames delivered into this port's RX buffers
+    "rx_bytes",
+    "rx_dropped_no_buffer",  # flooded copies for which this port had no RX buffer at the time
+    "rx_dropped_too_big",  # frames larger than this port's RX buffer (without MRG_RXBUF)
+)
 
 
-@dataclass
+@dataclass(eq=False, slots=True)
 class Port:
     """One net frontend plugged into the switch."""
 
@@ -67,13 +97,24 @@ class Port:
     rx: Queue
     tx: Queue
     mergeable: bool
-    held: deque[Chain] = field(default_factory=deque)  # TX chains waiting for RX room
-    stats: PortStats = field(default_factory=PortStats)
+    held: list[Chain] = field(default_factory=list)  # TX chains popped, waiting for RX room
+    rx_bufs: deque[Chain] = field(default_factory=deque)  # RX buffers popped, not filled yet
+    rx_used: list[tuple[int, int]] = field(default_factory=list)  # filled RX buffers, to push
     broken: str | None = None
+    tx_frames: int = 0
+    tx_bytes: int = 0
+    tx_unicast: int = 0
+    tx_flooded: int = 0
+    tx_dropped_unknown: int = 0
+    tx_dropped_malformed: int = 0
+    rx_frames: int = 0
+    rx_bytes: int = 0
+    rx_dropped_no_buffer: int = 0
+    rx_dropped_too_big: int = 0
 
 
 class NetBackend:
-    """Moves frames between the frontends of one vhost-pci device."""
+    """Moves frames between the frontends of one or more vhost-pci devices."""
 
     def __init__(self, mode: str = "switch") -> None:
         if mode not in ("switch", "loopback"):
@@ -98,12 +139,12 @@ class NetBackend:
                 port = Port(
                     fe, mac, fe.queue(RX), fe.queue(TX), bool(ev.accepted >> VIRTIO_NET_F_MRG_RXBUF & 1)
                 )
-            except FrontendGoneError as e:
+                for q in (port.rx, port.tx):
+                    q.enable_notifications()
+            except (FrontendGoneError, RingError) as e:
                 log.warning("net frontend %s unusable: %s", ev.key, e)
                 return
             self.ports[mac] = port
-            for q in (port.rx, port.tx):
-                q.enable_notifications()
             log.info("net port %s up (mergeable=%s)", ev.key, port.mergeable)
         elif isinstance(ev, FrontendRemoved) and ev.key.device_type == VIRTIO_NET:
             mac = ev.key.device_id.to_bytes(6, "big")
@@ -125,20 +166,19 @@ class NetBackend:
     def poll(self) -> int:
         """Move what can be moved now; returns frames forwarded (> 0 also means "call again soon")."""
         moved = 0
-        touched: set[bytes] = set()
-        waiting: dict[bytes, int] = {}  # targets whose RX ran out -> the avail index we saw
+        touched: set[Port] = set()
+        waiting: dict[Port, int] = {}  # targets whose RX ran out -> the avail index we saw
         for _ in range(4):
-            for mac, port in list(self.ports.items()):
+            for port in list(self.ports.values()):
                 if port.broken:
                     continue
                 try:
                     moved += self._forward(port, touched, waiting)
                 except FrontendGoneError:
-                    self.ports.pop(mac, None)
+                    self.ports.pop(port.mac, None)
                 except RingError as e:
-                    # A hostile or broken frontend: stop serving it, keep the others going.
-                    port.broken = str(e)
-                    log.warning("net port %s broken: %s", port.frontend.key, e)
+                    self._break(port, e)
+            self._push_rx(touched)
             # virtio 1.2, 2.7.10: re-arm the kick of every RX we wait on, then look once more, so
             # buffers posted between our last look and the re-arm are not slept on.
             if not self._rearm(waiting):
@@ -146,9 +186,8 @@ class NetBackend:
             waiting = {}
         else:
             moved += 1  # the rings keep moving under us: let the caller poll again without sleeping
-        for mac in touched:
-            p = self.ports.get(mac)
-            if p is None or p.broken:
+        for p in touched:
+            if p.broken or p.frontend.removed:
                 continue
             try:
                 p.rx.notify()
@@ -159,132 +198,215 @@ class NetBackend:
                 if p.tx.pending() and not p.held:
                     moved += 1
             except (FrontendGoneError, RingError) as e:
-                p.broken = str(e)
+                self._break(p, e)
         return moved
 
-    def _rearm(self, waiting: dict[bytes, int]) -> bool:
+    @staticmethod
+    def _break(port: Port, e: Exception) -> None:
+        """A hostile or broken frontend: stop serving it, keep the others going."""
+        if not port.broken:
+            port.broken = str(e)
+            log.warning("net port %s broken: %s", port.frontend.key, e)
+
+    def _push_rx(self, touched: set[Port]) -> None:
+        """Publish what was written into each port's RX buffers: one used-index store per port."""
+        for p in touched:
+            if p.rx_used and not p.broken:
+                used, p.rx_used = p.rx_used, []
+                try:
+                    p.rx.push_batch(used)
+                except (FrontendGoneError, RingError) as e:
+                    self._break(p, e)
+
+    def _rearm(self, waiting: dict[Port, int]) -> bool:
         """Enable notifications on the RX rings we wait on; True if one moved meanwhile."""
         moved = False
-        for mac, seen in waiting.items():
-            p = self.ports.get(mac)
-            if p is None or p.broken:
+        for p, seen in waiting.items():
+            if p.broken:
                 continue
             try:
                 p.rx.enable_notifications()
                 moved |= p.rx.avail_idx() != seen
             except (FrontendGoneError, RingError) as e:
-                p.broken = str(e)
+                self._break(p, e)
         return moved
 
-    def _forward(self, port: Port, touched: set[bytes], waiting: dict[bytes, int]) -> int:
-        if not port.held:
-            port.held.extend(port.tx.pop_batch(BATCH))
-        if not port.held:
-            return 0
-        touched.add(port.mac)
-        done: list[tuple[int, int]] = []
-        moved = 0
-        while port.held:
-            chain = port.held[0]
-            target = self._target(port, chain)
-            if target is not None:
-                try:
-                    delivered = self._deliver(chain, target)
-                except RingError as e:
-                    # The *target's* RX ring is broken: isolate it, drop the frame, keep going.
-                    target.broken = str(e)
-                    log.warning("net port %s broken: %s", target.frontend.key, e)
-                    delivered = 0
-                if delivered is None:
-                    # The target's RX is short: hold the rest; new RX buffers will kick us.
-                    waiting[target.mac] = target.rx.avail_idx()
-                    break
-                touched.add(target.mac)
-                moved += delivered
+    def _forward(self, port: Port, touched: set[Port], waiting: dict[Port, int]) -> int:
+        """Forward a batch of ``port``'s TX frames; the port's counters are summed here, stored once."""
+        held = port.held
+        if not held:
+            held += port.tx.pop_batch(BATCH)
+            if not held:
+                return 0
+        touched.add(port)
+        loopback = self.mode == "loopback"
+        table = self.ports
+        deliver = self._deliver
+        others: list[Port] | None = None  # the flood set, built on the first flood of the batch
+        moved = unicast = flooded = unknown = malformed = tx_bytes = sent = 0
+        target: Port | None
+        for chain in held:
+            readable = chain[1]
+            first = readable[0] if readable else b""
+            if len(first) < _MIN:  # the header and the frame in separate descriptors (rare)
+                first = chain.read_all()
+            flood = False
+            if loopback:
+                target = port
+            elif len(first) < _MIN:
+                target = None
+                malformed += 1
+            elif first[NET_HDR] & 1:  # the I/G bit: broadcast or multicast (IEEE 802, 8.2)
+                target = None
+                flood = True
             else:
-                port.stats.dropped += 1
-            port.held.popleft()
-            done.append((chain.head, 0))
-            port.stats.tx_frames += 1
-        if done:
-            port.tx.push_batch(done)
+                target = table.get(bytes(first[_DST]))
+                if target is None:
+                    flood = True  # unknown unicast
+                elif target is port or target.broken:
+                    target = None
+                    unknown += 1
+            if target is not None:
+                got = deliver(chain, target)
+                if got is None:
+                    # The target's RX is short: hold the rest; new RX buffers will kick us.
+                    waiting[target] = target.rx.avail_idx()
+                    break
+                touched.add(target)
+                moved += got
+                unicast += 1
+            elif flood:
+                if others is None:
+                    others = [p for p in table.values() if p is not port and not p.broken]
+                if others:
+                    flooded += 1
+                else:
+                    unknown += 1
+                for other in others:
+                    got = deliver(chain, other)
+                    if got is None:
+                        other.rx_dropped_no_buffer += 1  # one slow port does not stall a flood
+                    else:
+                        touched.add(other)
+                        moved += got
+            sent += 1
+            tx_bytes += chain[3]
+        if sent:
+            port.tx.push_batch([(c[0], 0) for c in held[:sent]])
+            del held[:sent]
+            port.tx_frames += sent
+            port.tx_bytes += tx_bytes - NET_HDR * sent
+            port.tx_unicast += unicast
+            port.tx_flooded += flooded
+            port.tx_dropped_unknown += unknown
+            port.tx_dropped_malformed += malformed
         return moved
-
-    def _target(self, port: Port, chain: Chain) -> Port | None:
-        if self.mode == "loopback":
-            return port
-        first = chain.readable[0] if chain.readable else b""
-        if len(first) >= NET_HDR + 6:
-            dst = bytes(first[NET_HDR : NET_HDR + 6])
-        else:
-            head = chain.read_all()
-            dst = head[NET_HDR : NET_HDR + 6]
-        if dst == BROADCAST:
-            return None  # flooding is not needed by the tests; counted as a drop
-        found = self.ports.get(dst)
-        return found if found is not None and not found.broken else None
 
     def _deliver(self, chain: Chain, target: Port) -> int | None:
-        """Copy one frame into ``target``'s RX; None when it has no room yet."""
-        size = chain.readable_len
-        rx = target.rx
-        bufs: list[Chain] = []
-        room = 0
-        while room < size:
-            got = rx.pop_batch(1)
-            if not got:
-                rx.discard(bufs)  # too few RX buffers now: wait for the driver VM to post more
-                return None
-            bufs.append(got[0])
-            room += got[0].writable_len
-            if not target.mergeable:
-                break
-        if room < size:
-            rx.push_batch([(b.head, 0) for b in bufs])  # one buffer must hold the frame, and cannot
-            target.stats.dropped += 1
+        """Copy one frame into ``target``'s RX (1 delivered, 0 dropped); None when it has no room yet.
+
+        RX buffers are popped a batch at a time and kept until filled; a failure of
+        the *target's* ring marks the target broken and drops the frame, nothing else.
+        The common frame (one descriptor, one RX buffer that holds it) is done here.
+        """
+        bufs = target.rx_bufs
+        if target.broken:
             return 0
-        self._copy(chain, bufs, size)
+        if not bufs:
+            try:
+                bufs += target.rx.pop_batch(RX_BATCH)
+            except FrontendGoneError:
+                return 0
+            except RingError as e:
+                self._break(target, e)
+                return 0
+            if not bufs:
+                return None
+        buf = bufs[0]
+        size, src, dst = chain[3], chain[1], buf[2]
+        if buf[4] < size or len(src) != 1 or len(dst) != 1 or size < NET_HDR:
+            return self._deliver_slow(chain, target)
+        bufs.popleft()
+        view = dst[0]
+        view[:size] = src[0]
         if target.mergeable:
-            struct.pack_into("<H", bufs[0].writable[0], 10, len(bufs))  # virtio 1.2, 5.1.6.4: num_buffers
-        used = []
-        left = size
-        for b in bufs:
-            n = min(left, b.writable_len)
-            used.append((b.head, n))
-            left -= n
-        rx.push_batch(used)
-        target.stats.rx_frames += 1
-        target.stats.rx_bytes += size - NET_HDR
+            view[_NUM_BUFFERS] = _ONE_BUFFER  # virtio 1.2, 5.1.6.4: this frame is in 1 buffer
+        target.rx_used.append((buf[0], size))
+        target.rx_frames += 1
+        target.rx_bytes += size - NET_HDR
         return 1
 
-    @staticmethod
-    def _copy(chain: Chain, bufs: list[Chain], size: int) -> None:
-        """Scatter the chain's readable bytes into the writable views (memcpy per piece)."""
-        dst_views = [v for b in bufs for v in b.writable]
-        if len(chain.readable) == 1 and len(dst_views) == 1:
-            dst_views[0][:size] = chain.readable[0]
-            return
-        di, doff = 0, 0
-        for src in chain.readable:
-            soff, n = 0, len(src)
-            while soff < n:
-                dst = dst_views[di]
-                k = min(n - soff, len(dst) - doff)
-                dst[doff : doff + k] = src[soff : soff + k]
-                soff += k
-                doff += k
-                if doff == len(dst):
-                    di, doff = di + 1, 0
+    def _deliver_slow(self, chain: Chain, target: Port) -> int | None:
+        """Any other frame: scattered buffers, several RX buffers (MRG_RXBUF), or one that does not fit."""
+        size = chain[3]
+        bufs = target.rx_bufs
+        if not target.mergeable:
+            buf = bufs[0]
+            if buf[4] < size:  # virtio 1.2, 5.1.6.3.1: without MRG_RXBUF one buffer holds a frame
+                target.rx_dropped_too_big += 1
+                return 0
+            bufs.popleft()
+            _scatter(chain[1], buf[2])
+            target.rx_used.append((buf[0], size))
+        else:
+            taken: list[Chain] = []
+            room = 0
+            try:
+                while room < size:
+                    if not bufs:
+                        bufs += target.rx.pop_batch(RX_BATCH)
+                        if not bufs:
+                            bufs.extendleft(reversed(taken))  # too few now: wait for the driver VM to post
+                            return None
+                    b = bufs.popleft()
+                    taken.append(b)
+                    room += b[4]
+            except FrontendGoneError:
+                return 0
+            except RingError as e:
+                self._break(target, e)
+                return 0
+            head = taken[0][2]
+            if not head or len(head[0]) < NET_HDR:  # the header must fit the first buffer (5.1.6.4)
+                bufs.extendleft(reversed(taken[1:]))
+                target.rx_used.append((taken[0][0], 0))  # give the useless buffer back, empty
+                target.rx_dropped_too_big += 1
+                return 0
+            _scatter(chain[1], [v for b in taken for v in b[2]])
+            struct.pack_into("<H", head[0], 10, len(taken))
+            left = size
+            for b in taken:
+                n = min(left, b[4])
+                target.rx_used.append((b[0], n))
+                left -= n
+        target.rx_frames += 1
+        target.rx_bytes += max(0, size - NET_HDR)
+        return 1
 
     def stats(self) -> dict[str, dict[str, object]]:
-        return {
-            ":".join(f"{b:02x}" for b in mac): {
-                "tx_frames": p.stats.tx_frames,
-                "rx_frames": p.stats.rx_frames,
-                "rx_bytes": p.stats.rx_bytes,
-                "dropped": p.stats.dropped,
-                "broken": p.broken,
-                "held": len(p.held),
-            }
-            for mac, p in self.ports.items()
-        }
+        """Per-port counters (:data:`COUNTERS`), whether the port is broken, and TX chains held."""
+        out: dict[str, dict[str, object]] = {}
+        for mac, p in self.ports.items():
+            row: dict[str, object] = {name: getattr(p, name) for name in COUNTERS}
+            row["dropped"] = (
+                p.tx_dropped_unknown + p.tx_dropped_malformed + p.rx_dropped_no_buffer + p.rx_dropped_too_big
+            )
+            row["broken"] = p.broken
+            row["held"] = len(p.held)
+            out[":".join(f"{b:02x}" for b in mac)] = row
+        return out
+
+
+def _scatter(src: list[memoryview], dst_views: list[memoryview]) -> None:
+    """Copy the readable views into the writable ones in order (memcpy per piece); dst has the room."""
+    di, doff = 0, 0
+    for piece in src:
+        soff, n = 0, len(piece)
+        while soff < n:
+            dst = dst_views[di]
+            k = min(n - soff, len(dst) - doff)
+            dst[doff : doff + k] = piece[soff : soff + k]
+            soff += k
+            doff += k
+            if doff == len(dst):
+                di, doff = di + 1, 0
