@@ -147,8 +147,9 @@ def run(
     Acks in flight are finished and every device is reset on the way out. A
     function that is hot-unplugged is let go; a vfio-user host that goes away is
     logged and its device dropped. Under systemd (Type=notify) readiness is sent
-    once every named function is served. Exit 143 on SIGTERM, 130 on SIGINT, 1 if
-    a device failed or its host went away, 0 when every function was unplugged.
+    once every named function is served. A device that fails (needs a reset) stops
+    only itself. Exit 143 on SIGTERM, 130 on SIGINT, 1 if every device failed or
+    its host went away, 0 when every function was unplugged.
     """
     if not addresses and not watch:
         raise click.UsageError("name at least one ADDRESS, or use --watch")
@@ -195,7 +196,8 @@ def run(
             raise Failure(service.error)
         # Finish what is in flight (acks of messages already taken) before resetting.
         for dev in service.devices:
-            dev.process()
+            if dev.failed is None:  # a failed one was reset when it failed
+                dev.process()
         log.info("stopping: %d device(s) reset", len(service.devices))
     finally:
         service.close()

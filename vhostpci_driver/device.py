@@ -109,6 +109,8 @@ class VhostPciDevice:
         self._callbacks: list[tuple[type[Event], Callable[[Event], None]]] = []
         self._ack_backlog: deque[bytes] = deque()
         self._closed = False
+        #: why the device stopped being served (:meth:`fail`), or None while it is served
+        self.failed: str | None = None
         self.remote_up = False
         self.stats = {"controlq_messages": 0, "acks_posted": 0, "interrupts": 0}
         self._ring_addrs: dict[int, tuple[int, int, int]] = {}  # queue -> (desc, avail, used) IOVAs
@@ -246,6 +248,8 @@ class VhostPciDevice:
         """Serve everything pending: config changes, controlq messages, returned ack buffers."""
         if self._closed:
             raise DeviceError("device is closed")
+        if self.failed is not None:
+            raise DeviceError(f"device failed: {self.failed}")
         config_fired = False
         if self.intx is not None:
             # One line for everything: the ISR says whether the configuration changed; the
@@ -279,6 +283,24 @@ class VhostPciDevice:
             for kind, fn in self._callbacks:
                 if isinstance(ev, kind):
                     fn(ev)
+        return out
+
+    def fail(self, why: str) -> list[Event]:
+        """Stop serving this device (it needs a reset, or its transport broke); returns what apps must hear.
+
+        Its frontends are removed (their queues raise FrontendGoneError from now on)
+        and the device is reset (virtio 1.2, 2.1.2: the driver answers DEVICE_NEEDS_RESET
+        with a reset); fds and mappings stay until :meth:`close`. Idempotent.
+        """
+        if self.failed is not None or self._closed:
+            return []
+        self.failed = why
+        out: list[Event] = [DeviceErrorEvent("device", why)]
+        for key, fe in list(self.frontends.items()):
+            fe.remove(f"the device failed: {why}")
+            out.append(FrontendRemoved(key))
+        self.frontends.clear()
+        self._reset_quietly()
         return out
 
     def _emit(self, ev: Event) -> None:
@@ -463,6 +485,7 @@ class VhostPciDevice:
             features=self.features,
             interrupts=self.interrupts,
             stats={**self.stats, **cast(dict[str, object], state["stats"])},
+            failed=self.failed,
         )
         return state
 

@@ -3,6 +3,8 @@
 ``vhostpci run``, the demo and the tests run this. One app may span several
 devices: the net switch forwards between frontends of different driver VMs, each
 behind its own vhost-pci function, which is what vhost-pci is for.
+One device failing (needs a reset, transport gone) stops only that device, and
+an app exception never leaves this loop (docs/security.md).
 Interrupt-driven by default: it sleeps in a selector (epoll) on the devices'
 vectors, the app's kick eventfds and its readers (status sockets, removal fds, a
 signal pipe, a udev monitor); with ``polling`` it spins on the rings instead
@@ -21,7 +23,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from vhostpci_driver.device import VhostPciDevice
-from vhostpci_driver.errors import DeviceError
+from vhostpci_driver.errors import VhostPciError
 from vhostpci_driver.events import DeviceErrorEvent, Event
 from vhostpci_driver.frontends import Frontend
 from vhostpci_driver.status import StatusServer
@@ -70,7 +72,10 @@ class Service:
         self.polling = polling
         self.stop = threading.Event()
         self.events: list[Event] = []
+        #: set when every device failed (then :meth:`run` returns); one failed device is ``dev.failed``
         self.error: str | None = None
+        #: set when the app raised out of ``poll``: it is no longer called
+        self.app_error: str | None = None
         #: keep running with no device left (``run --watch``); else the last removal stops the loop
         self.watching = False
         self.served: dict[str, Served] = {}
@@ -185,14 +190,18 @@ class Service:
         """Serve what is pending, then wait (bounded) for the next interrupt or kick; returns frames moved."""
         changed = False
         for dev in self.devices:
-            for ev in dev.process():
+            if dev.failed is not None:
+                continue
+            try:
+                evs = dev.process()
+            except Exception as e:  # one device's failure, bug or not, is that device's alone
+                self._device_failed(dev, e)
                 changed = True
-                self.events.append(ev)
-                if self.app is not None:
-                    self.app.on_event(ev, dev.frontends)
-                if isinstance(ev, DeviceErrorEvent):
-                    log.warning("%s: %s", ev.where, ev.message)
-        moved = self.app.poll() if self.app is not None else 0
+                continue
+            for ev in evs:
+                changed = True
+                self._deliver(dev, ev)
+        moved = self._poll_app()
         if self.polling:
             self._turns += 1
             if not moved or self._turns % READERS_EVERY == 0:
@@ -218,11 +227,46 @@ class Service:
                 except BlockingIOError:
                     pass
 
-    def run(self, tick: float = 0.1) -> None:
-        """Serve until :attr:`stop` is set or a device fails."""
+    def _deliver(self, dev: VhostPciDevice, ev: Event) -> None:
+        self.events.append(ev)
+        if isinstance(ev, DeviceErrorEvent):
+            log.warning("%s: %s", ev.where, ev.message)
+        if self.app is None:
+            return
         try:
-            while not self.stop.is_set():
-                self.run_once(tick)
-        except DeviceError as e:
-            self.error = str(e)
-            log.error("device failed: %s", e)
+            self.app.on_event(ev, dev.frontends)
+        except Exception as e:  # the app's bug must not take the device or the process
+            log.exception("%s: the app failed on %s", dev.function.address, type(ev).__name__)
+            self.events.append(DeviceErrorEvent("app", f"{type(ev).__name__}: {type(e).__name__}: {e}"))
+
+    def _poll_app(self) -> int:
+        if self.app is None:
+            return 0
+        try:
+            return self.app.poll()
+        except Exception as e:
+            # The app contains its frontends' errors to their ports (apps/net.py); one that escapes
+            # is the app's own bug: stop calling it, keep serving the control plane, say so.
+            self.app_error = f"{type(e).__name__}: {e}"
+            log.exception("the app failed and is stopped; the devices stay served")
+            self.events.append(DeviceErrorEvent("app", self.app_error))
+            self.app = None
+            self._sync_kicks(force=True)
+            return 0
+
+    def _device_failed(self, dev: VhostPciDevice, e: Exception) -> None:
+        """One device is unusable: stop serving it alone (its frontends leave the app), keep the others."""
+        if isinstance(e, VhostPciError):
+            log.error("%s failed: %s", dev.function.address, e)
+        else:
+            log.exception("%s failed", dev.function.address)
+        for ev in dev.fail(str(e) if isinstance(e, VhostPciError) else f"{type(e).__name__}: {e}"):
+            self._deliver(dev, ev)
+        self._unwatch_device(dev)
+        if not self.watching and all(d.failed is not None for d in self.devices):
+            self.error = "; ".join(f"{d.function.address}: {d.failed}" for d in self.devices)
+
+    def run(self, tick: float = 0.1) -> None:
+        """Serve until :attr:`stop` is set or every device failed (one failed device stops only itself)."""
+        while not self.stop.is_set() and self.error is None:
+            self.run_once(tick)

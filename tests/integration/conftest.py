@@ -41,10 +41,16 @@ class Rig:
             path = self.server.device_socket(vm.uuid)
             self.devices.append(VhostPciDevice(f"vfio-user:{path}", policies={1: net_policy}))
         self.service = Service(self.devices, self.backend)
-        self.thread = threading.Thread(target=self.service.run, args=(0.05,), daemon=True)
-        self.thread.start()
+        self.start_service()
         for vm in self.vms:
             vm.read_event("ready", timeout=20)
+
+    def start_service(self) -> None:
+        """Run the service in a thread (again, after :meth:`stop_service`)."""
+        assert self.service is not None and self.thread is None
+        self.service.stop.clear()
+        self.thread = threading.Thread(target=self.service.run, args=(0.05,), daemon=True)
+        self.thread.start()
 
     def stop_service(self) -> None:
         if self.service is not None and self.thread is not None:

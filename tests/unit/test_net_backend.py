@@ -152,3 +152,34 @@ def test_a_port_with_no_rx_buffer_does_not_stall_a_flood() -> None:
     assert b.fe.receiver.received == 64 and b.fe.receiver.corrupt == 0
     for vm in (a, b, c):
         vm.close()
+
+
+@pytest.mark.parametrize(
+    ("kind", "rule", "mergeable"),
+    [
+        ("rx-short", "net-rx-short", True),
+        ("rx-readable", "net-rx-readable", True),
+        ("rx-readable", "net-rx-readable", False),
+    ],
+)
+def test_a_receive_buffer_breaking_the_rules_breaks_only_its_port(
+    kind: str, rule: str, mergeable: bool
+) -> None:
+    """virtio 1.2, 5.1.6.3: receive buffers are device-writable and, mergeable, hold the 12-byte header."""
+    feats = NET_FEATURES if mergeable else NET_FEATURES & ~(1 << VIRTIO_NET_F_MRG_RXBUF)
+    a, b, c = (Vm(f"52:54:00:00:00:0{i}", feats) for i in (1, 2, 3))
+    be = NetBackend("switch")
+    for vm in (a, b, c):
+        be.on_event(FeaturesNegotiated(vm.key, feats, vm.accepted), {vm.key: vm.backend_side})
+    b.fe.hostile(kind)
+    a.fe.send(b.fe.mac, 4, lambda seq: 256)
+    a.fe.send(c.fe.mac, 4, lambda seq: 256)  # the sender keeps forwarding to the others
+    for _ in range(10):
+        be.poll()
+        c.service()
+    stats = be.stats()
+    assert str(stats["52:54:00:00:00:02"]["broken"]).startswith(rule)
+    assert stats["52:54:00:00:00:01"]["broken"] is None and stats["52:54:00:00:00:03"]["broken"] is None
+    assert c.fe.receiver.received == 4 and c.fe.receiver.corrupt == 0
+    for vm in (a, b, c):
+        vm.close()

@@ -227,7 +227,22 @@ class NetFrontend:
     # -- a malicious driver VM -------------------------------------------------
 
     def hostile(self, kind: str) -> None:
-        """Break the TX ring on purpose (raw bytes, bypassing the ring code), then kick."""
+        """Break the TX ring on purpose (raw bytes, bypassing the ring code), then kick.
+
+        ``rx-short`` and ``rx-readable`` break the RX ring instead: every posted
+        receive buffer becomes 8 bytes (shorter than the net header) or device-readable.
+        """
+        if kind in ("rx-short", "rx-readable"):
+            rx = self.rx
+            table = self.ram.view(rx.desc, 16 * rx.size)
+            for i in range(rx.size):
+                addr, length, flags, nxt = struct.unpack_from("<QIHH", table, 16 * i)
+                if kind == "rx-short":
+                    length = 8
+                else:
+                    flags &= ~2  # VIRTQ_DESC_F_WRITE
+                struct.pack_into("<QIHH", table, 16 * i, addr, length, flags, nxt)
+            return
         q = self.tx
         desc = self.ram.view(q.desc, 16 * q.size)
         avail = self.ram.view(q.avail, 4 + 2 * q.size)

@@ -10,7 +10,8 @@ demo run it as a real process:
     send DST_MAC COUNT SIZE|mixed [FRONTEND]   queue frames from FRONTEND (default 0)
     stats                                      print a stats line
     hostile KIND [FRONTEND]                    break a TX ring: desc-loop, oob-addr, huge-len,
-                                               avail-jump or bad-index
+                                               avail-jump or bad-index; or the RX ring:
+                                               rx-short, rx-readable
     rings-outside                              announce a frontend whose rings lie outside memory
     poke XGPA HEX                              write bytes into guest memory
     quit                                       leave (also on end of stdin, SIGTERM, SIGINT)
