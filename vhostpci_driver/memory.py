@@ -33,6 +33,9 @@ class Window(Protocol):
 
     def view(self, offset: int, length: int) -> memoryview: ...
 
+    def release(self, offset: int, length: int) -> None:
+        """The region table no longer uses the view it took of this range."""
+
 
 class BufferWindow:
     """A window over one contiguous writable buffer (``bytearray``, ``mmap``, ``memoryview``)."""
@@ -47,6 +50,9 @@ class BufferWindow:
         if offset < 0 or length < 0 or offset + length > self.size:
             raise RemoteMemoryError(f"window range {offset:#x}+{length:#x} outside {self.size:#x} bytes")
         return self._view[offset : offset + length]
+
+    def release(self, offset: int, length: int) -> None:
+        pass  # one buffer, mapped for the window's life
 
 
 class SparseWindow:
@@ -88,6 +94,9 @@ class SparseWindow:
             if rel + length <= len(area):
                 return area[rel : rel + length]
         raise RemoteMemoryError(f"window range {offset:#x}+{length:#x} is not mapped")
+
+    def release(self, offset: int, length: int) -> None:
+        pass  # areas come and go by add_area/remove_area
 
 
 class RegionTable:
@@ -138,9 +147,14 @@ class RegionTable:
                         f"region {r.xgpa:#x} overlaps {other.xgpa:#x} in the window", FailReason.OVERLAP
                     )
             pending.append(r)
-        views = [
-            self.window.view(r.window_offset, r.size) for r in pending
-        ]  # may refuse: nothing changed yet
+        views: list[memoryview] = []
+        try:
+            for r in pending:
+                views.append(self.window.view(r.window_offset, r.size))
+        except RemoteMemoryError:
+            for r, _ in zip(pending, views, strict=False):  # may refuse: give back what was taken
+                self.window.release(r.window_offset, r.size)
+            raise
         for r, v in zip(pending, views, strict=True):
             i = bisect.bisect_left(self._starts, r.xgpa)
             self._starts.insert(i, r.xgpa)
@@ -158,17 +172,20 @@ class RegionTable:
                     f"no region {r.xgpa:#x}+{r.size:#x} at {r.window_offset:#x}", FailReason.NOT_FOUND
                 )
             idx.append(i)
+        self._hit = None
         for i in sorted(idx, reverse=True):
             del self._starts[i]
-            del self._regions[i]
+            r = self._regions.pop(i)
             del self._views[i]
-        self._hit = None
+            self.window.release(r.window_offset, r.size)
 
     def clear(self) -> None:
+        self._hit = None
+        self._views.clear()
+        for r in self._regions:
+            self.window.release(r.window_offset, r.size)
         self._starts.clear()
         self._regions.clear()
-        self._views.clear()
-        self._hit = None
 
     def lookup(self, addr: int) -> Region | None:
         """The region holding ``addr``, if any."""

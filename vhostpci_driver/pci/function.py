@@ -35,6 +35,9 @@ class RegionInfo:
     mmappable: bool
     # Mmappable parts; empty with ``mmappable`` set means the whole region.
     sparse: tuple[SparseArea, ...] = ()
+    # What a mapping of it shows, where the backend can tell ((st_dev, st_ino, file offset) of the
+    # fd a vfio-user server gave): when it changes, areas mapped before show other memory.
+    backing: tuple[int, int, int] | None = None
 
 
 @dataclass(frozen=True)

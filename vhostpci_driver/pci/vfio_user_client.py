@@ -206,6 +206,10 @@ class VfioUserFunction(PciFunction):
                 for fd in fds:
                     os.close(fd)
                 raise TransportError(f"bad reply for region {index}", "GET_REGION_INFO")
+            backing = None
+            if fds:
+                st = os.fstat(fds[0])
+                backing = (st.st_dev, st.st_ino, offset)
             info = RegionInfo(
                 index,
                 size,
@@ -213,6 +217,7 @@ class VfioUserFunction(PciFunction):
                 bool(flags & REGION_WRITE),
                 bool(flags & REGION_MMAP) and bool(fds),
                 tuple(SparseArea(o, s) for o, s in areas),
+                backing,
             )
             return _Region(info, fds[0] if fds else None, offset)
         raise TransportError("region info argsz keeps growing", "GET_REGION_INFO")
@@ -338,6 +343,8 @@ class VfioUserFunction(PciFunction):
             )
         except (OSError, ValueError) as e:
             raise TransportError(f"mmap failed: {e}", f"region {index}") from None
+        # Kept to be closed at close(); the caller may close one before (each holds an fd).
+        self._maps = [m for m in self._maps if not m.closed]
         self._maps.append(mm)
         return mm
 
