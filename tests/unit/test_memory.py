@@ -52,6 +52,25 @@ def test_overlap_in_either_space_and_bounds() -> None:
     assert len(t) == 1
 
 
+@pytest.mark.parametrize(("gap", "ok"), [(0, True), (-1, False)])
+def test_regions_that_touch_in_xgpa_are_taken_and_one_byte_of_overlap_is_not(gap: int, ok: bool) -> None:
+    """protocol.md 5.3: regions must not overlap; touching (end == next start) is not overlapping."""
+    for batch in (False, True):  # against a region already there, and within one MEMORY_INFO
+        t, _ = table()
+        first, second = R(0x10000, 0x1000, 0), R(0x11000 + gap, 0x1000, 0x8000)
+        if batch:
+            add = [first, second]
+        else:
+            t.add([first])
+            add = [second]
+        if ok:
+            t.add(add)
+            assert len(t) == 2
+        else:
+            assert reason(t.add, add) == FailReason.OVERLAP
+            assert len(t) == (0 if batch else 1)
+
+
 def test_limit() -> None:
     t = RegionTable(BufferWindow(bytearray(W)), max_regions=2)
     t.add([R(0, 0x100, 0), R(0x1000, 0x100, 0x1000)])

@@ -379,3 +379,23 @@ def test_random_rings_yield_valid_chains_or_ring_error(
     after = bytes(m.raw)
     assert after[:used_lo] == before[:used_lo] and after[used_hi:] == before[used_hi:]
     assert m.guards_intact()
+
+
+@pytest.mark.parametrize(("entries", "ok"), [(8, True), (9, False)])
+def test_an_indirect_table_of_the_ring_size_is_taken_and_one_more_entry_is_not(
+    entries: int, ok: bool
+) -> None:
+    """The bound of rule indirect-len (as Linux get_indirect): at most as many entries as the ring."""
+    m, dev, table, avail = hostile(8)
+    ind = BUFS + 0x8000
+    t = m.view(ind, 16 * entries)
+    for i in range(entries):  # one chain through the whole table
+        last = i == entries - 1
+        desc(t, i, buf(i), 8, 0 if last else VIRTQ_DESC_F_NEXT, 0 if last else i + 1)
+    desc(table, 0, ind, 16 * entries, VIRTQ_DESC_F_INDIRECT)
+    publish(avail, [0])
+    if ok:
+        (c,) = dev.pop_batch()
+        assert (len(c.readable), c.readable_len) == (entries, 8 * entries)
+    else:
+        broken_with(dev, "indirect-len")
