@@ -323,7 +323,11 @@ class VhostPciDevice:
         if up and not self.remote_up:
             self._emit(RemoteUp(cfg.remote_uuid))
         elif not up and self.remote_up:
-            # The host removes frontends and memory first (rule 7); anything left goes now.
+            # The host removes frontends and memory first (protocol.md 5, rule 7) and then drops
+            # REMOTE_UP: its DELs are on the controlq already, so serve them before the drop,
+            # or our clean-up below empties the tables first and each DEL fails NOT_FOUND.
+            self._serve_controlq()
+            # Anything the host did not remove goes now.
             for ev in self.engine.remote_gone():
                 self._apply(ev)
             self._emit(RemoteDown(cfg.remote_uuid))

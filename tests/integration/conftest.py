@@ -10,6 +10,7 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -29,6 +30,8 @@ class Rig:
     backend: NetBackend = field(default_factory=lambda: NetBackend("switch"))
     service: Service | None = None
     thread: threading.Thread | None = None
+    #: each driver VM's "ready" line (what it negotiated), by UUID
+    ready: dict[uuid.UUID, dict[str, Any]] = field(default_factory=dict)
 
     def add_vm(self, *macs: str, **kw: object) -> DriverVmProcess:
         vm = DriverVmProcess(self.server.socket, list(macs), **kw)  # type: ignore[arg-type]
@@ -43,7 +46,7 @@ class Rig:
         self.service = Service(self.devices, self.backend)
         self.start_service()
         for vm in self.vms:
-            vm.read_event("ready", timeout=20)
+            self.ready[vm.uuid] = vm.read_event("ready", timeout=20)
 
     def start_service(self) -> None:
         """Run the service in a thread (again, after :meth:`stop_service`)."""

@@ -46,6 +46,8 @@ class JsonProcess:
             process_group=0,
         )
         self.pending: list[dict[str, Any]] = []
+        #: events that mean the wanted one will never come ({"ready": "setup-failed"}): fail at once
+        self.instead_of: dict[str, str] = {}
         self._buf = b""  # raw bytes read from stdout: select() must not be fooled by a Python buffer
 
     @property
@@ -66,6 +68,8 @@ class JsonProcess:
         for i, ev in enumerate(self.pending):
             if want is None or ev.get("event") == want:
                 return self.pending.pop(i)
+            if want is not None and ev.get("event") == self.instead_of.get(want):
+                raise ProcessError(f"{self.name}: {ev['event']} instead of {want}: {ev}")
         deadline = time.monotonic() + timeout
         fd = self._stdout().fileno()
         while True:
@@ -74,6 +78,8 @@ class JsonProcess:
                 ev = cast(dict[str, Any], json.loads(line))
                 if want is None or ev.get("event") == want:
                     return ev
+                if want is not None and ev.get("event") == self.instead_of.get(want):
+                    raise ProcessError(f"{self.name}: {ev['event']} instead of {want}: {ev}")
                 self.pending.append(ev)
             left = deadline - time.monotonic()
             if left <= 0:
@@ -195,6 +201,7 @@ class DriverVmProcess(JsonProcess):
         for m in macs:
             args += ["--net", m]
         super().__init__(host_command(*args), f"driver-vm-{str(self.uuid)[:8]}")
+        self.instead_of["ready"] = "setup-failed"
 
     def stats(self, timeout: float = 10.0) -> dict[str, Any]:
         self.send("stats")

@@ -100,6 +100,8 @@ class DriverVm:
         self.waiting: dict[int, str] = {}
         self.sends: list[_Send] = []
         self.ready = False
+        self.setup_failed: list[str] = []  # setup requests acked *_FAIL before all were answered
+        self.setup_answered = False
         self.running = True
         #: the signal that stopped run(), if one did (the command exits 128 + it)
         self.stopped_by: int | None = None
@@ -155,11 +157,18 @@ class DriverVm:
     def _done(self, what: str, request_id: int, result: AckResult, reason: int) -> None:
         del self.waiting[request_id]
         self.acks[result.name] = self.acks.get(result.name, 0) + 1
+        setup = ("memory", "device", "features")
         if result.failed:
             emit("ack-failed", request=what, result=result.name, reason=reason)
-        if not self.ready and not any(
-            w.split(":")[0] in ("memory", "device", "features") for w in self.waiting.values()
-        ):
+            if not self.setup_answered and what.split(":", maxsplit=1)[0] in setup:
+                self.setup_failed.append(what)
+        if self.setup_answered or any(w.split(":")[0] in setup for w in self.waiting.values()):
+            return
+        self.setup_answered = True
+        if self.setup_failed:
+            # `ready` means every setup request succeeded; this is its distinct failure report.
+            emit("setup-failed", uuid=str(self.uuid), failed=self.setup_failed)
+        else:
             self.ready = True
             for fe in self.frontends:
                 fe.start()
