@@ -213,6 +213,39 @@ def test_mapped_bytes(limited: Rig, peer: RawPeer) -> None:
     still_forwarding(limited)
 
 
+def test_mapped_bytes_exactly_at_the_limit(limited: Rig, peer: RawPeer) -> None:
+    """max_mapped_bytes is inclusive: exactly the limit is taken, one page more is not."""
+    peer.memory(LIMITS["max_mapped_bytes"])  # taken (and never acked: nobody serves this peer's device)
+    assert peer.refused_for_limit(peer.memory(4096))  # the first answer is this one's: the first was taken
+    still_forwarding(limited)
+
+
+def test_a_duplicate_xgpa_in_one_memory_info_is_refused_and_touching_regions_are_not(
+    limited: Rig, peer: RawPeer
+) -> None:
+    pid = limited.server.pid
+    peer.memory(4 * M)  # the device exists from here, its window twice that: 8 MiB
+    assert limited.server.device_socket(peer.uuid)
+    base = settled_fds(pid)
+    # Each of the two fits the window on its own; only their xgpa collides.
+    twice = (SocketRegion(1 << 32, M, 4 * M, peer.mem), SocketRegion(1 << 32, M, 6 * M, peer.mem))  # type: ignore[arg-type]
+    rid = peer.send(SockMsgType.MEMORY_INFO, SockMemoryInfo(Op.ADD, twice))
+    msg = peer.reply()
+    assert msg is not None and msg.request_id == rid, msg
+    assert isinstance(msg.body, SockAck) and msg.body.result == AckResult.ADD_FAIL
+    assert settled_fds(pid) == base  # both fds closed, nothing mapped
+    at = 2 << 32
+    touching = (SocketRegion(at, M, 4 * M, peer.mem), SocketRegion(at + M, M, 5 * M, peer.mem))  # type: ignore[arg-type]
+    peer.send(SockMsgType.MEMORY_INFO, SockMemoryInfo(Op.ADD, touching))  # taken: never acked here
+    # A request the server answers at once: the first answer is its own, so the touching pair was taken.
+    unknown = (SocketRegion(7 << 32, M, 0, peer.mem),)  # type: ignore[arg-type]
+    probe = peer.send(SockMsgType.MEMORY_INFO, SockMemoryInfo(Op.DEL, unknown))
+    msg = peer.reply()
+    assert msg is not None and msg.request_id == probe, msg
+    assert isinstance(msg.body, SockAck) and msg.body.reason == FailReason.NOT_FOUND
+    still_forwarding(limited)
+
+
 def test_frontends_per_device(limited: Rig, peer: RawPeer) -> None:
     peer.memory(8 * M)
     peer.device(1)

@@ -235,14 +235,14 @@ class Session:
         taken: list[tuple[int, int]] = [
             (r.window_offset, r.window_offset + r.size) for r, _ in self._regions.values()
         ]
-        out = []
+        out: list[MemoryRegion] = []
         for r in regions:
             start, end = r.mmap_offset, r.mmap_offset + r.memory_size
             if end > self.device.window_size or any(s < end and start < e for s, e in taken):
                 log.warning("%s: region %#x+%#x does not fit the window", self.vm_uuid, start, r.memory_size)
                 return None
-            if r.guest_phys_addr in self._regions:
-                return None
+            if r.guest_phys_addr in self._regions or any(o.xgpa == r.guest_phys_addr for o in out):
+                return None  # regions are kept by xgpa: a second one there would orphan the first's fd
             taken.append((start, end))
             out.append(MemoryRegion(r.guest_phys_addr, r.memory_size, WindowOffset(start)))
         return tuple(out)
