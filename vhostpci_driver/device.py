@@ -38,7 +38,7 @@ from vhostpci_driver.events import (
 )
 from vhostpci_driver.frontends import Frontend
 from vhostpci_driver.memory import RegionTable
-from vhostpci_driver.pci.access import AccessRegisters, registers_for
+from vhostpci_driver.pci.access import registers_for
 from vhostpci_driver.pci.dma import DmaPool
 from vhostpci_driver.pci.function import PciFunction
 from vhostpci_driver.pci.mmio import Registers
@@ -423,11 +423,8 @@ class VhostPciDevice:
         return fds
 
     def _doorbell(self, slot: int) -> None:
-        off = self.config.doorbell_offset + 4 * slot
-        if isinstance(self._slots, AccessRegisters):  # by message: posted, a doorbell needs no answer
-            self.function.region_write_posted(self.config.slot_bar, off, b"\x01\x00\x00\x00")
-        else:
-            self._slots.write32(off, 1)
+        # protocol.md 6: a write of any value rings; posted, since a doorbell needs no answer.
+        self._slots.post32(self.config.doorbell_offset + 4 * slot, 1)
 
     # -- events for applications --------------------------------------------------------
 

@@ -75,3 +75,15 @@ def test_bulk_view_bounds() -> None:
     assert buf[2:5] == b"xyz"
     with pytest.raises(TransportError):
         bulk_view(buf, 8, 3)
+
+
+def test_a_posted_write_through_a_mapping_is_the_same_store_and_as_bounded() -> None:
+    buf = bytearray(16)
+    block = RegisterBlock(MappedRegisters(buf), 8, 8)
+    block.post16(2, 0xBEEF)
+    block.post32(4, 0x01020304)
+    assert buf[8:] == bytes([0, 0, 0xEF, 0xBE, 4, 3, 2, 1])
+    with pytest.raises(TransportError):
+        block.post32(6, 1)  # past the structure
+    with pytest.raises(TransportError):
+        MappedRegisters(buf).post16(15, 1)  # misaligned and past the buffer

@@ -44,6 +44,12 @@ class AccessRegisters:
             self.index, offset, (value & ((1 << (8 * width)) - 1)).to_bytes(width, "little")
         )
 
+    def _post(self, offset: int, width: int, value: int) -> None:
+        self._check(offset, width)
+        self.function.region_write_posted(
+            self.index, offset, (value & ((1 << (8 * width)) - 1)).to_bytes(width, "little")
+        )
+
     def read8(self, offset: int) -> int:
         return self._read(offset, 1)
 
@@ -67,6 +73,12 @@ class AccessRegisters:
 
     def write64(self, offset: int, value: int) -> None:
         self._write(offset, 8, value)
+
+    def post16(self, offset: int, value: int) -> None:
+        self._post(offset, 2, value)
+
+    def post32(self, offset: int, value: int) -> None:
+        self._post(offset, 4, value)
 
 
 def registers_for(function: PciFunction, index: int) -> Registers:

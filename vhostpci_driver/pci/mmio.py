@@ -29,7 +29,13 @@ _TYPES: dict[int, type[ctypes.c_uint8 | ctypes.c_uint16 | ctypes.c_uint32 | ctyp
 
 
 class Registers(Protocol):
-    """Little-endian registers addressed by byte offset."""
+    """Little-endian registers addressed by byte offset.
+
+    ``post16``/``post32`` are posted writes (PCIe 6.0, 2.4.1: a memory write needs
+    no completion): for doorbells and queue notifies, whose store nothing waits
+    on. Through a mapping a posted write is the same store; by message it is sent
+    without waiting for the reply, and the next access is still ordered after it.
+    """
 
     def read8(self, offset: int) -> int: ...
     def read16(self, offset: int) -> int: ...
@@ -39,6 +45,8 @@ class Registers(Protocol):
     def write16(self, offset: int, value: int) -> None: ...
     def write32(self, offset: int, value: int) -> None: ...
     def write64(self, offset: int, value: int) -> None: ...
+    def post16(self, offset: int, value: int) -> None: ...
+    def post32(self, offset: int, value: int) -> None: ...
 
 
 class _WidthExact:
@@ -84,6 +92,10 @@ class _WidthExact:
 
     def write64(self, offset: int, value: int) -> None:
         self._scalar(offset, 8).value = value
+
+    # A store to a mapping is already posted: the CPU does not wait for the device.
+    post16 = write16
+    post32 = write32
 
 
 class MappedRegisters(_WidthExact):
@@ -175,6 +187,12 @@ class RegisterBlock:
         # a device must accept that, and it is what works through every transport.
         self.regs.write32(self._at(offset, 8), value & 0xFFFFFFFF)
         self.regs.write32(self.base + offset + 4, value >> 32)
+
+    def post16(self, offset: int, value: int) -> None:
+        self.regs.post16(self._at(offset, 2), value)
+
+    def post32(self, offset: int, value: int) -> None:
+        self.regs.post32(self._at(offset, 4), value)
 
 
 def bulk_view(

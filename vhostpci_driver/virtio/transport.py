@@ -22,7 +22,7 @@ from collections.abc import Callable
 from typing import Protocol, runtime_checkable
 
 from vhostpci_driver.errors import TransportError, VhostPciError
-from vhostpci_driver.pci.access import AccessRegisters, registers_for
+from vhostpci_driver.pci.access import registers_for
 from vhostpci_driver.pci.function import PciFunction
 from vhostpci_driver.pci.mmio import RegisterBlock, Registers
 from vhostpci_driver.spec.pci import (
@@ -226,15 +226,12 @@ class VirtioPciTransport:
     def notifier(self, index: int) -> Callable[[], None]:
         """A bound kick for one queue, for the hot path.
 
-        Through a mapping it is one 16-bit store; by message it is a posted write
-        (a doorbell needs no answer, and the next access is ordered after it).
+        A posted 16-bit write: one store through a mapping, a message that waits
+        for no answer otherwise (a kick needs none, and the next access is
+        ordered after it).
         """
-        off, block = self._notify_offsets[index], self.notify_block
-        if isinstance(block.regs, AccessRegisters):
-            fn, bar, where = self.function, self.caps.notify.bar, self.caps.notify.offset + off
-            data = struct.pack("<H", index)
-            return lambda: fn.region_write_posted(bar, where, data)
-        return lambda: block.write16(off, index)
+        off, post = self._notify_offsets[index], self.notify_block.post16
+        return lambda: post(off, index)
 
     # -- interrupts (virtio 1.2, 4.1.5.1.2) ----------------------------------
 
