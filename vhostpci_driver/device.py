@@ -1,13 +1,14 @@
-"""``VhostPciDevice``: a vhost-pci function brought up, its controlq served, its frontends handed out.
+"""``VhostPciDevice``: a vhost-pci function brought up, served, and its frontends handed out.
 
 Bring-up (virtio 1.2, 3.1.1) with an ExitStack, so a failure at any step undoes
 the steps before it: open the function, reset, negotiate, map the remote window,
-allocate DMA memory for the controlq and ackq, post controlq buffers, route
-MSI-X vectors (config 0, controlq 1, ackq 2, one per notification slot) or,
-where the backend has no vectors to route (UIO), take the INTx line and the ISR
-status instead, DRIVER_OK. Then every controlq message goes through the engine
-and its ack is posted on the ackq. Applications get events by iteration,
-callbacks or asyncio.
+set up the control channel (:mod:`vhostpci_driver.control`: the controlq and
+ackq in DMA memory), route MSI-X vectors (config 0, controlq 1, ackq 2, one per
+notification slot) or, where the backend has no vectors to route (UIO), take
+the INTx line and the ISR status instead, DRIVER_OK. Then each interrupt wakes
+the control channel, whose engine events this module turns into app-facing
+frontends (:class:`~vhostpci_driver.frontends.Frontend`, one per engine
+``FrontendState``) and delivers by iteration, callbacks or asyncio.
 """
 
 from __future__ import annotations
@@ -18,14 +19,13 @@ import logging
 import os
 import select
 import time
-import uuid
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterator
-from dataclasses import dataclass
 from typing import TypeVar, cast
 
+from vhostpci_driver.control import ControlChannel
 from vhostpci_driver.engine import Engine, FeaturePolicy
-from vhostpci_driver.errors import DeviceError, RingError, TransportError, VhostPciError
+from vhostpci_driver.errors import DeviceError, RingError, VhostPciError
 from vhostpci_driver.events import (
     DeviceErrorEvent,
     Event,
@@ -39,14 +39,12 @@ from vhostpci_driver.events import (
 from vhostpci_driver.frontends import Frontend
 from vhostpci_driver.memory import RegionTable
 from vhostpci_driver.pci.access import registers_for
-from vhostpci_driver.pci.dma import DmaPool
 from vhostpci_driver.pci.function import PciFunction
 from vhostpci_driver.pci.mmio import Registers
 from vhostpci_driver.spec.vfio import VFIO_PCI_MSIX_IRQ_INDEX
 from vhostpci_driver.spec.virtio import Feature, Status
 from vhostpci_driver.spec.virtio_pci import ISR_CONFIG, NO_VECTOR
 from vhostpci_driver.virtio.transport import IrqSource, VirtioPciTransport
-from vhostpci_driver.virtqueue.driver import DriverQueue
 from vhostpci_driver.window import BarWindow
 from vhostpci_driver.wire import device as dev_wire
 from vhostpci_driver.wire.ctrl import NO_SLOT, FrontendKey, Limits
@@ -55,40 +53,7 @@ from vhostpci_driver.wire.device import Queue, Vector
 log = logging.getLogger(__name__)
 E = TypeVar("E", bound=Event)
 
-ACK_BUF = 64  # an ACK is 32 bytes; room to spare
 POLL_CONFIG_EVERY = 0.01  # seconds between config/status reads when polling (no config vector)
-
-
-@dataclass(frozen=True)
-class DeviceConfig:
-    """``struct vhost_pci_config`` as read at bring-up (protocol.md 2.4)."""
-
-    remote_uuid: uuid.UUID
-    window_size: int
-    max_regions: int
-    max_frontends: int
-    max_msg_len: int
-    status: int
-    num_slots: int
-    slot_bar: int
-    doorbell_offset: int
-    vector_offset: int
-    pending_offset: int
-
-    @classmethod
-    def decode(cls, raw: bytes) -> DeviceConfig:
-        f = dev_wire.VHOST_PCI_CONFIG.unpack_from(raw, 0, "vhost_pci_config")
-        (u, wsize, mreg, mfe, mlen, status, slots, slot_bar, _res, door, vec, pend) = f
-        cfg = cls(uuid.UUID(bytes=bytes(u)), wsize, mreg, mfe, mlen, status, slots, slot_bar, door, vec, pend)
-        if not 64 <= cfg.max_msg_len <= 1 << 20:
-            raise TransportError(
-                f"max_msg_len {cfg.max_msg_len} outside 64..1MiB", "vhost_pci_config.max_msg_len"
-            )
-        if cfg.num_slots > dev_wire.MAX_SLOTS:
-            raise TransportError(
-                f"{cfg.num_slots} slots, at most {dev_wire.MAX_SLOTS}", "vhost_pci_config.num_slots"
-            )
-        return cfg
 
 
 class VhostPciDevice:
@@ -107,13 +72,11 @@ class VhostPciDevice:
         self.frontends: dict[FrontendKey, Frontend] = {}
         self._events: deque[Event] = deque()
         self._callbacks: list[tuple[type[Event], Callable[[Event], None]]] = []
-        self._ack_backlog: deque[bytes] = deque()
         self._closed = False
         #: why the device stopped being served (:meth:`fail`), or None while it is served
         self.failed: str | None = None
         self.remote_up = False
         self.stats = {"controlq_messages": 0, "acks_posted": 0, "interrupts": 0}
-        self._ring_addrs: dict[int, tuple[int, int, int]] = {}  # queue -> (desc, avail, used) IOVAs
         #: how interrupts arrive: "msix" (eventfds), "intx" (one line and the ISR) or "polling"
         self.interrupts = "polling"
         self.irq_fds: list[int] = []
@@ -145,7 +108,7 @@ class VhostPciDevice:
         wanted = (1 << Feature.VERSION_1) | (1 << Feature.RING_EVENT_IDX) | (1 << Feature.ACCESS_PLATFORM)
         self.features = t.negotiate(wanted)
         event_idx = bool(self.features >> Feature.RING_EVENT_IDX & 1)
-        self.config = DeviceConfig.decode(t.read_device_config(0, dev_wire.VHOST_PCI_CONFIG.size))
+        self.config = dev_wire.DeviceConfig.decode(t.read_device_config(0, dev_wire.VHOST_PCI_CONFIG.size))
         cfg = self.config
         self.window = BarWindow(fn, dev_wire.BAR_WINDOW)
         self.table = RegionTable(self.window, max_regions=max(cfg.max_regions * 8, 512))
@@ -158,22 +121,12 @@ class VhostPciDevice:
         self._slots: Registers = registers_for(fn, cfg.slot_bar)
 
         qs = self.queue_size
-        ring_bytes = DriverQueue.layout(qs)[3]
-        pool_size = 2 * (ring_bytes + 4096) + qs * (cfg.max_msg_len + 4096) + qs * ACK_BUF + 8 * 4096
-        self.pool = DmaPool(fn, pool_size)
-        self._stack.callback(self.pool.close)
+        self.control = ControlChannel(
+            fn, self.engine, queue_size=qs, max_msg_len=cfg.max_msg_len, event_idx=event_idx, stats=self.stats
+        )
+        self._stack.callback(self.control.close)
         # Stop the device before its rings' memory goes away (the callbacks run in reverse).
         self._stack.callback(self._reset_quietly)
-        self.ctrlq = self._queue(Queue.CONTROLQ, event_idx)
-        self.ackq = self._queue(Queue.ACKQ, event_idx)
-        # No buffer crosses a page: behind an IOMMU each page is its own mapping, and a device
-        # (ours included) may see consecutive IOVA pages land anywhere in memory.
-        page = 4096
-        self._ctrl_bufs = [
-            self.pool.alloc(cfg.max_msg_len, page if cfg.max_msg_len <= page else 8) for _ in range(qs)
-        ]
-        self._ack_bufs = [self.pool.alloc(ACK_BUF, ACK_BUF) for _ in range(qs)]  # 64 | 4096: no page crossing
-        self._ack_free = list(range(qs))
 
         self.interrupts = self._interrupt_mode()
         vectors = self.interrupts == "msix"
@@ -184,16 +137,11 @@ class VhostPciDevice:
             # virtio 1.2, 4.1.5.1.2: vectors only mean something with MSI-X on; queues keep NO_VECTOR.
             self.intx = t.enable_intx()
         for q, vec in ((Queue.CONTROLQ, Vector.CONTROLQ), (Queue.ACKQ, Vector.ACKQ)):
-            d, a, u = self._ring_addrs[q]
+            d, a, u = self.control.ring_addrs[q]
             t.setup_queue(q, qs, d, a, u, vector=vec if vectors else NO_VECTOR)
-        self._kick_ctrl = t.notifier(Queue.CONTROLQ)
-        self._kick_ack = t.notifier(Queue.ACKQ)
-        for i, b in enumerate(self._ctrl_bufs):
-            self.ctrlq.add((), ((b.iova, b.size),), i)
-        self.ctrlq.publish()
+        self.control.start(t.notifier(Queue.CONTROLQ), t.notifier(Queue.ACKQ))
         t.driver_ok()
-        if self.ctrlq.kick_needed():
-            self._kick_ctrl()
+        self.control.kick()
         self._check_status()
         self._config_changed()
 
@@ -208,14 +156,6 @@ class VhostPciDevice:
             return "intx"
         log.info("%s: no MSI-X vectors and no INTx this backend can deliver: polling", self.function.address)
         return "polling"
-
-    def _queue(self, index: int, event_idx: bool) -> DriverQueue:
-        d, a, u, total = DriverQueue.layout(self.queue_size)
-        ring = self.pool.alloc(total, 4096)
-        self._ring_addrs[index] = (ring.iova + d, ring.iova + a, ring.iova + u)
-        return DriverQueue(
-            self.pool, self.queue_size, ring.iova + d, ring.iova + a, ring.iova + u, event_idx=event_idx
-        )
 
     def _reset_quietly(self) -> None:
         try:
@@ -275,8 +215,7 @@ class VhostPciDevice:
             self._check_status()
             if self._config_gen != self.transport.config_generation():
                 self._config_changed()
-        self._serve_controlq()
-        self._reap_acks()
+        self.control.serve(self._apply)
         out = list(self._events)
         self._events.clear()
         for ev in out:
@@ -318,7 +257,7 @@ class VhostPciDevice:
     def _config_changed(self) -> None:
         self._config_gen = self.transport.config_generation()
         raw = self.transport.read_device_config(0, dev_wire.VHOST_PCI_CONFIG.size)
-        cfg = DeviceConfig.decode(raw)
+        cfg = dev_wire.DeviceConfig.decode(raw)
         up = bool(cfg.status & dev_wire.STATUS_REMOTE_UP)
         if up and not self.remote_up:
             self._emit(RemoteUp(cfg.remote_uuid))
@@ -326,62 +265,13 @@ class VhostPciDevice:
             # The host removes frontends and memory first (protocol.md 5, rule 7) and then drops
             # REMOTE_UP: its DELs are on the controlq already, so serve them before the drop,
             # or our clean-up below empties the tables first and each DEL fails NOT_FOUND.
-            self._serve_controlq()
+            self.control.serve(self._apply)
             # Anything the host did not remove goes now.
             for ev in self.engine.remote_gone():
                 self._apply(ev)
             self._emit(RemoteDown(cfg.remote_uuid))
         self.remote_up = up
         self.config = cfg
-
-    def _serve_controlq(self) -> None:
-        # Harvest until quiet after used_event moved (virtio 1.2, 2.7.10), or a message
-        # that lands between our read and that write would wait for the next interrupt.
-        while True:
-            used = self.ctrlq.harvest()
-            if not used:
-                return
-            self._handle_controlq(used)
-
-    def _handle_controlq(self, used: list[tuple[object, int]]) -> None:
-        for token, written in used:
-            i = int(token)  # type: ignore[call-overload]
-            buf = self._ctrl_bufs[i]
-            outcome = self.engine.handle(buf.view[: min(written, buf.size)])  # decoded in place
-            self.stats["controlq_messages"] += 1
-            for ev in outcome.events:
-                self._apply(ev)
-            ack = outcome.ack_bytes()
-            if ack is not None:
-                self._ack_backlog.append(ack)
-            self.ctrlq.add((), ((buf.iova, buf.size),), i)
-        self.ctrlq.publish()
-        if self.ctrlq.kick_needed():
-            self._kick_ctrl()
-        self._post_acks()
-
-    def _post_acks(self) -> None:
-        posted = False
-        while self._ack_backlog and self._ack_free:
-            ack = self._ack_backlog.popleft()
-            i = self._ack_free.pop()
-            b = self._ack_bufs[i]
-            b.view[: len(ack)] = ack
-            self.ackq.add(((b.iova, len(ack)),), (), i)
-            posted = True
-            self.stats["acks_posted"] += 1
-        if posted:
-            self.ackq.publish()
-            if self.ackq.kick_needed():
-                self._kick_ack()
-
-    def _reap_acks(self) -> None:
-        while True:
-            done = self.ackq.harvest()
-            if not done:
-                break
-            self._ack_free.extend(int(token) for token, _ in done)  # type: ignore[call-overload]
-        self._post_acks()
 
     def _apply(self, ev: Event) -> None:
         """Keep the app-facing frontend objects in step with the engine."""
@@ -502,9 +392,6 @@ class VhostPciDevice:
         self.frontends.clear()
         self.table.clear()
         self.window.close()
-        # Drop our views into DMA memory before the pool unmaps it.
-        self._ctrl_bufs, self._ack_bufs = [], []
-        del self.ctrlq, self.ackq
         self.intx = None  # its fd goes with the function
         self._stack.close()
 

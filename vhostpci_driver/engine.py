@@ -55,8 +55,12 @@ def default_policy(key: FrontendKey, offered: int) -> int:
 
 
 @dataclass
-class Frontend:
-    """One frontend device as the engine knows it."""
+class FrontendState:
+    """What the engine knows of one frontend: its rings and its negotiated features.
+
+    The app-facing object, with the rings themselves, is
+    :class:`vhostpci_driver.frontends.Frontend`; the device makes one per state.
+    """
 
     key: FrontendKey
     virtqs: tuple[VirtqInfo, ...]
@@ -121,7 +125,7 @@ class Engine:
         self.limits = limits or Limits()
         self.max_frontends = max_frontends
         self.policies = dict(policies or {})
-        self.frontends: dict[FrontendKey, Frontend] = {}
+        self.frontends: dict[FrontendKey, FrontendState] = {}
         self.stats = EngineStats()
         self.last_request_id = 0
         self.last_error: str | None = None
@@ -214,7 +218,7 @@ class Engine:
             raise _RefusedError(
                 FailReason.LIMIT, f"already {len(self.frontends)} frontends (max {self.max_frontends})"
             )
-        fe = Frontend(key, msg.virtqs)
+        fe = FrontendState(key, msg.virtqs)
         for addr, length in fe.ring_ranges():
             if not self.table.covers(addr, length):
                 raise _RefusedError(

@@ -9,7 +9,10 @@ offers, not something the driver may assume).
 from __future__ import annotations
 
 import enum
+import uuid
+from dataclasses import dataclass
 
+from vhostpci_driver.errors import TransportError
 from vhostpci_driver.spec.virtio import Feature
 from vhostpci_driver.spec.virtio_pci import MODERN_DEVICE_ID_BASE
 from vhostpci_driver.wire.layout import WireStruct
@@ -63,6 +66,38 @@ VHOST_PCI_CONFIG = WireStruct(
         ("pending_offset", "I"),
     ],
 )
+
+@dataclass(frozen=True)
+class DeviceConfig:
+    """``struct vhost_pci_config`` as read at bring-up (protocol.md 2.4)."""
+
+    remote_uuid: uuid.UUID
+    window_size: int
+    max_regions: int
+    max_frontends: int
+    max_msg_len: int
+    status: int
+    num_slots: int
+    slot_bar: int
+    doorbell_offset: int
+    vector_offset: int
+    pending_offset: int
+
+    @classmethod
+    def decode(cls, raw: bytes) -> DeviceConfig:
+        f = VHOST_PCI_CONFIG.unpack_from(raw, 0, "vhost_pci_config")
+        (u, wsize, mreg, mfe, mlen, status, slots, slot_bar, _res, door, vec, pend) = f
+        cfg = cls(uuid.UUID(bytes=bytes(u)), wsize, mreg, mfe, mlen, status, slots, slot_bar, door, vec, pend)
+        if not 64 <= cfg.max_msg_len <= 1 << 20:
+            raise TransportError(
+                f"max_msg_len {cfg.max_msg_len} outside 64..1MiB", "vhost_pci_config.max_msg_len"
+            )
+        if cfg.num_slots > MAX_SLOTS:
+            raise TransportError(
+                f"{cfg.num_slots} slots, at most {MAX_SLOTS}", "vhost_pci_config.num_slots"
+            )
+        return cfg
+
 
 # The reference device's BAR layout (after QEMU's virtio-pci layout).
 BAR_VIRTIO = 0  # 32 KiB: common, ISR, device cfg, notify, notification slots
