@@ -138,6 +138,12 @@ class ControlChannel:
         self._post_acks()
 
     def close(self) -> None:
-        """Drop our views into DMA memory, then unmap it; idempotent. The device must be reset first."""
+        """Drop our views into DMA memory, then unmap it; idempotent. The device must be reset first.
+
+        The buffers and rings hold views of the pool's mapping: while one lives the mapping
+        (and the fd it keeps) cannot close, and would linger until a garbage collection.
+        """
         self._ctrl_bufs, self._ack_bufs = [], []
+        if hasattr(self, "ctrlq"):
+            del self.ctrlq, self.ackq
         self.pool.close()
