@@ -15,17 +15,16 @@ import errno
 import logging
 import mmap
 import os
-import selectors
 import socket
 import sys
 from collections import deque
-from collections.abc import Callable
 
 from vhostpci_driver.errors import ProtocolError, RemoteMemoryError
 from vhostpci_driver.spec import vfio as sv
 from vhostpci_driver.wire import vfio_user as w
 from vhostpci_driver.wire.vfio_user import Command, Header
 from vhostpci_host.framing import SCM_MAX_FD, FramedReader, PeerClosedError, close_fds, send_with_fds
+from vhostpci_host.loop import SelectorLoop
 from vhostpci_host.vfio_device import (
     DmaMapping,
     IrqSpec,
@@ -175,14 +174,14 @@ class DmaTable:
         return self._spans[key][1]
 
 
-class VfioUserServer:
-    """Serves ``device`` on a UNIX socket at ``path``; drive it with :meth:`run_once` from a selector loop."""
+class VfioUserServer(SelectorLoop):
+    """Serves ``device`` on a UNIX socket at ``path``: drive it by :meth:`run_once`, or nest it by its fd."""
 
     def __init__(self, path: str, device: VfioUserDevice, *, backlog: int = 4) -> None:
         self.path = path
+        super().__init__()
         self.device = device
         self.dma = DmaTable()
-        self.sel = selectors.DefaultSelector()
         self.conn: socket.socket | None = None
         self._reader: FramedReader | None = None
         self._out: deque[tuple[bytes, list[int]]] = deque()  # replies and the fd copies they own
@@ -200,27 +199,7 @@ class VfioUserServer:
             os.umask(old)
         self.listener.listen(backlog)
         self.listener.setblocking(False)
-        self.sel.register(self.listener, selectors.EVENT_READ, self._accept)
-
-    def fileno(self) -> int:
-        """The selector's fd: readable when this server has work (nest it in another loop)."""
-        return self.sel.fileno()
-
-    def add_reader(self, fd: int, callback: Callable[[], None]) -> None:
-        self.sel.register(fd, selectors.EVENT_READ, callback)
-
-    def remove_reader(self, fd: int) -> None:
-        try:
-            self.sel.unregister(fd)
-        except (KeyError, ValueError):
-            pass
-
-    def run_once(self, timeout: float | None = 0) -> None:
-        for key, mask in self.sel.select(timeout):
-            if mask & selectors.EVENT_WRITE and key.fileobj is self.conn:
-                self._flush()
-            if mask & selectors.EVENT_READ:
-                key.data()
+        self.add_reader(self.listener, self._accept)
 
     # -- connections ---------------------------------------------------------------
 
@@ -240,7 +219,7 @@ class VfioUserServer:
         self._negotiated = False
         self._peer_max_fds = 1
         self.stats["connections"] += 1
-        self.sel.register(conn, selectors.EVENT_READ, self._readable)
+        self.add_reader(conn, self._readable)
 
     @staticmethod
     def _body_len(raw: bytes) -> int:
@@ -473,13 +452,12 @@ class VfioUserServer:
                 self._out[0] = (data[n:], [])
                 break
             self._out.popleft()
-        events = selectors.EVENT_READ | (selectors.EVENT_WRITE if self._out else 0)
-        self.sel.modify(conn, events, self._readable)
+        self.set_writer(conn, self._readable, self._flush if self._out else None)
 
     def close(self) -> None:
         """Stop serving: the client (if any) is dropped, the socket removed."""
         self.disconnect("server closing")
-        self.sel.close()
+        super().close()
         self.listener.close()
         try:
             os.unlink(self.path)

@@ -29,7 +29,6 @@ import functools
 import gc
 import json
 import os
-import selectors
 import shutil
 import socket
 import struct
@@ -113,7 +112,7 @@ class _Session:
         srv = self.server
         srv.conn = conn
         srv._reader = FramedReader(conn, w.HEADER_SIZE, srv._body_len, MAX_MSG_FDS)
-        srv.sel.register(conn, selectors.EVENT_READ, srv._readable)
+        srv.add_reader(conn, srv._readable)
         self.stream = bytearray()
         self.reply_fds: list[int] = []
 
