@@ -225,10 +225,9 @@ class _ControlRig:
         return count / (time.perf_counter() - t0)
 
     def close(self) -> None:
-        self.proc.terminate()
-        while self.proc.poll() is None:
-            self.server.run_once(0.05)
-        self.server.close()
+        from vhostpci_host.harness import stop_served_driver  # noqa: PLC0415
+
+        stop_served_driver(self.proc, self.server)
         os.close(self.ram)
 
 
@@ -432,12 +431,12 @@ def _simulator_ceiling(size: int) -> float:
 def _bring_up(workdir: Path, reps: int) -> Row:
     from vhostpci_driver.device import VhostPciDevice  # noqa: PLC0415
     from vhostpci_driver.events import FeaturesNegotiated  # noqa: PLC0415
-    from vhostpci_host.harness import DriverVmProcess, HostServer  # noqa: PLC0415
+    from vhostpci_host.harness import HostServer, Rig  # noqa: PLC0415
 
-    server = HostServer(workdir / "bring-up")
-    vm = DriverVmProcess(server.socket, ["52:54:00:00:00:01"], vm_uuid=uuid.uuid4(), memory="64M")
+    rig = Rig(HostServer(workdir / "bring-up"))
     try:
-        path = server.device_socket(vm.uuid)
+        vm = rig.add_vm("52:54:00:00:00:01", vm_uuid=uuid.uuid4(), memory="64M")
+        path = rig.server.device_socket(vm.uuid)
         times = []
         for _ in range(reps):
             t0 = time.perf_counter()
@@ -459,8 +458,7 @@ def _bring_up(workdir: Path, reps: int) -> Row:
             spread=round(max(times) - min(times), 1),
         )
     finally:
-        vm.stop()
-        server.stop()
+        rig.close()
 
 
 def _notify_device(path: str) -> None:
@@ -551,6 +549,7 @@ def _memory(workdir: Path) -> Row:
     """
     from vhostpci_driver.wire import ctrl  # noqa: PLC0415
     from vhostpci_host.device_model import VhostPciDeviceModel  # noqa: PLC0415
+    from vhostpci_host.harness import stop_served_driver  # noqa: PLC0415
     from vhostpci_host.vfio_user_server import VfioUserServer  # noqa: PLC0415
 
     nregions, nfrontends, region = 512, 64, 4 << 20
@@ -595,10 +594,7 @@ def _memory(workdir: Path) -> Row:
         with open(f"/proc/{proc.pid}/status") as st:
             rss = next(int(ln.split()[1]) for ln in st if ln.startswith("VmRSS:")) / 1024
     finally:
-        proc.terminate()
-        while proc.poll() is None:
-            server.run_once(0.05)
-        server.close()
+        stop_served_driver(proc, server)
         os.close(ram)
     return Row("memory", round(rss, 1), "MiB RSS (4 GiB window, 512 regions, 64 frontends)",
                None, None, None, "<= 80 MiB", rss <= 80)  # fmt: skip

@@ -13,16 +13,13 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
-from vhostpci_driver.apps.net import NetBackend, net_policy
-from vhostpci_driver.device import VhostPciDevice
-from vhostpci_driver.service import Service
+from vhostpci_driver.apps.net import NetBackend
 
 
 @dataclass
@@ -65,7 +62,7 @@ def run_demo(
     progress: Callable[[int, int], None] | None = None,
 ) -> DemoResult:
     """Run the demo; ``progress(received, total)`` is called as frames arrive."""
-    from vhostpci_host.harness import DriverVmProcess, HostServer  # noqa: PLC0415  (host side, on demand)
+    from vhostpci_host.harness import HostServer, Rig  # noqa: PLC0415  (host side, on demand)
 
     if frontends < 1:
         raise ValueError("the demo needs at least one frontend")
@@ -74,25 +71,15 @@ def run_demo(
     total = sum(shares)
     # $TMPDIR if set (the logs of the host side go there too), else /tmp: socket paths are bounded
     workdir = Path(tempfile.mkdtemp(prefix="vhostpci-demo-", dir=os.environ.get("TMPDIR") or "/tmp"))
-    server: HostServer | None = None
-    vms: list[DriverVmProcess] = []
-    devices: list[VhostPciDevice] = []
-    service: Service | None = None
-    thread: threading.Thread | None = None
+    rig: Rig | None = None
     try:
         # One uid connects every driver VM: the server's per-uid limit must admit them all.
         server = HostServer(workdir, extra=("--limit", f"max_connections_per_uid={max(8, frontends)}"))
+        rig = Rig(server, backend=NetBackend("switch" if frontends > 1 else "loopback"))
         for i in range(frontends):  # one by one: a signal in between still stops those started
-            vms.append(DriverVmProcess(server.socket, [mac(i)], memory="64M"))
-        for vm in vms:
-            devices.append(
-                VhostPciDevice(f"vfio-user:{server.device_socket(vm.uuid)}", policies={1: net_policy})
-            )
-        service = Service(devices, NetBackend("switch" if frontends > 1 else "loopback"))
-        thread = threading.Thread(target=service.run, args=(0.05,), daemon=True)
-        thread.start()
-        for vm in vms:
-            vm.read_event("ready", timeout=30)
+            rig.add_vm(mac(i), memory="64M")
+        rig.serve(ready_timeout=30)
+        vms, devices = rig.vms, rig.devices
         start = time.monotonic()
         for i, vm in enumerate(vms):
             vm.send(f"send {mac((i + 1) % frontends)} {shares[i]} {size}")
@@ -121,13 +108,6 @@ def run_demo(
             elapsed=elapsed,
         )
     finally:
-        if service is not None and thread is not None:
-            service.stop.set()
-            thread.join(10)
-        for dev in devices:
-            dev.close()
-        for vm in vms:
-            vm.stop()
-        if server is not None:
-            server.stop()
+        if rig is not None:
+            rig.close()
         shutil.rmtree(workdir, ignore_errors=True)

@@ -4,72 +4,14 @@ from __future__ import annotations
 
 import shutil
 import tempfile
-import threading
 import time
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from vhostpci_driver.apps.net import NetBackend, net_policy
-from vhostpci_driver.device import VhostPciDevice
-from vhostpci_driver.service import Service
-from vhostpci_host.harness import DriverVmProcess, HostServer
-
-
-@dataclass
-class Rig:
-    """A running server, driver VMs, and our driver serving their devices with the net switch."""
-
-    server: HostServer
-    vms: list[DriverVmProcess] = field(default_factory=list)
-    devices: list[VhostPciDevice] = field(default_factory=list)
-    backend: NetBackend = field(default_factory=lambda: NetBackend("switch"))
-    service: Service | None = None
-    thread: threading.Thread | None = None
-    #: each driver VM's "ready" line (what it negotiated), by UUID
-    ready: dict[uuid.UUID, dict[str, Any]] = field(default_factory=dict)
-
-    def add_vm(self, *macs: str, **kw: object) -> DriverVmProcess:
-        vm = DriverVmProcess(self.server.socket, list(macs), **kw)  # type: ignore[arg-type]
-        self.vms.append(vm)
-        return vm
-
-    def serve(self) -> None:
-        """Open every driver VM's device (vfio-user) and start serving them in a thread."""
-        for vm in self.vms:
-            path = self.server.device_socket(vm.uuid)
-            self.devices.append(VhostPciDevice(f"vfio-user:{path}", policies={1: net_policy}))
-        self.service = Service(self.devices, self.backend)
-        self.start_service()
-        for vm in self.vms:
-            self.ready[vm.uuid] = vm.read_event("ready", timeout=20)
-
-    def start_service(self) -> None:
-        """Run the service in a thread (again, after :meth:`stop_service`)."""
-        assert self.service is not None and self.thread is None
-        self.service.stop.clear()
-        self.thread = threading.Thread(target=self.service.run, args=(0.05,), daemon=True)
-        self.thread.start()
-
-    def stop_service(self) -> None:
-        if self.service is not None and self.thread is not None:
-            self.service.stop.set()
-            self.thread.join(10)
-            assert not self.thread.is_alive()
-            self.thread = None
-
-    def close(self) -> None:
-        """Stop everything the rig started: our service and devices first, then the VMs, then the server."""
-        self.stop_service()
-        for dev in self.devices:
-            dev.close()
-        for vm in self.vms:
-            vm.stop()
-        self.server.stop()
+from vhostpci_host.harness import HostServer, Rig
 
 
 @pytest.fixture

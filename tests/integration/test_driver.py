@@ -12,13 +12,13 @@ import time
 import uuid
 from pathlib import Path
 
-from tests.integration.conftest import MAC_A, MAC_B, UUIDS, Rig, wait_for
+from tests.integration.conftest import MAC_A, MAC_B, UUIDS, wait_for
 from vhostpci_driver.device import VhostPciDevice
 from vhostpci_driver.events import Event, FeaturesNegotiated, FrontendAdded, MemoryAdded, RemoteUp
 from vhostpci_driver.wire import ctrl
 from vhostpci_driver.wire.ctrl import Ack, AckResult, FeatureBits
 from vhostpci_host.device_model import VhostPciDeviceModel
-from vhostpci_host.harness import DriverVmProcess, HostServer
+from vhostpci_host.harness import DriverVmProcess, HostServer, Rig, stop_served_driver
 from vhostpci_host.vfio_user_server import VfioUserServer
 
 
@@ -65,10 +65,7 @@ def test_malformed_controlq_messages_are_acked_fail_and_the_queue_keeps_going(sh
         assert len(errors) == 3 and all("unknown" in e for e in errors)
         assert proc.poll() is None
     finally:
-        proc.terminate()
-        while proc.poll() is None:
-            server.run_once(0.05)
-        server.close()
+        stop_served_driver(proc, server)
         os.close(ram)
 
 

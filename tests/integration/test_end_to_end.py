@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.conftest import MAC_A, MAC_B, MAC_C, UUIDS, Rig, wait_for
+from tests.integration.conftest import MAC_A, MAC_B, MAC_C, UUIDS, wait_for
 from vhostpci_driver.events import FeaturesNegotiated, FrontendRemoved, MemoryRemoved, RemoteDown, RemoteUp
-from vhostpci_host.harness import HostServer, ProcessError
+from vhostpci_host.harness import HostServer, ProcessError, Rig
 
 PACKETS = 50_000  # each way: 100,000 frames in all
 

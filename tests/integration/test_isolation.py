@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import pytest
 
-from tests.integration.conftest import MAC_A, MAC_B, MAC_C, UUIDS, Rig, wait_for
+from tests.integration.conftest import MAC_A, MAC_B, MAC_C, UUIDS, wait_for
 from vhostpci_driver.events import DeviceErrorEvent, FrontendRemoved
 from vhostpci_driver.virtio.transport import QUEUE_SELECT, QUEUE_SIZE
 from vhostpci_driver.wire.device import Queue
+from vhostpci_host.harness import Rig
 
 
 def received(vm: object) -> int:

@@ -23,14 +23,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.conftest import MAC_A, MAC_B, Rig, wait_for
+from tests.integration.conftest import MAC_A, MAC_B, wait_for
 from tests.integration.test_host_side import fd_count
 from vhostpci_driver.errors import FailReason
 from vhostpci_driver.wire import sock as sw
 from vhostpci_driver.wire.ctrl import AckResult, DeviceInfo, FeatureBits, Op, VirtqInfo
 from vhostpci_driver.wire.sock import Empty, SockAck, SocketRegion, SockMemoryInfo, SockMessage, SockMsgType
 from vhostpci_host.channel import Channel, PeerClosedError
-from vhostpci_host.harness import HostServer
+from vhostpci_host.harness import HostServer, Rig
 
 M = 1 << 20
 LIMITS = {

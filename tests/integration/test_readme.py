@@ -5,7 +5,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from tests.integration.conftest import MAC_A, UUIDS, Rig
+from tests.integration.conftest import MAC_A, UUIDS
+from vhostpci_host.harness import Rig
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 

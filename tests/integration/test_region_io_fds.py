@@ -20,14 +20,14 @@ from typing import Any
 
 import pytest
 
-from tests.integration.conftest import MAC_A, MAC_B, UUIDS, Rig, wait_for
+from tests.integration.conftest import MAC_A, MAC_B, UUIDS, wait_for
 from vhostpci_driver.errors import ProtocolError
 from vhostpci_driver.pci.vfio_user_client import VfioUserFunction
 from vhostpci_driver.spec.pci import PCI_MSIX_FLAGS_ENABLE as MSIX_ENABLE
 from vhostpci_driver.spec.vfio import VFIO_PCI_MSIX_IRQ_INDEX as IRQ_MSIX
 from vhostpci_driver.wire import device as dw
 from vhostpci_driver.wire import vfio_user as w
-from vhostpci_host.harness import JsonProcess
+from vhostpci_host.harness import JsonProcess, Rig
 from vhostpci_host.pci_config import MSIX_CAP
 
 SLOT = 0

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from tests.integration.conftest import MAC_A, MAC_B, MAC_C, UUIDS, Rig, wait_for
+from tests.integration.conftest import MAC_A, MAC_B, MAC_C, UUIDS, wait_for
+from vhostpci_host.harness import Rig
 
 BURST = 200  # below the 256 RX buffers each port posts: a flood that outran a receiver would drop
 BURSTS = 3

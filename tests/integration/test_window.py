@@ -17,7 +17,7 @@ import select
 import uuid
 from pathlib import Path
 
-from tests.integration.conftest import MAC_A, MAC_C, Rig
+from tests.integration.conftest import MAC_A, MAC_C
 from tests.integration.test_peer_limits import RawPeer
 from vhostpci_driver.apps.net import net_policy
 from vhostpci_driver.device import VhostPciDevice
@@ -27,6 +27,7 @@ from vhostpci_driver.wire.sock import SockAck, SockMemoryInfo, SockMsgType
 from vhostpci_host import netpacket
 from vhostpci_host.frontend import NetFrontend
 from vhostpci_host.guestram import GuestRam
+from vhostpci_host.harness import Rig
 
 ROUNDS = 3
 FRAMES = 20

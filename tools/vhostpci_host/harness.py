@@ -3,7 +3,9 @@
 The demo, the benchmarks and the integration tests all start the reference
 host side this way: separate processes speaking JSON lines on stdout, read
 with timeouts (never a bare sleep), stopped with SIGTERM and killed if they
-do not go.
+do not go. :class:`Rig` adds our driver serving their devices, and takes the
+whole of it down; :func:`stop_served_driver` stops a ``vhostpci run`` whose
+device this process serves.
 """
 
 from __future__ import annotations
@@ -14,10 +16,16 @@ import select
 import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any, cast
+from typing import IO, Any, Protocol, cast
+
+from vhostpci_driver.apps.net import NetBackend, net_policy
+from vhostpci_driver.device import VhostPciDevice
+from vhostpci_driver.service import Service
 
 
 class ProcessError(Exception):
@@ -206,3 +214,77 @@ class DriverVmProcess(JsonProcess):
     def stats(self, timeout: float = 10.0) -> dict[str, Any]:
         self.send("stats")
         return self.read_event("stats", timeout)
+
+
+@dataclass
+class Rig:
+    """A running server, driver VMs, and our driver serving their devices with the net switch.
+
+    The integration tests, the demo and the benchmarks build the whole system this way,
+    and :meth:`close` takes it down in the one right order.
+    """
+
+    server: HostServer
+    vms: list[DriverVmProcess] = field(default_factory=list)
+    devices: list[VhostPciDevice] = field(default_factory=list)
+    backend: NetBackend = field(default_factory=lambda: NetBackend("switch"))
+    service: Service | None = None
+    thread: threading.Thread | None = None
+    #: each driver VM's "ready" line (what it negotiated), by UUID
+    ready: dict[uuid.UUID, dict[str, Any]] = field(default_factory=dict)
+
+    def add_vm(self, *macs: str, **kw: object) -> DriverVmProcess:
+        vm = DriverVmProcess(self.server.socket, list(macs), **kw)  # type: ignore[arg-type]
+        self.vms.append(vm)
+        return vm
+
+    def serve(self, ready_timeout: float = 20.0) -> None:
+        """Open every driver VM's device (vfio-user) and start serving them in a thread."""
+        for vm in self.vms:
+            path = self.server.device_socket(vm.uuid)
+            self.devices.append(VhostPciDevice(f"vfio-user:{path}", policies={1: net_policy}))
+        self.service = Service(self.devices, self.backend)
+        self.start_service()
+        for vm in self.vms:
+            self.ready[vm.uuid] = vm.read_event("ready", timeout=ready_timeout)
+
+    def start_service(self) -> None:
+        """Run the service in a thread (again, after :meth:`stop_service`)."""
+        assert self.service is not None and self.thread is None
+        self.service.stop.clear()
+        self.thread = threading.Thread(target=self.service.run, args=(0.05,), daemon=True)
+        self.thread.start()
+
+    def stop_service(self) -> None:
+        if self.service is not None and self.thread is not None:
+            self.service.stop.set()
+            self.thread.join(10)
+            if self.thread.is_alive():
+                raise ProcessError("the service thread did not stop within 10 s")
+            self.thread = None
+
+    def close(self) -> None:
+        """Stop everything the rig started: our service and devices first, then the VMs, then the server."""
+        self.stop_service()
+        for dev in self.devices:
+            dev.close()
+        for vm in self.vms:
+            vm.stop()
+        self.server.stop()
+
+
+class _Loop(Protocol):
+    def run_once(self, timeout: float | None = 0) -> None: ...
+    def close(self) -> None: ...
+
+
+def stop_served_driver(proc: subprocess.Popen[bytes], server: _Loop) -> None:
+    """SIGTERM a driver whose device ``server`` serves here, serving it until it exits, then close.
+
+    The driver resets the device on its way out: that needs the device answering,
+    so the loop keeps running until the process is gone.
+    """
+    proc.terminate()
+    while proc.poll() is None:
+        server.run_once(0.05)
+    server.close()
