@@ -50,7 +50,7 @@ class ProtocolError(VhostPciError):
 class RingError(VhostPciError):
     """A virtqueue broke a rule (virtio 1.2, 2.7); the queue is marked broken.
 
-    ``rule`` is a short stable name (``"desc-index"``, ``"chain-loop"``, ...),
+    ``rule`` is a short stable name (``"desc-index"``, ``"chain-length"``, ...),
     ``index`` the descriptor or ring index involved, when there is one.
     """
 

@@ -3,10 +3,11 @@
 The host maps the driver VM's memory into the remote window (BAR 2) and tells
 us, by MEMORY_INFO, where each region sits: ``xgpa`` (its base in the driver
 VM), ``size`` and ``window_offset``. Every address the driver VM hands us (ring
-bases, descriptor buffers) is translated here and nowhere else (style.md 1),
-into a zero-copy ``memoryview`` of the window, after checking that the whole
-range lies inside one region. Lookups are ``O(log n)`` by bisection, with a
-one-entry cache for the common case of consecutive descriptors in one region.
+bases, descriptor buffers) is translated here and nowhere else (one translation
+point, as rust-vmm's ``vm-memory`` has), into a zero-copy ``memoryview`` of the
+window, after checking that the whole range lies inside one region. Lookups
+are ``O(log n)`` by bisection, with a one-entry cache for the common case of
+consecutive descriptors in one region.
 
 A range that spans two regions is refused even when they are adjacent in both
 spaces (protocol.md 5.3): simple, and no real driver needs otherwise.
