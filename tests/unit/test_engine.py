@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from vhostpci_driver.addr import WindowOffset, Xgpa
 from vhostpci_driver.engine import TRANSPORT_FEATURES, Engine
-from vhostpci_driver.errors import FailReason
+from vhostpci_driver.errors import FailReason, ProtocolError
 from vhostpci_driver.events import (
     FeaturesNegotiated,
     FrontendAdded,
@@ -189,6 +189,18 @@ def test_malformed_del_fails_as_del() -> None:
     raw[16 + 2] = 1  # reserved
     out = eng.handle(bytes(raw))
     assert out.ack == ctrl.Ack(MsgType.MEMORY_INFO, AckResult.DEL_FAIL, FailReason.MALFORMED)
+
+
+def test_a_del_whose_header_is_broken_still_fails_as_del() -> None:
+    """The FAIL result comes from the ops field as received, whatever else is wrong (decoded once)."""
+    eng = engine()
+    raw = bytearray(ctrl.encode_message(1, mem(Op.DEL, region(0, 4096, 0))))
+    struct.pack_into("<H", raw, 2, 9)  # version 9
+    out = eng.handle(bytes(raw))
+    assert out.ack == ctrl.Ack(MsgType.MEMORY_INFO, AckResult.DEL_FAIL, FailReason.BAD_VERSION)
+    received = ctrl.receive(memoryview(raw), ctrl.Limits())
+    assert received.op == Op.DEL and isinstance(received.body, ProtocolError)
+    assert received.header == ctrl.unpack_header(raw)
 
 
 def test_short_buffers_are_dropped_and_counted() -> None:
