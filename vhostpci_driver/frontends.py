@@ -10,6 +10,7 @@ fails clearly instead of touching memory the driver VM no longer lends us.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 
 from vhostpci_driver.addr import GuestMemory
@@ -19,6 +20,8 @@ from vhostpci_driver.virtqueue.device import Chain, DeviceQueue
 from vhostpci_driver.wire.ctrl import NO_SLOT, FrontendKey, VirtqInfo
 
 #: The app-facing surface: a popped :class:`Chain` comes with its :class:`Queue`.
+log = logging.getLogger(__name__)
+
 __all__ = ["Chain", "Frontend", "Queue"]
 
 
@@ -113,23 +116,27 @@ class Frontend:
         """Build the rings once the features are known (EVENT_IDX changes the ring protocol)."""
         self.features = features
         event_idx = bool(features >> Feature.RING_EVENT_IDX & 1)
-        self.queues = {
-            v.index: Queue(
-                self,
-                v,
-                DeviceQueue(
-                    self.memory,
-                    v.size,
-                    v.desc,
-                    v.avail,
-                    v.used,
-                    event_idx=event_idx,
-                    last_avail_idx=v.last_avail_idx,
-                    last_used_idx=v.last_used_idx,
-                ),
+        queues = {}
+        for v in self.virtqs:
+            ring = DeviceQueue(
+                self.memory,
+                v.size,
+                v.desc,
+                v.avail,
+                v.used,
+                event_idx=event_idx,
+                last_avail_idx=v.last_avail_idx,
+                last_used_idx=v.last_used_idx,
             )
-            for v in self.virtqs
-        }
+            if not (v.last_avail_idx or v.last_used_idx):
+                # protocol.md 4.2: no position given, so the ring's own says where we stopped
+                # (a driver that restarted while the driver VM ran on); a fresh ring's is 0.
+                again = ring.resume()
+                if ring.last_used_idx:
+                    log.info("frontend %s queue %d resumed at used idx %d (%d chains were in flight)",
+                             self.key, v.index, ring.last_used_idx, again)  # fmt: skip
+            queues[v.index] = Queue(self, v, ring)
+        self.queues = queues
 
     def queue(self, index: int) -> Queue:
         if self.removed:

@@ -127,6 +127,23 @@ class DeviceQueue:
         self._signalled = self.last_used_idx
         self._pushed_since_signal = False
 
+    def resume(self) -> int:
+        """Go on where the ring says the device side stopped: its used index, for both indices.
+
+        For a ring that an earlier instance of the device side served (our driver
+        restarted while the driver VM kept running): what it popped but never
+        returned is available again and popped anew, as vhost does after a
+        reconnect (QEMU ``vhost_virtqueue_stop``: "sync internal last avail idx
+        to the device used idx", ``virtio_queue_restore_last_avail_idx``). A
+        fresh ring's used index is 0, so this changes nothing there. The index
+        is the driver VM's to write: a bad one breaks this ring on the first
+        :meth:`pending`, as any other. Returns how many chains it makes
+        available again (the ones the earlier instance had in flight).
+        """
+        used = int(self._used16[1])
+        self.last_avail_idx = self.last_used_idx = self._signalled = used
+        return (int(self._avail[1]) - used) & 0xFFFF
+
     def _break(self, rule: str, message: str, index: int | None = None) -> RingError:
         self.broken = RingError(rule, message, index)
         return self.broken
