@@ -34,6 +34,8 @@ class DemoResult:
     duplicates: int
     octets: int
     elapsed: float
+    simulator_cpu: float = 0.0  # CPU seconds the simulated driver VMs used, all of them, during the run
+    switch_cpu: float = 0.0  # CPU seconds of the serving thread (the net backend and the devices)
 
     def as_dict(self) -> dict[str, Any]:
         lost = self.sent - self.received
@@ -60,6 +62,7 @@ def run_demo(
     *,
     timeout: float = 300.0,
     progress: Callable[[int, int], None] | None = None,
+    pktgen: bool = False,
 ) -> DemoResult:
     """Run the demo; ``progress(received, total)`` is called as frames arrive."""
     from vhostpci_host.harness import HostServer, Rig  # noqa: PLC0415  (host side, on demand)
@@ -80,9 +83,12 @@ def run_demo(
             rig.add_vm(mac(i), memory="64M")
         rig.serve(ready_timeout=30)
         vms, devices = rig.vms, rig.devices
+        serving = rig.thread.native_id if rig.thread is not None else None
+        cpu0 = sum(vm.stats()["cpu_s"] for vm in vms), _thread_cpu(serving)
         start = time.monotonic()
+        verb = "pktgen" if pktgen else "send"  # pktgen: recycled pre-built frames (simulator.py)
         for i, vm in enumerate(vms):
-            vm.send(f"send {mac((i + 1) % frontends)} {shares[i]} {size}")
+            vm.send(f"{verb} {mac((i + 1) % frontends)} {shares[i]} {size}")
         received = 0
         deadline = start + timeout
         while received < total and time.monotonic() < deadline:
@@ -93,7 +99,9 @@ def run_demo(
             if received < total:
                 time.sleep(0.05)
         elapsed = time.monotonic() - start
-        stats = [vm.stats()["frontends"][0] for vm in vms]
+        switch_cpu = _thread_cpu(serving) - cpu0[1]
+        full = [vm.stats() for vm in vms]
+        stats = [f["frontends"][0] for f in full]
         dumps = [cast(dict[str, int], d.dump()["stats"]) for d in devices]
         return DemoResult(
             frontends=frontends,
@@ -106,8 +114,21 @@ def run_demo(
             duplicates=sum(s["duplicates"] for s in stats),
             octets=sum(s["received_bytes"] for s in stats),
             elapsed=elapsed,
+            simulator_cpu=sum(f["cpu_s"] for f in full) - cpu0[0],
+            switch_cpu=switch_cpu,
         )
     finally:
         if rig is not None:
             rig.close()
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _thread_cpu(tid: int | None) -> float:
+    """CPU seconds (user + system) of one thread of this process, from /proc (0 when unknown)."""
+    if tid is None:
+        return 0.0
+    try:
+        fields = Path(f"/proc/self/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime (proc(5))

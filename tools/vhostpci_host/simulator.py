@@ -8,6 +8,8 @@ one-line commands on stdin and reports JSON lines on stdout, so tests and the
 demo run it as a real process:
 
     send DST_MAC COUNT SIZE|mixed [FRONTEND]   queue frames from FRONTEND (default 0)
+    pktgen DST_MAC COUNT SIZE [FRONTEND]       the same with recycled pre-built frames (netpacket's
+                                               pktgen kind): a source that is not the bottleneck
     stats                                      print a stats line
     hostile KIND [FRONTEND]                    break a TX ring: desc-loop, oob-addr, huge-len,
                                                avail-jump or bad-index; or the RX ring:
@@ -62,9 +64,15 @@ class _Send:
     dst: bytes
     remaining: int
     size: int  # 0: mixed
+    pktgen: bool = False
 
     def size_of(self, seq: int) -> int:
         return self.size or mixed_size(seq)
+
+    def pump(self, count: int) -> int:
+        if self.pktgen:
+            return self.frontend.send_pktgen(self.dst, count, self.size)
+        return self.frontend.send(self.dst, count, self.size_of)
 
 
 #: what each stdin command takes (said when one comes with too few words or a frontend that is not there)
@@ -187,10 +195,13 @@ class DriverVm:
             return
         cmd, args = words[0], words[1:]
         try:
-            if cmd == "send":
+            if cmd in ("send", "pktgen"):
                 fe = self.frontends[int(args[3]) if len(args) > 3 else 0]
-                size = 0 if args[2] == "mixed" else int(args[2])
-                self.sends.append(_Send(fe, netpacket.mac_bytes(args[0]), int(args[1]), size))
+                size = 0 if args[2] == "mixed" and cmd == "send" else int(args[2])
+                if size and not netpacket.MIN_FRAME <= size <= netpacket.MAX_FRAME:
+                    raise ValueError(f"frame size {size} not in {netpacket.MIN_FRAME}..{netpacket.MAX_FRAME}")
+                dst = netpacket.mac_bytes(args[0])
+                self.sends.append(_Send(fe, dst, int(args[1]), size, cmd == "pktgen"))
             elif cmd == "stats":
                 self.report()
             elif cmd == "hostile":
@@ -222,15 +233,20 @@ class DriverVm:
             ready=self.ready,
             acks=self.acks,
             pending_sends=sum(s.remaining for s in self.sends),
+            cpu_s=round(time.process_time(), 6),  # the simulator's own CPU time: its ceiling per frame
             frontends=[fe.stats() for fe in self.frontends],
         )
 
-    def pump_sends(self) -> None:
+    def pump_sends(self) -> int:
+        """Queue what the TX rings have room for; returns how many frames went."""
+        queued = 0
         for s in list(self.sends):
-            n = s.frontend.send(s.dst, min(s.remaining, 64), s.size_of)
+            n = s.pump(min(s.remaining, 64))
             s.remaining -= n
+            queued += n
             if s.remaining == 0:
                 self.sends.remove(s)
+        return queued
 
     def run(self) -> int:
         self.sel.register(self.channel.sock, selectors.EVENT_READ, "socket")
@@ -249,9 +265,10 @@ class DriverVm:
         self.connect()
         try:
             while self.running:
-                if self.ready and self.sends:
-                    self.pump_sends()
-                timeout = 0.0 if (self.ready and self.sends) else 0.5
+                queued = self.pump_sends() if self.ready and self.sends else 0
+                # TX full: sleep until the backend returns buffers (the TX call eventfd wakes us),
+                # rather than spin: a spinning source would count its own wait as work.
+                timeout = 0.0 if queued and self.sends else 0.05 if self.sends else 0.5
                 for key, _ in self.sel.select(timeout):
                     self._dispatch(key.data)
                 self.channel.flush()

@@ -8,6 +8,7 @@ buffer twice or read past one.
 
 from __future__ import annotations
 
+from array import array
 from collections.abc import Sequence
 
 from vhostpci_driver.addr import GuestMemory
@@ -95,6 +96,36 @@ class DriverQueue:
         self._avail[2 + (self.avail_idx & (self.size - 1))] = head
         self.avail_idx = (self.avail_idx + 1) & 0xFFFF
         return head
+
+    def add_one(self, addr: int, length: int, writable: bool, token: object) -> int:
+        """:meth:`add` for the common chain of one buffer (a frame, an RX buffer), without its loops."""
+        return self.add_many(((addr, length, token),), writable)[0]
+
+    def add_many(self, bufs: Sequence[tuple[int, int, object]], writable: bool) -> list[int]:
+        """Add one single-buffer chain per ``(addr, length, token)``, all readable or all writable.
+
+        The batch form of :meth:`add` for frames and RX buffers: the avail entries go
+        in one store (two when the ring wraps); publish later. Returns the heads.
+        """
+        free = self._free
+        n = len(bufs)
+        if n > len(free):
+            raise RingError("ring-full", f"{n} descriptors wanted, {len(free)} free")
+        pack, desc, tokens, chains, wlens = DESC.pack_into, self._desc, self._tokens, self._chains, self._wlen
+        flags = VIRTQ_DESC_F_WRITE if writable else 0
+        heads = [free.pop() for _ in range(n)]
+        for head, (addr, length, token) in zip(heads, bufs, strict=True):
+            pack(desc, head << 4, addr, length, flags, 0)
+            tokens[head] = token
+            chains[head] = (head,)
+            wlens[head] = length if writable else 0
+        size, start = self.size, self.avail_idx & (self.size - 1)
+        first = min(n, size - start)
+        self._avail[2 + start : 2 + start + first] = array("H", heads[:first])
+        if first < n:
+            self._avail[2 : 2 + n - first] = array("H", heads[first:])
+        self.avail_idx = (self.avail_idx + n) & 0xFFFF
+        return heads
 
     def publish(self) -> None:
         """Make every added chain visible to the device (one index write, after the entries)."""
