@@ -1,9 +1,11 @@
-"""The Linux VFIO uAPI (``include/uapi/linux/vfio.h``), declared once, in header order.
+"""The Linux VFIO uAPI (``include/uapi/linux/vfio.h``): its structures and ioctls, in header order.
 
-Structures are ctypes ``Structure`` with ``_fields_`` as the header writes them;
-ioctl numbers are computed as the header computes them, ``_IO(VFIO_TYPE,
-VFIO_BASE + n)``. tests/unit/test_vfio_uapi.py compiles a C program against the
-installed header and checks every size, offset and number here. Higher layers
+The header's plain values (flags, region and irq indices) are in
+:mod:`vhostpci_driver.spec.vfio`, which the vfio-user side shares. Structures
+are ctypes ``Structure`` with ``_fields_`` as the header writes them; ioctl
+numbers are computed as the header computes them, ``_IO(VFIO_TYPE, VFIO_BASE +
+n)``. tests/unit/test_vfio_uapi.py compiles a C program against the installed
+header and checks every size, offset, number and value of both. Higher layers
 never build these by hand. :func:`ioctl` is the one call into the kernel: it
 returns the ioctl's own return value (``VFIO_GROUP_GET_DEVICE_FD`` returns the
 new fd; Python's ``fcntl.ioctl`` would hide it behind a buffer) and raises

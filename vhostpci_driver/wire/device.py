@@ -1,4 +1,4 @@
-"""The guest-visible vhost-pci function: IDs, features, BAR layout, device config (protocol.md, 2-3).
+"""The guest-visible vhost-pci function: IDs, features, BAR layout, ``DeviceConfig`` (protocol.md, 2-3).
 
 Both sides import these: the reference device model builds the function from
 them, the driver checks what it finds against them (it still finds every
