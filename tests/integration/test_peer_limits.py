@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 
 from tests.integration.conftest import MAC_A, MAC_B, wait_for
-from tests.integration.test_host_side import fd_count
+from tests.integration.test_host_side import settled_fds
 from vhostpci_driver.errors import FailReason
 from vhostpci_driver.wire import sock as sw
 from vhostpci_driver.wire.ctrl import AckResult, DeviceInfo, FeatureBits, Op, VirtqInfo
@@ -150,18 +150,6 @@ def still_forwarding(rig: Rig, frames: int = 200) -> None:
     a.send(f"send {MAC_B} {frames} 256")
     wait_for(lambda: b.stats()["frontends"][0]["received"] >= before + frames, 30, "A->B traffic")
     assert b.stats()["frontends"][0]["corrupt"] == 0
-
-
-def settled_fds(pid: int) -> int:
-    """The server's fd count once it stops moving (it may still be closing a dropped peer)."""
-    last = -1
-    for _ in range(50):
-        now = fd_count(pid)
-        if now == last:
-            return now
-        last = now
-        time.sleep(0.05)
-    return last
 
 
 # -- limits on one message: the peer is malformed, so it is dropped ----------------------------
