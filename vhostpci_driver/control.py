@@ -137,6 +137,11 @@ class ControlChannel:
             self._ack_free.extend(int(token) for token, _ in done)  # type: ignore[call-overload]
         self._post_acks()
 
+    def acks_outstanding(self) -> bool:
+        """Take back the ack buffers the device used; True while acks wait to be posted or taken."""
+        self._reap_acks()
+        return bool(self._ack_backlog) or len(self._ack_free) < len(self._ack_bufs)
+
     def close(self) -> None:
         """Drop our views into DMA memory, then unmap it; idempotent. The device must be reset first.
 

@@ -53,6 +53,7 @@ from vhostpci_driver.wire.device import Queue, Vector
 log = logging.getLogger(__name__)
 E = TypeVar("E", bound=Event)
 
+ACK_DRAIN_TIMEOUT = 1.0  # seconds close() waits for the device to take the acks posted
 POLL_CONFIG_EVERY = 0.01  # seconds between config/status reads when polling (no config vector)
 
 
@@ -382,10 +383,37 @@ class VhostPciDevice:
 
     # -- teardown -------------------------------------------------------------------
 
+    def _drain_acks(self, timeout: float) -> None:
+        """Before a reset, let the device take the acks already posted (bounded by ``timeout``).
+
+        A reset drops what the device has not taken (virtio 1.2, 2.4), and the host
+        then counts those requests as lost: it fails or replays them although we
+        applied them. A doorbell by ioeventfd is not ordered with the reset's message,
+        so the reset can overtake the last kick: wait on the ackq's used ring instead.
+        """
+        deadline = time.monotonic() + timeout
+        fds = self.irq_fds[Vector.ACKQ : Vector.ACKQ + 1]
+        try:
+            while self.control.acks_outstanding():
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    log.warning("%s: the device left acks untaken before the reset", self.function.address)
+                    return
+                select.select(fds, [], [], min(left, 0.005))  # the vector, if the device raises it
+                if fds:
+                    try:
+                        os.eventfd_read(fds[0])
+                    except BlockingIOError:
+                        pass
+        except VhostPciError as e:  # the transport is gone: nothing to wait for
+            log.info("%s: acks not drained: %s", self.function.address, e)
+
     def close(self) -> None:
         """Reset the device and release every fd, mapping and DMA map; idempotent."""
         if self._closed:
             return
+        if self.failed is None:
+            self._drain_acks(ACK_DRAIN_TIMEOUT)
         self._closed = True
         for fe in self.frontends.values():
             fe.remove("the device was closed")

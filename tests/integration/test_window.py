@@ -5,8 +5,8 @@ net frontend the simulator's) adds memory and a frontend, sends frames to a
 well-behaved simulated driver VM through our switch, removes the frontend and
 the memory, and does it again from a new memfd at the same offsets and sizes.
 Each round must show the new memory (``vhostpci dump`` reads the region table)
-and forward from it, and our process's fds and mappings of driver-VM memory
-must be back to where they were after each round.
+and forward from it, and our process's fds and mappings of driver-VM memory,
+and the server's fds, must be back to where they were after each round.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import uuid
 from pathlib import Path
 
 from tests.integration.conftest import MAC_A, MAC_C
+from tests.integration.test_host_side import settled_fds
 from tests.integration.test_peer_limits import RawPeer
 from vhostpci_driver.apps.net import net_policy
 from vhostpci_driver.device import VhostPciDevice
@@ -67,7 +68,7 @@ def test_a_re_added_memory_is_mapped_anew_and_the_old_one_released(rig: Rig) -> 
     peer = RawPeer(rig.server.socket, memory=4096)
     peer.uuid = uuid.UUID(int=0xC0FFEE)
     dev: VhostPciDevice | None = None
-    base_fds = -1
+    base_fds = base_server = -1
     inodes: set[int] = set()  # every memfd the peer used so far
     try:
         for rnd in range(ROUNDS):
@@ -122,8 +123,9 @@ def test_a_re_added_memory_is_mapped_anew_and_the_old_one_released(rig: Rig) -> 
             # far, and (from the second round: the first opened the device) the same number of fds.
             assert mappings_of(inodes) == 0, f"round {rnd}: a memfd is still mapped"
             if rnd == 0:
-                base_fds = fds()
+                base_fds, base_server = fds(), settled_fds(rig.server.pid)
             assert fds() == base_fds, f"round {rnd}: {fds()} fds, {base_fds} after the first"
+            assert settled_fds(rig.server.pid) == base_server, f"round {rnd}: the server kept an fd"
             assert dev.dump()["window_mapped"] == 0  # nothing left mapped in the peer's BAR 2
     finally:
         peer.close()

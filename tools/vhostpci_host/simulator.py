@@ -169,7 +169,7 @@ class DriverVm:
         if result.failed:
             emit("ack-failed", request=what, result=result.name, reason=reason)
             if not self.setup_answered and what.split(":", maxsplit=1)[0] in setup:
-                self.setup_failed.append(what)
+                self.setup_failed.append(f"{what}: {result.name} (reason {reason})")
         if self.setup_answered or any(w.split(":")[0] in setup for w in self.waiting.values()):
             return
         self.setup_answered = True
