@@ -21,7 +21,9 @@ from vhostpci_driver.pci.function import PciFunction
 from vhostpci_driver.virtqueue.driver import DriverQueue
 from vhostpci_driver.wire.device import Queue
 
-ACK_BUF = 64  # an ACK is 32 bytes; room to spare
+#: An ACK is 32 bytes; a DEL_DONE with ring states up to 16 + 16 + 64 * 8 (protocol.md 4.4).
+#: A power of two that divides a page, so no ack buffer crosses one.
+ACK_BUF = 1024
 PAGE = 4096
 
 
@@ -56,7 +58,8 @@ class ControlChannel:
             # (ours included) may see consecutive IOVA pages land anywhere in memory.
             align = PAGE if max_msg_len <= PAGE else 8
             self._ctrl_bufs = [self.pool.alloc(max_msg_len, align) for _ in range(qs)]
-            self._ack_bufs = [self.pool.alloc(ACK_BUF, ACK_BUF) for _ in range(qs)]  # 64 | 4096: no crossing
+            # ACK_BUF divides a page: no ack buffer crosses one.
+            self._ack_bufs = [self.pool.alloc(ACK_BUF, ACK_BUF) for _ in range(qs)]
         except BaseException:
             self.pool.close()
             raise

@@ -47,7 +47,7 @@ from vhostpci_driver.spec.virtio_pci import ISR_CONFIG, NO_VECTOR
 from vhostpci_driver.virtio.transport import IrqSource, VirtioPciTransport
 from vhostpci_driver.window import BarWindow
 from vhostpci_driver.wire import device as dev_wire
-from vhostpci_driver.wire.ctrl import NO_SLOT, FrontendKey, Limits
+from vhostpci_driver.wire.ctrl import NO_SLOT, FrontendKey, Limits, VirtqState
 from vhostpci_driver.wire.device import Queue, Vector
 
 log = logging.getLogger(__name__)
@@ -118,6 +118,7 @@ class VhostPciDevice:
             limits=Limits(max_regions=cfg.max_regions, max_virtqs=64, max_msg_len=cfg.max_msg_len),
             max_frontends=cfg.max_frontends,
             policies=policies,
+            ring_states=self._ring_states,
         )
         self._slots: Registers = registers_for(fn, cfg.slot_bar)
 
@@ -296,6 +297,10 @@ class VhostPciDevice:
         elif isinstance(ev, MemoryAdded):
             pass
         self._emit(ev)
+
+    def _ring_states(self, key: FrontendKey) -> tuple[VirtqState, ...] | None:
+        fe = self.frontends.get(key)
+        return fe.ring_states() if fe is not None else None
 
     def _kick_fds(self, ev: FrontendAdded) -> dict[int, int]:
         """Give each of the frontend's slots its MSI-X vector (read back) and return slot -> eventfd."""

@@ -37,6 +37,7 @@ from vhostpci_driver.wire.ctrl import (
     MsgType,
     Op,
     VirtqInfo,
+    VirtqState,
 )
 
 #: Transport feature bits the toolkit's device-side ring implements (virtio 1.2, 6):
@@ -47,6 +48,14 @@ TRANSPORT_FEATURES = (
 
 #: ``(frontend, offered bits) -> accepted bits``; the engine keeps only bits that were offered.
 FeaturePolicy = Callable[[FrontendKey, int], int]
+#: ``frontend -> its rings' states`` at a DEVICE_INFO(DEL), read from the live rings by the device
+#: layer (the engine never touches remote memory); None means "as they were added".
+RingStates = Callable[[FrontendKey], "tuple[VirtqState, ...] | None"]
+
+
+def added_states(virtqs: tuple[VirtqInfo, ...]) -> tuple[VirtqState, ...]:
+    """The states a frontend was added with: what a frontend whose rings never ran hands back."""
+    return tuple(VirtqState(v.index, v.last_avail_idx, v.last_used_idx) for v in virtqs)
 
 
 def default_policy(key: FrontendKey, offered: int) -> int:
@@ -120,8 +129,10 @@ class Engine:
         limits: Limits | None = None,
         max_frontends: int = 64,
         policies: dict[int, FeaturePolicy] | None = None,
+        ring_states: RingStates | None = None,
     ) -> None:
         self.table = table
+        self.ring_states = ring_states
         self.limits = limits or Limits()
         self.max_frontends = max_frontends
         self.policies = dict(policies or {})
@@ -208,10 +219,15 @@ class Engine:
         t = MsgType.DEVICE_INFO
         key = FrontendKey(msg.device_type, msg.device_id)
         if msg.op == Op.DEL:
-            if key not in self.frontends:
+            gone = self.frontends.get(key)
+            if gone is None:
                 raise _RefusedError(FailReason.NOT_FOUND, f"no frontend {key}")
+            # protocol.md 4.4: the DEL_DONE hands each ring's state back, so the driver VM's
+            # frontend can resume where we stopped (vhost-user GET_VRING_BASE).
+            live = self.ring_states(key) if self.ring_states is not None else None
+            states = live if live is not None else added_states(gone.virtqs)
             del self.frontends[key]
-            return Ack(t, AckResult.DEL_DONE), [FrontendRemoved(key)]
+            return Ack(t, AckResult.DEL_DONE, FailReason.NONE, len(states), states), [FrontendRemoved(key)]
         if key in self.frontends:
             raise _RefusedError(FailReason.EXISTS, f"frontend {key} exists")
         if len(self.frontends) >= self.max_frontends:

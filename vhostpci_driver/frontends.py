@@ -17,7 +17,7 @@ from vhostpci_driver.addr import GuestMemory
 from vhostpci_driver.errors import FrontendGoneError
 from vhostpci_driver.spec.virtio import Feature
 from vhostpci_driver.virtqueue.device import Chain, DeviceQueue
-from vhostpci_driver.wire.ctrl import NO_SLOT, FrontendKey, VirtqInfo
+from vhostpci_driver.wire.ctrl import NO_SLOT, FrontendKey, VirtqInfo, VirtqState
 
 #: The app-facing surface: a popped :class:`Chain` comes with its :class:`Queue`.
 log = logging.getLogger(__name__)
@@ -149,6 +149,26 @@ class Frontend:
     def doorbell(self, slot: int) -> None:
         if slot != NO_SLOT and not self.removed:
             self._doorbell(slot)
+
+    def ring_states(self) -> tuple[VirtqState, ...]:
+        """Where each ring stands, for the DEL_DONE ack (protocol.md 4.4).
+
+        Chains the app popped and never completed are handed back (the avail
+        index rewinds over them), so the frontend sees them again when it
+        resumes instead of losing those descriptors. That is exact for a backend
+        that completes in order, as the net switch does.
+        """
+        out = []
+        for v in self.virtqs:
+            q = self.queues.get(v.index)
+            if q is None or q._ring.broken is not None:
+                out.append(VirtqState(v.index, v.last_avail_idx, v.last_used_idx))
+                continue
+            ring = q._ring
+            out.append(
+                VirtqState(v.index, (ring.last_avail_idx - ring.in_flight()) & 0xFFFF, ring.last_used_idx)
+            )
+        return tuple(out)
 
     def remove(self, why: str) -> None:
         """Mark the frontend gone; its rings are dropped (their views into the window with them)."""

@@ -29,6 +29,7 @@ from vhostpci_driver.wire.ctrl import (
     MemoryInfo,
     MemoryRegion,
     Op,
+    VirtqState,
 )
 from vhostpci_driver.wire.sock import (
     Empty,
@@ -179,13 +180,20 @@ class Session:
         self.stats["refused"] = self.stats.get("refused", 0) + 1
         self._reply(msg.msg_type, msg.request_id, result, FailReason.LIMIT)
 
-    def _reply(self, kind: SockMsgType, client_id: int, result: AckResult, reason: int = 0) -> None:
+    def _reply(
+        self,
+        kind: SockMsgType,
+        client_id: int,
+        result: AckResult,
+        reason: int = 0,
+        states: tuple[VirtqState, ...] = (),
+    ) -> None:
         ack_type = {
             SockMsgType.MEMORY_INFO: SockMsgType.MEMORY_INFO_ACK,
             SockMsgType.DEVICE_INFO: SockMsgType.DEVICE_INFO_ACK,
             SockMsgType.FEATURE_BITS: SockMsgType.FEATURE_BITS_ACK,
         }.get(kind, SockMsgType.FEATURE_BITS_ACK)
-        self.send(SockMessage(ack_type, self.vm_uuid, client_id, SockAck(result, reason)))
+        self.send(SockMessage(ack_type, self.vm_uuid, client_id, SockAck(result, reason, states)))
 
     def _pending_control(
         self,
@@ -307,7 +315,8 @@ class Session:
             subset = FeatureBits(p.key.device_type, p.key.device_id, ack.value)
             self.send(SockMessage(SockMsgType.FEATURE_BITS, self.vm_uuid, p.client_id, subset))
             return
-        self._reply(p.kind, p.client_id, ack.result, ack.reason)
+        # A DEVICE_INFO(DEL) hands the rings' states back to the driver VM (protocol.md 7.1).
+        self._reply(p.kind, p.client_id, ack.result, ack.reason, ack.states)
 
     def _drop_region(self, r: MemoryRegion) -> None:
         entry = self._regions.pop(r.xgpa, None)

@@ -52,9 +52,17 @@ FEATURE_BITS = WireStruct(
     [("device_type", "I"), ("reserved", "I"), ("device_id", "Q"), ("features", "Q")],
 )
 ACK = WireStruct("vhost_pci_ack", [("acked_type", "H"), ("result", "H"), ("reason", "I"), ("value", "Q")])
+#: A stopped virtqueue's state, after the DEL_DONE ack of a DEVICE_INFO(DEL) (protocol.md 4.4):
+#: where the frontend resumes (vhost-user GET_VRING_BASE needs it).
+VIRTQ_STATE = WireStruct(
+    "vhost_pci_virtq_state",
+    [("index", "H"), ("last_avail_idx", "H"), ("last_used_idx", "H"), ("reserved", "H")],
+)
 
 U64_END = 1 << 64
 NO_SLOT = 0xFFFFFFFF  # a virtqueue with no notification slot (the app polls it)
+#: Most ring states one ACK carries: a frontend has at most 64 virtqueues (Limits.max_virtqs).
+MAX_STATES = 64
 
 
 class MsgType(enum.IntEnum):
@@ -171,13 +179,31 @@ class FeatureBits:
 
 
 @dataclass(frozen=True)
+class VirtqState:
+    """Where a stopped virtqueue stands: the next avail entry to take, the next used entry to write."""
+
+    index: int
+    last_avail_idx: int
+    last_used_idx: int
+
+
+@dataclass(frozen=True)
 class Ack:
-    """ACK on the ackq: the result of one controlq request."""
+    """ACK on the ackq: the result of one controlq request.
+
+    ``states`` only on the DEL_DONE of a DEVICE_INFO(DEL): one per virtqueue of the
+    removed frontend; ``value`` then counts them (protocol.md 4.4).
+    """
 
     acked_type: int
     result: AckResult
     reason: int = FailReason.NONE
     value: int = 0
+    states: tuple[VirtqState, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.states and self.value != len(self.states):
+            raise ValueError("an ACK with ring states counts them in value")
 
 
 ControlBody = MemoryInfo | DeviceInfo | FeatureBits
@@ -217,7 +243,32 @@ def encode_body(body: ControlBody | Ack) -> bytes:
         return head + encode_virtqs(body.virtqs)
     if isinstance(body, FeatureBits):
         return FEATURE_BITS.pack(body.device_type, 0, body.device_id, body.features)
-    return ACK.pack(body.acked_type, body.result, body.reason, body.value)
+    return ACK.pack(body.acked_type, body.result, body.reason, body.value) + encode_states(body.states)
+
+
+def encode_states(states: tuple[VirtqState, ...]) -> bytes:
+    """The ``vhost_pci_virtq_state`` array after a DEL_DONE ack (controlq and socket)."""
+    return b"".join(VIRTQ_STATE.pack(s.index, s.last_avail_idx, s.last_used_idx, 0) for s in states)
+
+
+def decode_states(payload: memoryview, offset: int, count: int, what: str) -> tuple[VirtqState, ...]:
+    """``count`` ring states at ``offset``; the caller checked that the payload holds exactly them."""
+    out = []
+    seen: set[int] = set()
+    for i in range(count):
+        field = f"{what}.states[{i}]"
+        index, lai, lui, reserved = VIRTQ_STATE.unpack_from(payload, offset + i * VIRTQ_STATE.size, field)
+        check_reserved(reserved, f"{field}.reserved")
+        if index in seen:
+            raise ProtocolError(f"{field}.index", f"index {index} appears twice")
+        seen.add(index)
+        out.append(VirtqState(index, lai, lui))
+    return tuple(out)
+
+
+def states_allowed(acked_type: int, result: int) -> bool:
+    """Only a DEVICE_INFO(DEL) that succeeded hands ring states back."""
+    return acked_type == MsgType.DEVICE_INFO and result == AckResult.DEL_DONE
 
 
 def encode_message(request_id: int, body: ControlBody | Ack, *, version: int = VERSION) -> bytes:
@@ -422,10 +473,14 @@ def decode_ack(buf: bytes | bytearray | memoryview) -> tuple[int, Ack]:
     if hdr.type != MsgType.ACK:
         raise ProtocolError("header.type", f"{hdr.type:#x} is not ACK", FailReason.UNKNOWN_TYPE)
     payload = view[HEADER.size : HEADER.size + hdr.len]
-    check_exact(len(payload), ACK.size, "ACK")
     acked_type, result, reason, value = ACK.unpack_from(payload, 0, "ACK")
     if result not in AckResult._value2member_map_:
         raise ProtocolError("ACK.result", f"unknown result {result}")
+    count = value if states_allowed(acked_type, result) else 0
+    if count > MAX_STATES:
+        raise ProtocolError("ACK.value", f"{count} ring states over the limit {MAX_STATES}", FailReason.LIMIT)
+    check_exact(len(payload), ACK.size + count * VIRTQ_STATE.size, "ACK.value")
+    states = decode_states(payload, ACK.size, count, "ACK")
     if hdr.request_id == 0:
         raise ProtocolError("header.request_id", "request ids start at 1")
-    return hdr.request_id, Ack(acked_type, AckResult(result), reason, value)
+    return hdr.request_id, Ack(acked_type, AckResult(result), reason, value, states)

@@ -22,15 +22,19 @@ from vhostpci_driver.wire.ctrl import (
     DEVICE_INFO,
     MEMORY_INFO,
     VIRTQ,
+    VIRTQ_STATE,
     AckResult,
     DeviceInfo,
     FeatureBits,
     Limits,
     Op,
     VirtqInfo,
+    VirtqState,
     decode_device_info,
     decode_feature_bits,
+    decode_states,
     encode_body,
+    encode_states,
 )
 from vhostpci_driver.wire.layout import WireStruct, check_exact, check_reserved
 
@@ -120,10 +124,15 @@ class SockDeviceInfo:
 
 @dataclass(frozen=True)
 class SockAck:
-    """``*_ACK``: the result of one request, repeating its id in the header."""
+    """``*_ACK``: the result of one request, repeating its id in the header.
+
+    ``states``: only in the DEL_DONE of a DEVICE_INFO(DEL), the removed frontend's
+    ring states (protocol.md 7.1), so a vhost-user front door can answer GET_VRING_BASE.
+    """
 
     result: AckResult
     reason: int = FailReason.NONE
+    states: tuple[VirtqState, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -172,7 +181,7 @@ def encode(msg: SockMessage) -> tuple[bytes, list[int]]:
     elif isinstance(b, FeatureBits):
         payload = encode_body(b)
     elif isinstance(b, SockAck):
-        payload = ACK.pack(b.result, 0, b.reason)
+        payload = ACK.pack(b.result, 0, b.reason) + encode_states(b.states)
     else:
         payload = b""
     head = HEADER.pack(msg.msg_type, VERSION, len(payload), msg.vm_uuid.bytes, msg.request_id)
@@ -252,12 +261,20 @@ def decode_body(
         if t == SockMsgType.FEATURE_BITS:
             body = decode_feature_bits(view)
         elif t in ACK_TYPES:
-            check_exact(len(view), ACK.size, t.name)
             result, reserved, reason = ACK.unpack_from(view, 0, t.name)
             check_reserved(reserved, f"{t.name}.reserved")
             if result not in AckResult._value2member_map_:
                 raise ProtocolError(f"{t.name}.result", f"unknown result {result}")
-            body = SockAck(AckResult(result), reason)
+            count = 0
+            if t == SockMsgType.DEVICE_INFO_ACK and result == AckResult.DEL_DONE:
+                # The states fill the rest of the payload: their count is implied by msg_len.
+                count = max(0, len(view) - ACK.size) // VIRTQ_STATE.size
+                if count > limits.max_virtqs:
+                    raise ProtocolError(
+                        f"{t.name}.states", f"{count} over the limit {limits.max_virtqs}", FailReason.LIMIT
+                    )
+            check_exact(len(view), ACK.size + count * VIRTQ_STATE.size, f"{t.name}.states")
+            body = SockAck(AckResult(result), reason, decode_states(view, ACK.size, count, t.name))
         else:
             check_exact(len(view), 0, t.name)
             body = Empty()
@@ -290,6 +307,7 @@ __all__ = [
     "SockMsgType",
     "SocketRegion",
     "VirtqInfo",
+    "VirtqState",
     "decode",
     "decode_body",
     "decode_header",
