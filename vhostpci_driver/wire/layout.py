@@ -22,13 +22,20 @@ class WireStruct:
 
     __slots__ = ("_struct", "fields", "name", "size")
 
-    def __init__(self, name: str, fields: Sequence[tuple[str, str]]) -> None:
+    def __init__(
+        self,
+        name: str,
+        fields: Sequence[tuple[str, str]],
+        registry: dict[str, WireStruct] | None = REGISTRY,
+    ) -> None:
+        """``registry``: where the structure is listed (None: nowhere; another protocol's own table)."""
         self.name = name
         self.fields = tuple(fields)
         # "<" gives standard sizes and no padding: the layout is exactly the doc's table.
         self._struct = struct.Struct("<" + "".join(code for _, code in self.fields))
         self.size = self._struct.size
-        REGISTRY[name] = self
+        if registry is not None:
+            registry[name] = self
 
     def offsets(self) -> list[tuple[int, int, str]]:
         """``(offset, size, field name)`` for every field, in order."""
