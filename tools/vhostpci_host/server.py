@@ -9,14 +9,10 @@ is dropped). Status goes to stdout as JSON lines when asked.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import signal
 import socket
-import stat
 import struct
-import sys
 import time
 import uuid
 from collections.abc import Callable
@@ -28,6 +24,7 @@ from vhostpci_driver.wire.ctrl import AckResult, Op
 from vhostpci_driver.wire.sock import SockAck, SockLimits, SockMemoryInfo, SockMessage, SockMsgType
 from vhostpci_host.channel import Channel, PeerClosedError
 from vhostpci_host.device_model import VhostPciDeviceModel
+from vhostpci_host.endpoint import StartError, StatusLog, listen_unix, run_until_signalled
 from vhostpci_host.loop import SelectorLoop
 from vhostpci_host.session import PeerLimits, Session
 from vhostpci_host.vfio_device import VfioDeviceError
@@ -38,18 +35,8 @@ log = logging.getLogger(__name__)
 MIN_WINDOW = 2 << 20
 
 
-class ServerError(Exception):
-    """The server cannot start as configured (the command says so in one line, exit 1)."""
-
-
-def _answers(path: Path) -> bool:
-    """Whether something accepts connections on the UNIX socket ``path`` (a live server)."""
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-        try:
-            s.connect(str(path))
-        except OSError:
-            return False
-        return True
+#: The server cannot start as configured (the command says so in one line, exit 1).
+ServerError = StartError
 
 
 def window_size_for(regions_end: int) -> int:
@@ -96,19 +83,16 @@ class VhostPciServer(SelectorLoop):
         self.client_uids: dict[Channel, int] = {}
         #: peers to drop at the next tick, and why (found while inside a device callback)
         self._doomed: dict[Channel, str] = {}
-        self.running = True
         #: the signal that stopped serve_forever(), if one did (the command exits 128 + it)
         self.stopped_by: int | None = None
         self._listener: socket.socket | None = None
         self._made_devices_dir = False
+        self._status = StatusLog(log, config.json_status)
 
     # -- status ----------------------------------------------------------------
 
     def status(self, event: str, **fields: object) -> None:
-        log.info("%s %s", event, fields)
-        if self.config.json_status:
-            sys.stdout.write(json.dumps({"event": event, **fields}, default=str) + "\n")
-            sys.stdout.flush()
+        self._status(event, **fields)
 
     # -- set-up ----------------------------------------------------------------
 
@@ -121,26 +105,13 @@ class VhostPciServer(SelectorLoop):
         path = self.config.socket_path
         if not path.parent.is_dir():
             raise ServerError(f"{path.parent} does not exist: create it first")
-        if path.exists() or path.is_symlink():
-            if not stat.S_ISSOCK(path.lstat().st_mode):
-                raise ServerError(f"{path} exists and is not a socket: refusing to replace it")
-            if _answers(path):
-                raise ServerError(f"{path}: a vhost-pci server is already listening there; not taken over")
-            path.unlink()  # a stale socket of a previous run
         devices = self.config.devices_dir
         if not devices.is_dir():
             if not devices.parent.is_dir():
                 raise ServerError(f"{devices.parent} does not exist: create it first")
             devices.mkdir(mode=0o700)
             self._made_devices_dir = True
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        old = os.umask(0o177)  # the socket is born 0600: no window in which others could connect
-        try:
-            s.bind(str(path))
-        finally:
-            os.umask(old)
-        s.listen(16)
-        s.setblocking(False)
+        s = listen_unix(path, 16, "a vhost-pci server")
         self._listener = s
         self.add_reader(s, self._accept)
 
@@ -305,34 +276,20 @@ class VhostPciServer(SelectorLoop):
                 self._drop_client(ch, f"send failed: {e}")
 
     def serve_forever(self) -> None:
-        """Run until SIGTERM/SIGINT; then close every device and socket."""
-        stop_r, stop_w = os.pipe()
-        os.set_blocking(stop_w, False)
-        signal.set_wakeup_fd(stop_w)
+        """Run until SIGTERM/SIGINT/SIGHUP; then close every device and socket."""
+        assert self._listener is not None
+        tick = min(0.1, self.config.ping_interval / 4)
+        try:
+            self.stopped_by = run_until_signalled(self, tick, self._tick, self._ready)
+        finally:
+            self.close()
 
-        def stop(signum: int, _frame: object) -> None:
-            self.stopped_by = signum
-            self.running = False
-
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-            signal.signal(sig, stop)
-        self.add_reader(stop_r, lambda: os.read(stop_r, 64))
+    def _ready(self) -> None:
         # Said once everything the loop holds is open: whoever waits for it (tests counting our
         # fds, the harness) sees the server as it will stay while idle.
-        assert self._listener is not None
         self.status(
             "listening", socket=str(self.config.socket_path), devices_dir=str(self.config.devices_dir)
         )
-        tick = min(0.1, self.config.ping_interval / 4)
-        try:
-            while self.running:
-                self.run_once(tick)
-                self._tick()
-        finally:
-            signal.set_wakeup_fd(-1)
-            os.close(stop_r)
-            os.close(stop_w)
-            self.close()
 
     def close(self) -> None:
         for ch in list(self.clients):
