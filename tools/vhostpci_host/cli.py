@@ -244,3 +244,103 @@ def frontend(
     size = parse_size(memory)
     rc = simulator.run(str(server), vm_uuid or uuid.uuid4(), list(macs), size, queue_size)
     sys.exit(rc)
+
+
+#: ``--device`` presets: (virtio device type, rings, GET_QUEUE_NUM answer, default features).
+#: Net's features are what the device VM's net app implements (vhostpci_driver.apps.net).
+def _presets() -> dict[str, tuple[int, int, int, int]]:
+    from vhostpci_driver.apps.net import SUPPORTED as NET_FEATURES
+
+    return {"net": (1, 2, 1, NET_FEATURES)}
+
+
+@main.command("vhost-user")
+@click.option(
+    "--socket",
+    "socket_path",
+    required=True,
+    type=SocketPath(),
+    help="UNIX socket the driver VM's QEMU connects to (-chardev socket,path=...).",
+)
+@click.option("--server", required=True, type=SocketPath(), help="The vhost-pci server socket.")
+@click.option(
+    "--uuid",
+    "vm_uuid",
+    required=True,
+    type=click.UUID,
+    help="The driver VM's UUID (the same on every reconnect).",
+)
+@click.option(
+    "--device",
+    default="net",
+    show_default=True,
+    help="A preset ('net') or a virtio device type number (then give --rings and --features).",
+)
+@click.option(
+    "--mac",
+    default=None,
+    type=MacAddress(),
+    help="net: the NIC's MAC (its device id, as QEMU's -device mac=).",
+)
+@click.option("--device-id", default=None, help="The frontend's device id (default: the MAC for net).")
+@click.option("--features", default=None, help="Device features to offer, hex (default: the preset's).")
+@click.option("--rings", type=int, default=None, help="Virtqueues of the device (net: 2).")
+@click.option("--queue-num", type=int, default=None, help="GET_QUEUE_NUM's answer (net: 1 queue pair).")
+@click.option(
+    "--max-memory", default="64G", show_default=True, help="Most guest memory one SET_MEM_TABLE may lend."
+)
+@click.option("--json", "json_status", is_flag=True, help="Status as JSON lines on stdout.")
+@click.option("-v", "--verbose", is_flag=True)
+def vhost_user(
+    socket_path: Path,
+    server: Path,
+    vm_uuid: uuid.UUID,
+    device: str,
+    mac: str | None,
+    device_id: str | None,
+    features: str | None,
+    rings: int | None,
+    queue_num: int | None,
+    max_memory: str,
+    json_status: bool,
+    verbose: bool,
+) -> None:
+    """Serve one stock QEMU driver VM over vhost-user, as a client of the vhost-pci server.
+
+    Runs until SIGTERM, SIGINT or SIGHUP; one QEMU connection at a time (docs/host.md).
+    """
+    from vhostpci_host.vhost_user import DoorConfig, VhostUserDoor
+    from vhostpci_host.vhost_user_session import FrontendConfig
+
+    _logging(verbose)
+    presets = _presets()
+    if device in presets:
+        dtype, nrings, qnum, feats = presets[device]
+    elif device.isdigit() and int(device) > 0:
+        if rings is None or features is None:
+            raise click.BadParameter(
+                "a device type number needs --rings and --features", param_hint="--device"
+            )
+        dtype, nrings, qnum, feats = int(device), rings, rings, 0
+    else:
+        raise click.BadParameter(f"{device!r}: 'net' or a virtio device type number", param_hint="--device")
+    if device_id is not None:
+        did = int(device_id, 0)
+    elif mac is not None:
+        did = int(mac.replace(":", ""), 16)
+    else:
+        raise click.BadParameter("give --mac (net) or --device-id", param_hint="--device-id")
+    try:
+        fe = FrontendConfig(
+            device_type=dtype,
+            device_id=did,
+            features=int(features, 16) if features is not None else feats,
+            num_rings=rings if rings is not None else nrings,
+            queue_num=queue_num if queue_num is not None else qnum,
+            max_mapped_bytes=parse_size(max_memory),
+        )
+    except ValueError as e:
+        raise click.BadParameter(str(e)) from None
+    door = VhostUserDoor(DoorConfig(socket_path, server, vm_uuid, fe, json_status=json_status))
+    door.listen()
+    exit_for(door.serve_forever())
