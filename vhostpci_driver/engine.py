@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from vhostpci_driver.errors import FailReason, ProtocolError, RemoteMemoryError
+from vhostpci_driver.errors import FailReason, FeaturesRefusedError, ProtocolError, RemoteMemoryError
 from vhostpci_driver.events import (
     Event,
     FeaturesNegotiated,
@@ -252,7 +252,10 @@ class Engine:
             # Features belong to a frontend whose rings we know: DEVICE_INFO(ADD) comes first.
             raise _RefusedError(FailReason.NOT_FOUND, f"FEATURE_BITS for unknown frontend {key}")
         policy = self.policies.get(msg.device_type, default_policy)
-        accepted = policy(key, msg.features) & msg.features  # a subset, whatever the app answered
+        try:
+            accepted = policy(key, msg.features) & msg.features  # a subset, whatever the app answered
+        except FeaturesRefusedError as e:
+            raise _RefusedError(FailReason.REJECTED, str(e)) from None
         fe.offered, fe.accepted = msg.features, accepted
         return (
             Ack(MsgType.FEATURE_BITS, AckResult.ADD_DONE, FailReason.NONE, accepted),

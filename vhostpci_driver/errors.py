@@ -32,6 +32,7 @@ class FailReason(enum.IntEnum):
     EXISTS = 11  # ADD of a frontend that already exists
     BAD_RING = 12  # a DEVICE_INFO virtqueue is invalid (size, index, alignment)
     REJECTED = 13  # the app serving the frontend refused it
+    BAD_FD = 14  # server socket: an fd is not what its slot allows (protocol.md 7.1)
 
 
 class ProtocolError(VhostPciError):
@@ -89,3 +90,11 @@ class DeviceError(VhostPciError):
 
 class FrontendGoneError(DeviceError):
     """The frontend was removed (DEVICE_INFO DEL or remote down) while in use."""
+
+
+class FeaturesRefusedError(VhostPciError):
+    """An app cannot serve a frontend with the features it offers (a bit it requires is missing).
+
+    Raised by a feature policy; the engine acks the FEATURE_BITS ``ADD_FAIL``
+    with reason ``REJECTED`` and the frontend is never started.
+    """

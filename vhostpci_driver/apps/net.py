@@ -41,7 +41,7 @@ from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from vhostpci_driver.errors import FrontendGoneError, RingError
+from vhostpci_driver.errors import FeaturesRefusedError, FrontendGoneError, RingError
 from vhostpci_driver.events import Event, FeaturesNegotiated, FrontendRemoved
 from vhostpci_driver.frontends import Chain, Frontend, Queue
 from vhostpci_driver.spec.virtio import DeviceId, Feature
@@ -84,7 +84,13 @@ def _pop_rx(port: Port) -> list[Chain]:
 
 
 def net_policy(key: FrontendKey, offered: int) -> int:
-    """Feature policy for net frontends: VERSION_1 is required, the rest as implemented."""
+    """Feature policy for net frontends: VERSION_1 is required, the rest as implemented.
+
+    Without VERSION_1 the frontend would be a legacy device (virtio 1.2, 7:
+    big-endian rings, a 10-byte header): refused, never served half-right.
+    """
+    if not offered >> Feature.VERSION_1 & 1:
+        raise FeaturesRefusedError(f"net frontend {key} does not offer VIRTIO_F_VERSION_1")
     return offered & SUPPORTED
 
 
