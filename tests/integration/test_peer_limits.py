@@ -55,7 +55,8 @@ class RawPeer:
         self.ch = Channel(s)
         self.uuid = uuid.uuid4()
         self.rid = 0
-        self.mem = os.memfd_create("raw-peer-ram", os.MFD_CLOEXEC)
+        self.backlog: list[SockMessage] = []
+        self.mem = os.memfd_create("raw-peer-ram", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
         os.ftruncate(self.mem, memory)
 
     def send(self, msg_type: SockMsgType, body: object) -> int:
@@ -87,6 +88,8 @@ class RawPeer:
 
     def reply(self, timeout: float = 5.0) -> SockMessage | None:
         """The next answer (PINGs answered on the way), or None when the server closed the connection."""
+        if self.backlog:
+            return self.backlog.pop(0)
         deadline = time.monotonic() + timeout
         while True:
             left = deadline - time.monotonic()
@@ -100,8 +103,26 @@ class RawPeer:
             for msg in msgs:
                 if msg.msg_type == SockMsgType.PING:
                     self.ch.send(SockMessage(SockMsgType.PONG, self.uuid, msg.request_id, Empty()))
-                    continue
-                return msg
+                else:
+                    self.backlog.append(msg)  # one read may bring several answers: keep them all
+            if self.backlog:
+                return self.backlog.pop(0)
+
+    def quiet_for(self, seconds: float) -> bool:
+        """Nothing but PINGs (answered) for ``seconds``, and not dropped."""
+        deadline = time.monotonic() + seconds
+        while (left := deadline - time.monotonic()) > 0:
+            if not select.select([self.ch.fileno()], [], [], left)[0]:
+                continue
+            try:
+                msgs = self.ch.receive()
+            except (PeerClosedError, ConnectionResetError):
+                return False
+            for msg in msgs:
+                if msg.msg_type != SockMsgType.PING:
+                    return False
+                self.ch.send(SockMessage(SockMsgType.PONG, self.uuid, msg.request_id, Empty()))
+        return True
 
     def refused_for_limit(self, rid: int) -> bool:
         msg = self.reply()

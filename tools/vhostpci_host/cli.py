@@ -162,6 +162,18 @@ def main(debug: bool) -> None:
     type=click.FloatRange(min=0, min_open=True),
     help="Seconds a peer may sit on half a message before it is dropped.",
 )
+@click.option(
+    "--gone-grace",
+    default=30.0,
+    show_default=True,
+    help="Seconds a gone driver VM's device waits for it to come back with its UUID before it is freed.",
+)
+@click.option(
+    "--trust-driver-memory",
+    is_flag=True,
+    help="Accept memory fds that cannot be sealed against shrinking (a truncation then SIGBUSes; "
+    "docs/security.md).",
+)
 @click.option("--json", "json_status", is_flag=True, help="Status as JSON lines on stdout.")
 @click.option("-v", "--verbose", is_flag=True)
 def serve(
@@ -174,6 +186,8 @@ def serve(
     allow_uids: tuple[int, ...],
     limits: tuple[str, ...],
     partial_timeout: float,
+    gone_grace: float,
+    trust_driver_memory: bool,
     json_status: bool,
     verbose: bool,
 ) -> None:
@@ -193,6 +207,8 @@ def serve(
         limits=sock_limits,
         peer_limits=peer_limits,
         partial_timeout=partial_timeout,
+        gone_grace=gone_grace,
+        trust_driver_memory=trust_driver_memory,
         json_status=json_status,
     )
     server = VhostPciServer(cfg)
@@ -224,6 +240,12 @@ def limits_(as_json: bool) -> None:
 @click.option("--memory", default="256M", show_default=True, help="Guest memory size (K/M/G).")
 @click.option("--queue-size", default=256, show_default=True, type=QueueSize(),
               help="Virtqueue size of every frontend queue (a power of two).")  # fmt: skip
+@click.option(
+    "--features",
+    default=None,
+    help="Feature bits every frontend offers, e.g. 0x20008020 "
+    "(default: VERSION_1, EVENT_IDX, MRG_RXBUF, MAC).",
+)
 @click.option("-v", "--verbose", is_flag=True)
 def frontend(
     server: Path,
@@ -231,6 +253,7 @@ def frontend(
     macs: tuple[str, ...],
     memory: str,
     queue_size: int,
+    features: str | None,
     verbose: bool,
 ) -> None:
     """Play a driver VM with virtio-net frontends; commands on stdin, JSON lines on stdout.
@@ -242,7 +265,8 @@ def frontend(
 
     _logging(verbose)
     size = parse_size(memory)
-    rc = simulator.run(str(server), vm_uuid or uuid.uuid4(), list(macs), size, queue_size)
+    offered = int(features, 0) if features is not None else None
+    rc = simulator.run(str(server), vm_uuid or uuid.uuid4(), list(macs), size, queue_size, offered)
     sys.exit(rc)
 
 

@@ -27,6 +27,7 @@ from vhostpci_driver.spec.virtio_pci import ISR_QUEUE, NO_VECTOR
 from vhostpci_driver.wire import ctrl
 from vhostpci_driver.wire import device as d
 from vhostpci_host.pci_config import NUM_QUEUES
+from vhostpci_host.peer_fds import drain_eventfd, signal_eventfd
 from vhostpci_host.vfio_device import IoEventFdSpec, MmapArea, RegionFlag, RegionSpec, VfioDeviceError
 from vhostpci_host.virtio_pci import VirtioPciFunction
 
@@ -92,7 +93,7 @@ class VhostPciDeviceModel(VirtioPciFunction):
         # GET_REGION_IO_FDS: BAR 0's trigger registers as eventfds, each with its handler (per client).
         self._ioeventfds: list[tuple[IoEventFdSpec, Callable[[], None]]] = []
         self.counters.update(messages_sent=0, acks=0, ack_errors=0, kicks=0, doorbells=0, stray_doorbells=0,
-                             notifies=0)  # fmt: skip
+                             notifies=0, calls_refused=0)  # fmt: skip
         self._power_on()
 
     def _power_on(self) -> None:
@@ -397,12 +398,8 @@ class VhostPciDeviceModel(VirtioPciFunction):
 
     def _kick(self, slot: int) -> None:
         sl = self.slots.get(slot)
-        if sl is None:
-            return
-        try:
-            os.eventfd_read(sl.kick_fd)
-        except BlockingIOError:
-            return
+        if sl is None or not drain_eventfd(sl.kick_fd):
+            return  # the peer's kick fd is checked and non-blocking (peer_fds): nothing, or it raced us
         self.counters["kicks"] += 1
         self.pending_slots |= 1 << slot
         if sl.vector != NO_VECTOR:
@@ -414,7 +411,10 @@ class VhostPciDeviceModel(VirtioPciFunction):
             self.counters["stray_doorbells"] += rings
             return
         self.counters["doorbells"] += rings
-        os.eventfd_write(sl.call_fd, 1)
+        if not signal_eventfd(sl.call_fd):
+            # The driver VM's call counter is full (it never reads it, or filled it): it has a
+            # notification pending already; never wait on it (docs/security.md).
+            self.counters["calls_refused"] += 1
 
     def stats(self) -> dict[str, object]:
         return {**self.counters, "outstanding": len(self.outstanding), "backlog": len(self.backlog),

@@ -86,6 +86,8 @@ class FramedReader:
                 except BlockingIOError:
                     break
                 if not data:
+                    if out:
+                        break  # hand out what came before the end; the next read (still readable) raises
                     where = " mid-message" if self._buf or self._header is not None else ""
                     raise PeerClosedError(f"peer closed the connection{where}")
                 if fds and (self._header is not None or self._buf):

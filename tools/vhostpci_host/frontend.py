@@ -41,6 +41,10 @@ MRG_BUF = 4096
 MIXED = (64, 64, 128, 256, 512, 1024, 1500, 1500, 4096, 9000, 16384, 65536)
 
 
+#: lcm(len(MIXED), 4096): the cycle of mixed sizes and of payload patterns (netpacket.build)
+SEQ_PERIOD = 12288
+
+
 def mixed_size(seq: int) -> int:
     return MIXED[seq % len(MIXED)]
 
@@ -103,7 +107,10 @@ class NetFrontend:
         self.receiver = netpacket.Receiver()
         self.sent = 0
         self.sent_bytes = 0
-        self.seq = 0
+        # A driver VM that restarts with its UUID and MAC must not resend the sequence numbers its
+        # peers already counted (they would be duplicates): each incarnation starts at its own base,
+        # a multiple of SEQ_PERIOD so sizes and payloads run through the same cycle.
+        self.seq = int.from_bytes(os.urandom(4), "little") * SEQ_PERIOD
         self.mergeable = False
         self._stamped: list[tuple[bytes, int] | None] = [None] * queue_size  # TX slot -> pktgen frame in it
         self._tx_addrs = [self.tx.addr(slot) for slot in range(queue_size)]

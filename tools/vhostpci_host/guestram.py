@@ -31,7 +31,7 @@ class GuestRam:
         if size < nregions * page or nregions < 1:
             raise ValueError(f"{size} bytes cannot hold {nregions} regions")
         self.size = size
-        self.fd = os.memfd_create("driver-vm-ram", os.MFD_CLOEXEC)
+        self.fd = os.memfd_create("driver-vm-ram", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
         os.ftruncate(self.fd, size)
         self._mm = mmap.mmap(self.fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         self.table = RegionTable(BufferWindow(self._mm))

@@ -192,6 +192,7 @@ class DriverVmProcess(JsonProcess):
         vm_uuid: uuid.UUID | None = None,
         memory: str = "128M",
         queue_size: int = 256,
+        features: int | None = None,
     ) -> None:
         self.uuid = vm_uuid or uuid.uuid4()
         self.macs = macs
@@ -208,6 +209,8 @@ class DriverVmProcess(JsonProcess):
         ]
         for m in macs:
             args += ["--net", m]
+        if features is not None:
+            args += ["--features", hex(features)]
         super().__init__(host_command(*args), f"driver-vm-{str(self.uuid)[:8]}")
         self.instead_of["ready"] = "setup-failed"
 

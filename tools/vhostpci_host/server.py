@@ -62,6 +62,10 @@ class ServerConfig:
     partial_timeout: float = 5.0
     allow_uids: frozenset[int] = field(default_factory=lambda: frozenset({0, os.getuid()}))
     json_status: bool = False
+    #: seconds a gone driver VM's device is kept for it to come back with its UUID (protocol.md 7.5)
+    gone_grace: float = 30.0
+    #: accept memory fds that cannot be sealed against shrinking (docs/security.md)
+    trust_driver_memory: bool = False
 
 
 @dataclass
@@ -70,6 +74,8 @@ class _Device:
     vfio: VfioUserServer
     session: Session
     path: Path
+    #: the uid that first claimed this UUID: only it may connect as this driver VM (docs/security.md)
+    owner_uid: int
 
 
 class VhostPciServer(SelectorLoop):
@@ -167,32 +173,59 @@ class VhostPciServer(SelectorLoop):
         bound = self.clients[ch]
         if bound is not None and bound != msg.vm_uuid:
             raise ProtocolError("socket header.vm_uuid", f"connection belongs to {bound}, not {msg.vm_uuid}")
-        dev = self.devices.get(msg.vm_uuid)
         if bound is None:
-            # First message of a connection: it names the driver VM (protocol.md 7.2, step 1).
-            for other, u in list(self.clients.items()):
-                if u == msg.vm_uuid and other is not ch:
-                    self._drop_client(other, "replaced by a new connection of the same UUID")
-            dev = self.devices.get(msg.vm_uuid)
+            dev = self._bind(ch, msg)
             if dev is None:
-                if not (isinstance(msg.body, SockMemoryInfo) and msg.body.op == Op.ADD):
-                    ch.send(
-                        SockMessage(
-                            SockMsgType.MEMORY_INFO_ACK,
-                            msg.vm_uuid,
-                            msg.request_id,
-                            SockAck(AckResult.ADD_FAIL, FailReason.NOT_FOUND),
-                        )
-                    )
-                    return
-                dev = self._create_device(msg.vm_uuid, msg.body)
-            self.clients[ch] = msg.vm_uuid
-            dev.session.send = self._sender(ch)
-            dev.session.gone = False
-            dev.model.set_remote(msg.vm_uuid.bytes, True)
-            self.status("remote-up", uuid=str(msg.vm_uuid))
-        assert dev is not None
+                return
+        else:
+            dev = self.devices[bound]
         dev.session.on_message(msg)
+
+    def _bind(self, ch: Channel, msg: SockMessage) -> _Device | None:
+        """The first message of a connection names its driver VM (protocol.md 7.2 step 1, 7.5).
+
+        A UUID belongs to the uid that first claimed it while its device lives:
+        another uid naming it is refused and dropped, never evicting the owner.
+        The owner's older connection of the same UUID is dropped first (UP ->
+        GONE), then the new one takes the device over (GONE -> UP).
+        """
+        uid = self.client_uids[ch]
+        dev = self.devices.get(msg.vm_uuid)
+        if dev is not None and dev.owner_uid != uid:
+            self._answer_fail(ch, msg, FailReason.REJECTED)
+            self.status("refused", uid=uid, uuid=str(msg.vm_uuid), why=f"uuid owned by uid {dev.owner_uid}")
+            self._doomed[ch] = f"uuid {msg.vm_uuid} belongs to uid {dev.owner_uid}"
+            return None
+        for other, u in list(self.clients.items()):
+            if u == msg.vm_uuid and other is not ch:
+                self._drop_client(other, "replaced by a new connection of the same UUID")
+        if dev is None:
+            if not (isinstance(msg.body, SockMemoryInfo) and msg.body.op == Op.ADD):
+                self._answer_fail(ch, msg, FailReason.NOT_FOUND)
+                return None
+            dev = self._create_device(ch, msg.vm_uuid, msg)
+            if dev is None:
+                return None
+        else:
+            dev.session.teardown()  # a no-op when it is GONE already, as it is after the drop above
+            dev.session.reconnect()
+        self.clients[ch] = msg.vm_uuid
+        dev.session.send = self._sender(ch)
+        dev.model.set_remote(msg.vm_uuid.bytes, True)
+        self.status("remote-up", uuid=str(msg.vm_uuid))
+        return dev
+
+    def _answer_fail(self, ch: Channel, msg: SockMessage, reason: FailReason) -> None:
+        """FAIL a request the server answers before any session has it; its fds are closed."""
+        for fd in msg.fds():
+            os.close(fd)
+        ack_type = {
+            SockMsgType.MEMORY_INFO: SockMsgType.MEMORY_INFO_ACK,
+            SockMsgType.DEVICE_INFO: SockMsgType.DEVICE_INFO_ACK,
+        }.get(msg.msg_type, SockMsgType.FEATURE_BITS_ACK)
+        self._sender(ch)(
+            SockMessage(ack_type, msg.vm_uuid, msg.request_id, SockAck(AckResult.ADD_FAIL, reason))
+        )
 
     def _sender(self, ch: Channel) -> Callable[[SockMessage], None]:
         """``ch.send`` for a session; a peer that stopped reading is dropped at the next tick.
@@ -213,9 +246,25 @@ class VhostPciServer(SelectorLoop):
 
         return send
 
-    def _create_device(self, vm_uuid: uuid.UUID, first: SockMemoryInfo) -> _Device:
-        end = max(r.mmap_offset + r.memory_size for r in first.regions)
+    def _create_device(self, ch: Channel, vm_uuid: uuid.UUID, msg: SockMessage) -> _Device | None:
+        """ABSENT -> UP: a device for a new UUID, within the uid's and the window's limits."""
+        assert isinstance(msg.body, SockMemoryInfo)
+        limits = self.config.peer_limits
+        uid = self.client_uids[ch]
+        end = max(r.mmap_offset + r.memory_size for r in msg.body.regions)
         size = self.config.window_size or window_size_for(end)
+        if size > limits.max_window_bytes:
+            log.warning("%s: a window of %#x bytes passes max_window_bytes", vm_uuid, size)
+            self._answer_fail(ch, msg, FailReason.LIMIT)
+            return None
+        held = [(d.session.gone_since, u) for u, d in self.devices.items() if d.owner_uid == uid]
+        if len(held) >= limits.max_devices_per_uid:
+            gone = sorted((since, u) for since, u in held if self.devices[u].session.gone)
+            if not gone:
+                self._answer_fail(ch, msg, FailReason.LIMIT)
+                self.status("refused", uid=uid, uuid=str(vm_uuid), why="max_devices_per_uid")
+                return None
+            self._free_device(gone[0][1], "max_devices_per_uid: the uid's oldest gone device makes room")
         model = VhostPciDeviceModel(
             window_size=size,
             virtio_id=self.config.virtio_id,
@@ -233,6 +282,7 @@ class VhostPciServer(SelectorLoop):
             self.config.ping_interval,
             self.config.ping_misses,
             limits=self.config.peer_limits,
+            trust_memory=self.config.trust_driver_memory,
         )
         model.on_ack = session.on_ack
         model.on_reset = session.on_reset
@@ -240,10 +290,18 @@ class VhostPciServer(SelectorLoop):
         model.on_ack_error = lambda reason, rid: self.status(
             "ack-error", uuid=str(vm_uuid), reason=reason, id=rid
         )
-        dev = _Device(model, vfio, session, path)
+        dev = _Device(model, vfio, session, path, uid)
         self.devices[vm_uuid] = dev
         self.status("device", uuid=str(vm_uuid), socket=str(path), window_size=size)
         return dev
+
+    def _free_device(self, vm_uuid: uuid.UUID, why: str) -> None:
+        """GONE -> ABSENT: the device is unplugged, its socket removed, everything it held closed."""
+        dev = self.devices.pop(vm_uuid)
+        self.remove_reader(dev.vfio.fileno())
+        dev.vfio.close()  # drops its client: the model resets, its eventfds close
+        dev.session.close()
+        self.status("device-freed", uuid=str(vm_uuid), why=why)
 
     def _drop_client(self, ch: Channel, why: str) -> None:
         vm = self.clients.pop(ch, None)
@@ -274,6 +332,10 @@ class VhostPciServer(SelectorLoop):
                 ch.flush()
             except OSError as e:
                 self._drop_client(ch, f"send failed: {e}")
+        now = time.monotonic()
+        for vm, dev in list(self.devices.items()):
+            if dev.session.gone and now - dev.session.gone_since > self.config.gone_grace:
+                self._free_device(vm, f"gone for {self.config.gone_grace:g}s")
 
     def serve_forever(self) -> None:
         """Run until SIGTERM/SIGINT/SIGHUP; then close every device and socket."""
@@ -294,10 +356,8 @@ class VhostPciServer(SelectorLoop):
     def close(self) -> None:
         for ch in list(self.clients):
             self._drop_client(ch, "server shutting down")
-        for dev in self.devices.values():
-            dev.session.close()
-            dev.vfio.close()
-        self.devices.clear()
+        for vm in list(self.devices):
+            self._free_device(vm, "server shutting down")
         if self._listener is not None:
             self._listener.close()
             self._listener = None

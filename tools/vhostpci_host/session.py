@@ -20,6 +20,7 @@ from typing import Protocol
 
 from vhostpci_driver.addr import WindowOffset
 from vhostpci_driver.errors import FailReason
+from vhostpci_driver.wire import ctrl
 from vhostpci_driver.wire.ctrl import (
     Ack,
     AckResult,
@@ -40,6 +41,9 @@ from vhostpci_driver.wire.sock import (
     SockMessage,
     SockMsgType,
 )
+from vhostpci_host.device_model import MAX_MSG_LEN
+from vhostpci_host.peer_fds import PeerFdError, take_eventfd, take_memory_fd
+from vhostpci_host.vfio_device import VfioDeviceError
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +52,7 @@ class DevicePort(Protocol):
     """What a session needs of its vhost-pci device model."""
 
     window_size: int
+    max_regions: int
 
     def send_control(self, body: MemoryInfo | DeviceInfo | FeatureBits) -> int: ...
 
@@ -84,6 +89,10 @@ class PeerLimits:
     max_connections_per_uid: int = 8
     #: bytes queued for a peer that does not read its socket before it is dropped (the server)
     max_outbuf: int = 1 << 20
+    #: bytes of one device's remote window (twice the driver VM's memory, a power of two)
+    max_window_bytes: int = 1 << 40
+    #: devices one uid holds at once, live or gone and not yet freed (the server)
+    max_devices_per_uid: int = 16
 
     def __post_init__(self) -> None:
         for name, value in vars(self).items():
@@ -101,6 +110,19 @@ class _Pending:
     key: FrontendKey | None = None
     offered: int = 0
     op: Op = Op.ADD
+    #: the server's own removal of a gone driver VM's state: its ack releases it, whatever the result
+    teardown: bool = False
+    #: a client MEMORY_INFO split into several controlq messages: answered when all are acked
+    group: _Group | None = None
+
+
+@dataclass
+class _Group:
+    """The parts of one client request that went out as several controlq messages."""
+
+    parts: int
+    result: AckResult | None = None
+    reason: int = 0
 
 
 @dataclass
@@ -127,7 +149,11 @@ class Session:
     _ping_id: int = 0
     _pings_out: int = 0
     _next_ping: float = 0.0
+    #: the driver memory fd kinds we cannot seal are accepted (``--trust-driver-memory``)
+    trust_memory: bool = False
     gone: bool = False
+    #: when the driver VM went (monotonic seconds), for the server's grace period
+    gone_since: float = 0.0
     _lost: list[_Pending] = field(default_factory=list)
     stats: dict[str, int] = field(default_factory=lambda: {"requests": 0, "acks": 0, "fail_acks": 0})
 
@@ -169,8 +195,8 @@ class Session:
         else:
             self._reply(msg.msg_type, msg.request_id, AckResult.ADD_FAIL, FailReason.UNKNOWN_TYPE)
 
-    def _refuse(self, msg: SockMessage, why: str) -> None:
-        """FAIL ``msg`` with reason LIMIT, closing every fd it brought."""
+    def _refuse(self, msg: SockMessage, why: str, reason: FailReason = FailReason.LIMIT) -> None:
+        """FAIL ``msg`` with ``reason`` (LIMIT unless told), closing every fd it brought."""
         log.warning("%s: request %d refused: %s", self.vm_uuid, msg.request_id, why)
         for fd in msg.fds():
             os.close(fd)
@@ -178,7 +204,7 @@ class Session:
         op = b.op if isinstance(b, SockMemoryInfo) else b.info.op if isinstance(b, SockDeviceInfo) else Op.ADD
         result = AckResult.DEL_FAIL if op == Op.DEL else AckResult.ADD_FAIL
         self.stats["refused"] = self.stats.get("refused", 0) + 1
-        self._reply(msg.msg_type, msg.request_id, result, FailReason.LIMIT)
+        self._reply(msg.msg_type, msg.request_id, result, reason)
 
     def _reply(
         self,
@@ -206,6 +232,29 @@ class Session:
         self.stats["requests"] += 1
         self._pending[rid] = _Pending(kind, client_id, **extra)  # type: ignore[arg-type]
 
+    def _memory_control(
+        self, client_id: int | None, op: Op, regions: tuple[MemoryRegion, ...], *, teardown: bool = False
+    ) -> None:
+        """MEMORY_INFO on the controlq, split so every part fits one buffer the driver posts.
+
+        The driver posts buffers of ``max_msg_len`` bytes and takes at most
+        ``max_regions`` regions per message (protocol.md 2.4, 2.5): a teardown
+        of everything a driver VM added over many requests can be more than that.
+        """
+        per = max(1, min(self.device.max_regions, (MAX_MSG_LEN - ctrl.HEADER.size - 8) // 24))
+        parts = [regions[i : i + per] for i in range(0, len(regions), per)]
+        group = _Group(len(parts)) if len(parts) > 1 and client_id is not None else None
+        for part in parts:
+            self._pending_control(
+                SockMsgType.MEMORY_INFO,
+                client_id,
+                MemoryInfo(op, part),
+                regions=part,
+                op=op,
+                teardown=teardown,
+                group=group,
+            )
+
     def _memory(self, client_id: int, m: SockMemoryInfo) -> None:
         if m.op == Op.DEL:
             regions = []
@@ -215,28 +264,42 @@ class Session:
                     self._reply(SockMsgType.MEMORY_INFO, client_id, AckResult.DEL_FAIL, FailReason.NOT_FOUND)
                     return
                 regions.append(known[0])
-            self._pending_control(
-                SockMsgType.MEMORY_INFO, client_id, MemoryInfo(Op.DEL, tuple(regions)), regions=tuple(regions)
-            )
+            self._memory_control(client_id, Op.DEL, tuple(regions))
             return
+        msg = SockMessage(SockMsgType.MEMORY_INFO, self.vm_uuid, client_id, m)
         mapped = sum(r.size for r, _ in self._regions.values())
         adding = sum(r.memory_size for r in m.regions)
         if mapped + adding > self.limits.max_mapped_bytes:
             self._refuse(
-                SockMessage(SockMsgType.MEMORY_INFO, self.vm_uuid, client_id, m),
-                f"{mapped} + {adding} bytes would pass max_mapped_bytes {self.limits.max_mapped_bytes}",
+                msg, f"{mapped} + {adding} bytes would pass max_mapped_bytes {self.limits.max_mapped_bytes}"
             )
             return
         placed = self._place(m.regions)
         if placed is None:
-            for r in m.regions:
-                os.close(r.fd)
-            self._reply(SockMsgType.MEMORY_INFO, client_id, AckResult.ADD_FAIL, FailReason.OUT_OF_WINDOW)
+            self._refuse(msg, "a region does not fit the window", FailReason.OUT_OF_WINDOW)
+            return
+        try:
+            for i, sr in enumerate(m.regions):
+                where = f"MEMORY_INFO.regions[{i}].fd"
+                take_memory_fd(sr.fd, sr.mmap_offset, sr.memory_size, where, trusted=self.trust_memory)
+        except PeerFdError as e:
+            self._refuse(msg, str(e), FailReason.BAD_FD)
+            return
+        done: list[MemoryRegion] = []
+        try:
+            for region, sr in zip(placed, m.regions, strict=True):
+                self.device.map_region(region.window_offset, region.size, sr.fd, sr.mmap_offset)
+                done.append(region)
+        except (OSError, ValueError, OverflowError, VfioDeviceError) as e:
+            # Checked above, so this is the kernel refusing (no memory for the mapping, say):
+            # undo this message's mappings, keep the connection (docs/security.md).
+            for region in done:
+                self.device.unmap_region(region.window_offset)
+            self._refuse(msg, f"mapping failed: {e}", FailReason.OUT_OF_WINDOW)
             return
         for region, sr in zip(placed, m.regions, strict=True):
-            self.device.map_region(region.window_offset, region.size, sr.fd, sr.mmap_offset)
             self._regions[region.xgpa] = (region, sr.fd)
-        self._pending_control(SockMsgType.MEMORY_INFO, client_id, MemoryInfo(Op.ADD, placed), regions=placed)
+        self._memory_control(client_id, Op.ADD, placed)
 
     def _place(self, regions: tuple[SocketRegion, ...]) -> tuple[MemoryRegion, ...] | None:
         """Window offsets: a region sits at its own file offset (protocol.md 9), if that is free."""
@@ -261,17 +324,23 @@ class Session:
         if info.op == Op.DEL:
             self._pending_control(SockMsgType.DEVICE_INFO, client_id, info, key=key, op=Op.DEL)
             return
+        msg = SockMessage(SockMsgType.DEVICE_INFO, self.vm_uuid, client_id, d)
         if len(self._frontends) >= self.limits.max_frontends or len(info.virtqs) > self.device.free_slots():
             self._refuse(
-                SockMessage(SockMsgType.DEVICE_INFO, self.vm_uuid, client_id, d),
+                msg,
                 f"{len(self._frontends)} frontends (max {self.limits.max_frontends}), "
                 f"{len(info.virtqs)} virtqueues for {self.device.free_slots()} free notification slots",
             )
             return
         if key in self._frontends:
-            for fd in (*d.kick_fds, *d.call_fds):
-                os.close(fd)
-            self._reply(SockMsgType.DEVICE_INFO, client_id, AckResult.ADD_FAIL, FailReason.EXISTS)
+            self._refuse(msg, f"frontend {key} exists", FailReason.EXISTS)
+            return
+        try:
+            for i, (k, c) in enumerate(zip(d.kick_fds, d.call_fds, strict=True)):
+                take_eventfd(k, f"DEVICE_INFO.virtq[{i}].kick_fd")
+                take_eventfd(c, f"DEVICE_INFO.virtq[{i}].call_fd")
+        except PeerFdError as e:
+            self._refuse(msg, str(e), FailReason.BAD_FD)
             return
         slots = [self.device.assign_slot(k, c) for k, c in zip(d.kick_fds, d.call_fds, strict=True)]
         virtqs = tuple(
@@ -292,20 +361,14 @@ class Session:
         self.stats["acks"] += 1
         if ack.result.failed:
             self.stats["fail_acks"] += 1
-        if p.kind == SockMsgType.MEMORY_INFO:
-            # DEL done, or ADD refused: either way the memory leaves the window.
-            if ack.result in (AckResult.DEL_DONE, AckResult.ADD_FAIL):
-                for r in p.regions:
-                    self._drop_region(r)
-        elif (
-            p.kind == SockMsgType.DEVICE_INFO
-            and p.key is not None
-            and ack.result
-            in (
-                AckResult.DEL_DONE,
-                AckResult.ADD_FAIL,
-            )
-        ):
+        # DEL done, or ADD refused: either way it leaves the device. A teardown DEL releases
+        # whatever the result: once REMOTE_UP drops the driver holds nothing of this driver VM
+        # (protocol.md 7.5), so a DEL_FAIL(NOT_FOUND) means it is gone there already.
+        release = p.teardown or ack.result in (AckResult.DEL_DONE, AckResult.ADD_FAIL)
+        if p.kind == SockMsgType.MEMORY_INFO and release:
+            for r in p.regions:
+                self._drop_region(r)
+        elif p.kind == SockMsgType.DEVICE_INFO and p.key is not None and release:
             self._drop_frontend(p.key)
         if p.client_id is None:
             return
@@ -315,8 +378,18 @@ class Session:
             subset = FeatureBits(p.key.device_type, p.key.device_id, ack.value)
             self.send(SockMessage(SockMsgType.FEATURE_BITS, self.vm_uuid, p.client_id, subset))
             return
+        result, reason = ack.result, ack.reason
+        if p.group is not None:
+            g = p.group
+            g.parts -= 1
+            if ack.result.failed and g.result is None:
+                g.result, g.reason = ack.result, ack.reason
+            if g.parts:
+                return
+            if g.result is not None:
+                result, reason = g.result, g.reason
         # A DEVICE_INFO(DEL) hands the rings' states back to the driver VM (protocol.md 7.1).
-        self._reply(p.kind, p.client_id, ack.result, ack.reason, ack.states)
+        self._reply(p.kind, p.client_id, result, reason, ack.states)
 
     def _drop_region(self, r: MemoryRegion) -> None:
         entry = self._regions.pop(r.xgpa, None)
@@ -337,10 +410,17 @@ class Session:
     def on_reset(self, lost: list[int]) -> None:
         """The device was reset: requests delivered or queued but not acked are gone."""
         self._lost = [p for rid in lost if (p := self._pending.pop(rid, None)) is not None]
+        if self.gone:
+            # A gone driver VM's device restarted: the new driver holds nothing, and nothing is
+            # replayed to it, so what the teardown was removing is released now.
+            self._lost = []
+            self.close()
 
     def on_driver_ok(self) -> None:
         """A (re)started driver knows nothing: replay memory, frontends and features, then lost DELs."""
         lost, self._lost = self._lost, []
+        if self.gone:
+            return  # REMOTE_UP is down: there is nothing to replay (protocol.md 7.5)
 
         def client(kind: SockMsgType, key: FrontendKey | None = None, op: Op = Op.ADD) -> int | None:
             for p in lost:
@@ -351,9 +431,7 @@ class Session:
 
         regions = tuple(r for r, _ in self._regions.values())
         if regions:
-            self._pending_control(
-                SockMsgType.MEMORY_INFO, client(SockMsgType.MEMORY_INFO), MemoryInfo(Op.ADD, regions)
-            )
+            self._memory_control(client(SockMsgType.MEMORY_INFO), Op.ADD, regions)
         for key, fe in self._frontends.items():
             self._pending_control(SockMsgType.DEVICE_INFO, client(SockMsgType.DEVICE_INFO, key), fe.info)
             if fe.offered is not None:
@@ -374,9 +452,7 @@ class Session:
                     op=Op.DEL,
                 )
             elif p.op == Op.DEL and p.kind == SockMsgType.MEMORY_INFO:
-                self._pending_control(
-                    p.kind, p.client_id, MemoryInfo(Op.DEL, p.regions), regions=p.regions, op=Op.DEL
-                )
+                self._memory_control(p.client_id, Op.DEL, p.regions)
             elif p.client_id is not None:
                 self._reply(p.kind, p.client_id, AckResult.ADD_DONE)  # its state is in the replay above
 
@@ -395,19 +471,49 @@ class Session:
         self.send(SockMessage(SockMsgType.PING, self.vm_uuid, self._ping_id, Empty()))
         return True
 
-    def teardown(self) -> None:
-        """The driver VM is gone: remove its frontends, then its memory, then drop REMOTE_UP (rule 7)."""
+    def teardown(self, now: float | None = None) -> None:
+        """The driver VM is gone: UP -> GONE (protocol.md 7.5).
+
+        Its frontends are removed, then its memory, then ``REMOTE_UP`` drops
+        (rule 7). Requests of the old connection still waiting for an ack are
+        answered to nobody. Each teardown DEL's ack releases what it names,
+        whatever the result.
+        """
         if self.gone:
             return
         self.gone = True
+        self.gone_since = time.monotonic() if now is None else now
+        for p in self._pending.values():
+            p.client_id = None  # that connection is closed: its answers have nowhere to go
         for key in list(self._frontends):
             self._pending_control(
-                SockMsgType.DEVICE_INFO, None, DeviceInfo(Op.DEL, key.device_type, key.device_id), key=key
+                SockMsgType.DEVICE_INFO,
+                None,
+                DeviceInfo(Op.DEL, key.device_type, key.device_id),
+                key=key,
+                op=Op.DEL,
+                teardown=True,
             )
         regions = tuple(r for r, _ in self._regions.values())
         if regions:
-            self._pending_control(SockMsgType.MEMORY_INFO, None, MemoryInfo(Op.DEL, regions), regions=regions)
+            self._memory_control(None, Op.DEL, regions, teardown=True)
         self.device.set_remote(self.vm_uuid.bytes, False)
+
+    def reconnect(self) -> None:
+        """GONE -> UP for a new connection of the same UUID (protocol.md 7.5).
+
+        What the old connection held is released at once, without waiting for
+        the teardown DELs' acks: they are ahead of the new connection's requests
+        on the controlq, so the driver removes the old state before it sees the
+        new; their late acks find nothing pending and are ignored. The heartbeat
+        starts afresh.
+        """
+        self.close()
+        self._pending.clear()
+        self._lost = []
+        self._pings_out = 0
+        self._next_ping = 0.0
+        self.gone = False
 
     def outstanding(self) -> int:
         return len(self._pending)

@@ -15,12 +15,15 @@ demo run it as a real process:
                                                avail-jump or bad-index; or the RX ring:
                                                rx-short, rx-readable
     rings-outside                              announce a frontend whose rings lie outside memory
+    truncate BYTES                             cut guest RAM's memfd to BYTES (sealed: refused)
+    fill-call                                  make every call eventfd blocking with a full counter
     poke XGPA HEX                              write bytes into guest memory
     quit                                       leave (also on end of stdin, SIGTERM, SIGINT)
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
@@ -87,11 +90,20 @@ class DriverVm:
     """The simulator's state and event loop."""
 
     def __init__(
-        self, server: str, vm_uuid: uuid.UUID, macs: list[str], memory: int, queue_size: int
+        self,
+        server: str,
+        vm_uuid: uuid.UUID,
+        macs: list[str],
+        memory: int,
+        queue_size: int,
+        features: int | None = None,
     ) -> None:
         self.uuid = vm_uuid
         self.ram = GuestRam(memory)
         self.frontends = [NetFrontend(self.ram, netpacket.mac_bytes(m), queue_size) for m in macs]
+        if features is not None:  # a frontend that offers what a test chooses (VERSION_1 left out, say)
+            for fe in self.frontends:
+                fe.offered = features
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             s.connect(server)
@@ -214,6 +226,22 @@ class DriverVm:
                 self.request(SockMsgType.DEVICE_INFO, body, "hostile-device")
                 for fd in fds:
                     os.close(fd)
+            elif cmd == "truncate":  # a driver VM that takes its memory back under the device VM
+                try:
+                    os.ftruncate(self.ram.fd, int(args[0], 0))
+                    emit("truncated", size=int(args[0], 0))
+                except OSError as e:
+                    emit("truncate-refused", errno=e.errno, message=e.strerror)
+            elif cmd == "fill-call":  # a driver VM that never reads its calls, so a write would block
+                for fe in self.frontends:
+                    for q in fe.queues:
+                        if q.call_fd in self.sel.get_map():
+                            self.sel.unregister(q.call_fd)  # never read again
+                        q.drain_call()
+                        flags = fcntl.fcntl(q.call_fd, fcntl.F_GETFL)
+                        fcntl.fcntl(q.call_fd, fcntl.F_SETFL, flags & ~os.O_NONBLOCK)
+                        os.eventfd_write(q.call_fd, 0xFFFF_FFFF_FFFF_FFFE)  # eventfd(2): the most it holds
+                emit("call-filled")
             elif cmd == "poke":  # tests read these bytes back through BAR 2
                 self.ram.view(int(args[0], 0), len(bytes.fromhex(args[1])))[:] = bytes.fromhex(args[1])
                 emit("poked", xgpa=int(args[0], 0))
@@ -311,10 +339,17 @@ class DriverVm:
         self.ram.close()
 
 
-def run(server: str, vm_uuid: uuid.UUID, macs: list[str], memory: int, queue_size: int) -> int:
+def run(
+    server: str,
+    vm_uuid: uuid.UUID,
+    macs: list[str],
+    memory: int,
+    queue_size: int,
+    features: int | None = None,
+) -> int:
     """Entry point of ``vhostpci-host frontend``."""
     started = time.monotonic()
-    vm = DriverVm(server, vm_uuid, macs, memory, queue_size)
+    vm = DriverVm(server, vm_uuid, macs, memory, queue_size, features)
     rc = vm.run()
     log.info("driver VM %s ran %.1fs", vm_uuid, time.monotonic() - started)
     return rc

@@ -25,6 +25,7 @@ from vhostpci_driver.wire import vfio_user as w
 from vhostpci_driver.wire.vfio_user import Command, Header
 from vhostpci_host.framing import SCM_MAX_FD, FramedReader, PeerClosedError, close_fds, send_with_fds
 from vhostpci_host.loop import SelectorLoop
+from vhostpci_host.peer_fds import PeerFdError, take_eventfd
 from vhostpci_host.vfio_device import (
     DmaMapping,
     IrqSpec,
@@ -418,8 +419,10 @@ class VfioUserServer(SelectorLoop):
         for i, fd in enumerate(fds):
             # The device writes these from its loop, where a pipe would fail or block; VFIO
             # refuses a non-eventfd the same way (vfio_msi_set_vector_signal: eventfd_ctx_fdget).
-            if not _is_eventfd(fd):
-                raise VfioDeviceError(errno.EINVAL, f"SET_IRQS fds[{i}] is not an eventfd")
+            try:
+                take_eventfd(fd, f"SET_IRQS fds[{i}]")  # and non-blocking: the loop never waits on it
+            except PeerFdError as e:
+                raise VfioDeviceError(errno.EINVAL, str(e)) from None
         given = [os.dup(fd) for fd in fds]  # the device owns its copies; ours are closed by _handle
         try:
             self.device.set_irqs(index, flags, start, count, given)
@@ -463,13 +466,6 @@ class VfioUserServer(SelectorLoop):
             os.unlink(self.path)
         except FileNotFoundError:
             pass
-
-
-def _is_eventfd(fd: int) -> bool:
-    try:
-        return os.readlink(f"/proc/self/fd/{fd}") == "anon_inode:[eventfd]"
-    except OSError:
-        return False
 
 
 def _name(cmd: int) -> str:

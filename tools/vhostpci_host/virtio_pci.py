@@ -36,6 +36,7 @@ from vhostpci_driver.spec.virtio_pci import COMMON_FIELDS, ISR_CONFIG, NO_VECTOR
 from vhostpci_driver.virtqueue.device import DeviceQueue
 from vhostpci_driver.wire import device as d
 from vhostpci_host.pci_config import NUM_QUEUES, PCI_CFG_CAP, PciConfig
+from vhostpci_host.peer_fds import drain_eventfd, signal_eventfd
 from vhostpci_host.vfio_device import (
     DeviceFlag,
     DmaSpace,
@@ -204,11 +205,8 @@ class VirtioPciFunction:
 
     def _intx_unmask_by_fd(self) -> None:
         assert self.intx_unmask_fd is not None
-        try:
-            os.eventfd_read(self.intx_unmask_fd)
-        except BlockingIOError:
-            return
-        self._intx_unmask()
+        if drain_eventfd(self.intx_unmask_fd):
+            self._intx_unmask()
 
     def _intx_unmask(self) -> None:
         self.intx_masked = False
@@ -225,7 +223,7 @@ class VirtioPciFunction:
             and not self.config.command & PCI_COMMAND_INTX_DISABLE
         ):
             self.intx_masked = True  # AUTOMASKED: one trigger until the client unmasks
-            os.eventfd_write(self.intx_fd, 1)
+            signal_eventfd(self.intx_fd)
 
     def attach_dma(self, dma: DmaSpace) -> None:
         self.dma = dma
@@ -492,7 +490,7 @@ class VirtioPciFunction:
             if masked or fd is None:
                 self.pba |= 1 << vector  # pending: delivered when unmasked
                 return
-            os.eventfd_write(fd, 1)
+            signal_eventfd(fd)  # the client's eventfd: never waited on (peer_fds)
         else:
             self.isr |= isr_bit
             self._intx_update()
@@ -508,7 +506,7 @@ class VirtioPciFunction:
         for vec in range(self.nvectors):
             if self.pba >> vec & 1 and not self._vector_masked(vec) and vec in self.msix_fds:
                 self.pba &= ~(1 << vec)
-                os.eventfd_write(self.msix_fds[vec], 1)
+                signal_eventfd(self.msix_fds[vec])
 
     def _config_changed(self) -> None:
         self.config_generation += 1
