@@ -31,10 +31,11 @@ from vhostpci_driver.apps.net import NetBackend, net_policy
 from vhostpci_driver.device import VhostPciDevice
 from vhostpci_driver.errors import FailReason
 from vhostpci_driver.service import Service
+from vhostpci_driver.spec.virtio import Feature
 from vhostpci_driver.wire import sock as sw
 from vhostpci_driver.wire.ctrl import AckResult, DeviceInfo, Op, VirtqInfo
 from vhostpci_driver.wire.sock import Empty, SockAck, SocketRegion, SockMemoryInfo, SockMsgType
-from vhostpci_host.frontend import NET_FEATURES, VIRTIO_F_VERSION_1
+from vhostpci_host.frontend import NET_FEATURES
 from vhostpci_host.harness import DriverVmProcess, HostServer
 
 M = 1 << 20
@@ -277,7 +278,7 @@ def test_a_net_frontend_without_version_1_is_refused(rig: Rig) -> None:
     b = rig.add_vm(MAC_B, memory="64M")
     rig.serve()
     legacy = DriverVmProcess(
-        rig.server.socket, [MAC_C], memory="64M", features=NET_FEATURES & ~(1 << VIRTIO_F_VERSION_1)
+        rig.server.socket, [MAC_C], memory="64M", features=NET_FEATURES & ~(1 << Feature.VERSION_1)
     )
     dev = VhostPciDevice(f"vfio-user:{rig.server.device_socket(legacy.uuid)}", policies={1: net_policy})
     backend = NetBackend("switch")

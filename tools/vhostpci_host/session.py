@@ -114,6 +114,10 @@ class _Pending:
     teardown: bool = False
     #: a client MEMORY_INFO split into several controlq messages: answered when all are acked
     group: _Group | None = None
+    #: what this request's ack may release: the very entries it named, never a later ADD that
+    #: reuses the xgpa or the key (a stale ack would close fds a newer mapping or slot uses)
+    entries: tuple[tuple[MemoryRegion, int], ...] = ()
+    frontend: _Frontend | None = None
 
 
 @dataclass
@@ -250,6 +254,7 @@ class Session:
                 client_id,
                 MemoryInfo(op, part),
                 regions=part,
+                entries=tuple(e for r in part if (e := self._regions.get(r.xgpa)) is not None),
                 op=op,
                 teardown=teardown,
                 group=group,
@@ -322,7 +327,8 @@ class Session:
         info = d.info
         key = FrontendKey(info.device_type, info.device_id)
         if info.op == Op.DEL:
-            self._pending_control(SockMsgType.DEVICE_INFO, client_id, info, key=key, op=Op.DEL)
+            fe = self._frontends.get(key)
+            self._pending_control(SockMsgType.DEVICE_INFO, client_id, info, key=key, op=Op.DEL, frontend=fe)
             return
         msg = SockMessage(SockMsgType.DEVICE_INFO, self.vm_uuid, client_id, d)
         if len(self._frontends) >= self.limits.max_frontends or len(info.virtqs) > self.device.free_slots():
@@ -348,8 +354,8 @@ class Session:
             for v, slot in zip(info.virtqs, slots, strict=True)
         )
         body = DeviceInfo(Op.ADD, info.device_type, info.device_id, virtqs)
-        self._frontends[key] = _Frontend(slots, [*d.kick_fds, *d.call_fds], body)
-        self._pending_control(SockMsgType.DEVICE_INFO, client_id, body, key=key)
+        fe = self._frontends[key] = _Frontend(slots, [*d.kick_fds, *d.call_fds], body)
+        self._pending_control(SockMsgType.DEVICE_INFO, client_id, body, key=key, frontend=fe)
 
     # -- from the device driver (acks) -----------------------------------------
 
@@ -366,9 +372,16 @@ class Session:
         # (protocol.md 7.5), so a DEL_FAIL(NOT_FOUND) means it is gone there already.
         release = p.teardown or ack.result in (AckResult.DEL_DONE, AckResult.ADD_FAIL)
         if p.kind == SockMsgType.MEMORY_INFO and release:
-            for r in p.regions:
-                self._drop_region(r)
-        elif p.kind == SockMsgType.DEVICE_INFO and p.key is not None and release:
+            for entry in p.entries:
+                if self._regions.get(entry[0].xgpa) is entry:
+                    self._drop_region(entry[0])
+        elif (
+            p.kind == SockMsgType.DEVICE_INFO
+            and release
+            and p.key is not None
+            and p.frontend is not None
+            and self._frontends.get(p.key) is p.frontend
+        ):
             self._drop_frontend(p.key)
         if p.client_id is None:
             return
@@ -433,7 +446,9 @@ class Session:
         if regions:
             self._memory_control(client(SockMsgType.MEMORY_INFO), Op.ADD, regions)
         for key, fe in self._frontends.items():
-            self._pending_control(SockMsgType.DEVICE_INFO, client(SockMsgType.DEVICE_INFO, key), fe.info)
+            self._pending_control(
+                SockMsgType.DEVICE_INFO, client(SockMsgType.DEVICE_INFO, key), fe.info, key=key, frontend=fe
+            )
             if fe.offered is not None:
                 self._pending_control(
                     SockMsgType.FEATURE_BITS,
@@ -450,6 +465,7 @@ class Session:
                     DeviceInfo(Op.DEL, p.key.device_type, p.key.device_id),
                     key=p.key,
                     op=Op.DEL,
+                    frontend=self._frontends.get(p.key),
                 )
             elif p.op == Op.DEL and p.kind == SockMsgType.MEMORY_INFO:
                 self._memory_control(p.client_id, Op.DEL, p.regions)
@@ -493,6 +509,7 @@ class Session:
                 key=key,
                 op=Op.DEL,
                 teardown=True,
+                frontend=self._frontends[key],
             )
         regions = tuple(r for r, _ in self._regions.values())
         if regions:
