@@ -24,8 +24,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.conftest import MAC_A, MAC_B, MAC_C, Rig, wait_for
-from tests.integration.test_peer_limits import RawPeer, settled_fds
+from tests.integration.conftest import MAC_A, MAC_B, MAC_C, wait_for
+from tests.integration.test_host_side import settled_fds
+from tests.integration.test_peer_limits import RawPeer
 from tests.integration.test_reconnect import forwards
 from vhostpci_driver.apps.net import NetBackend, net_policy
 from vhostpci_driver.device import VhostPciDevice
@@ -36,7 +37,7 @@ from vhostpci_driver.wire import sock as sw
 from vhostpci_driver.wire.ctrl import AckResult, DeviceInfo, Op, VirtqInfo
 from vhostpci_driver.wire.sock import Empty, SockAck, SocketRegion, SockMemoryInfo, SockMsgType
 from vhostpci_host.frontend import NET_FEATURES
-from vhostpci_host.harness import DriverVmProcess, HostServer
+from vhostpci_host.harness import DriverVmProcess, HostServer, Rig
 
 M = 1 << 20
 ROUNDS = 3
@@ -159,7 +160,7 @@ def send_memory(peer: RawPeer, regions: list[tuple[int, int, int, int]]) -> int:
 def test_memory_that_is_not_shareable_sealed_and_long_enough_is_refused_and_closed(hostile: Hostile) -> None:
     """Items 1 and 3: short, unsealable, read-only, not a file, /dev/zero, huge offsets: FAIL, fds closed."""
     pid = hostile.server.pid
-    initial = settled_fds(pid)
+    initial, toolkit = settled_fds(pid), settled_fds(hostile.toolkit.pid)
     for _ in range(ROUNDS):
         # A first message whose window would be 2^63 bytes creates no device at all.
         fresh = RawPeer(hostile.server.socket, memory=8 * M)
@@ -193,10 +194,12 @@ def test_memory_that_is_not_shareable_sealed_and_long_enough_is_refused_and_clos
         hostile.server.read_event("device-freed", 10)
         assert settled_fds(pid) == initial
         still_serving(hostile)
+        assert settled_fds(hostile.toolkit.pid) == toolkit
 
 
 def test_memory_is_sealed_so_a_driver_vm_cannot_cut_it_under_the_device_vm(hostile: Hostile) -> None:
     """Item 2: the server sealed H's memfd (F_SEAL_SHRINK); a truncation fails, nobody takes a SIGBUS."""
+    toolkit = settled_fds(hostile.toolkit.pid)
     for round_ in range(ROUNDS):
         hostile.h.send(f"truncate {round_ * M}")
         ev = hostile.h.read_event("truncate-refused", 10)
@@ -204,6 +207,7 @@ def test_memory_is_sealed_so_a_driver_vm_cannot_cut_it_under_the_device_vm(hosti
         forwards(hostile.a, hostile.h, MAC_C)  # H's rings and buffers, in the memory it tried to cut
         forwards(hostile.h, hostile.b, MAC_B)
         still_serving(hostile)
+        assert settled_fds(hostile.toolkit.pid) == toolkit
 
 
 def device_info(peer: RawPeer, device_id: int, kicks: list[int], calls: list[int]) -> int:
@@ -311,7 +315,7 @@ def test_a_teardown_of_many_regions_is_split_to_fit_the_controlq(rig: Rig) -> No
     rig.serve()
     u = uuid.uuid4()
     dev: VhostPciDevice | None = None
-    service = Service([])
+    service: Service | None = None
     thread: threading.Thread | None = None
     base = -1
     try:
@@ -325,7 +329,7 @@ def test_a_teardown_of_many_regions_is_split_to_fit_the_controlq(rig: Rig) -> No
             ]
             if dev is None:
                 dev = VhostPciDevice(f"vfio-user:{rig.server.device_socket(u)}")
-                service.devices.append(dev)
+                service = Service([dev])
                 thread = threading.Thread(target=service.run, args=(0.05,), daemon=True)
                 thread.start()
             answers = {}
@@ -337,7 +341,7 @@ def test_a_teardown_of_many_regions_is_split_to_fit_the_controlq(rig: Rig) -> No
             assert len(dev.table) == 256
             peer.close()
             wait_for(emptied(dev), 10, "the teardown applied")
-            assert service.error is None, service.error  # no DEVICE_NEEDS_RESET
+            assert service is not None and service.error is None and dev.failed is None  # no NEEDS_RESET
             assert dev.engine.stats.acked_fail == 0
             now = settled_fds(rig.server.pid)
             if round_ == 0:
@@ -345,8 +349,8 @@ def test_a_teardown_of_many_regions_is_split_to_fit_the_controlq(rig: Rig) -> No
             assert now == base
             forwards(a, b, MAC_B)
     finally:
-        service.stop.set()
-        if thread is not None:
+        if service is not None and thread is not None:
+            service.stop.set()
             thread.join(10)
         if dev is not None:
             dev.close()

@@ -16,12 +16,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.conftest import MAC_A, MAC_B, UUIDS, Rig, wait_for
-from tests.integration.test_peer_limits import RawPeer, settled_fds
+from tests.integration.conftest import MAC_A, MAC_B, UUIDS, wait_for
+from tests.integration.test_host_side import settled_fds
+from tests.integration.test_peer_limits import RawPeer
 from vhostpci_driver.errors import FailReason
 from vhostpci_driver.wire.ctrl import AckResult
 from vhostpci_driver.wire.sock import SockAck
-from vhostpci_host.harness import DriverVmProcess, HostServer
+from vhostpci_host.harness import DriverVmProcess, HostServer, Rig
 
 M = 1 << 20
 ROUNDS = 3
