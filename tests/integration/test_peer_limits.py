@@ -102,7 +102,10 @@ class RawPeer:
                 return None
             for msg in msgs:
                 if msg.msg_type == SockMsgType.PING:
-                    self.ch.send(SockMessage(SockMsgType.PONG, self.uuid, msg.request_id, Empty()))
+                    try:
+                        self.ch.send(SockMessage(SockMsgType.PONG, self.uuid, msg.request_id, Empty()))
+                    except (BrokenPipeError, ConnectionResetError):
+                        return None  # the PING came just before the server closed
                 else:
                     self.backlog.append(msg)  # one read may bring several answers: keep them all
             if self.backlog:
@@ -121,7 +124,10 @@ class RawPeer:
             for msg in msgs:
                 if msg.msg_type != SockMsgType.PING:
                     return False
-                self.ch.send(SockMessage(SockMsgType.PONG, self.uuid, msg.request_id, Empty()))
+                try:
+                    self.ch.send(SockMessage(SockMsgType.PONG, self.uuid, msg.request_id, Empty()))
+                except (BrokenPipeError, ConnectionResetError):
+                    return False
         return True
 
     def refused_for_limit(self, rid: int) -> bool:

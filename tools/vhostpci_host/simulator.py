@@ -300,8 +300,8 @@ class DriverVm:
                 for key, _ in self.sel.select(timeout):
                     self._dispatch(key.data)
                 self.channel.flush()
-        except PeerClosedError:
-            emit("server-gone")
+        except (PeerClosedError, BrokenPipeError, ConnectionResetError):
+            emit("server-gone")  # closed, or reset while we wrote (a PONG after the server dropped us)
             return 1
         finally:
             self.report()
