@@ -12,6 +12,7 @@ meaning or goes away (adding fields keeps it).
 from __future__ import annotations
 
 import json
+import os
 import signal
 import sys
 from collections.abc import Callable, Iterator, Sequence
@@ -20,6 +21,7 @@ from types import FrameType
 from typing import Any, NoReturn
 
 import click
+from click.shell_completion import shell_complete
 
 from vhostpci_driver.errors import VhostPciError
 
@@ -92,6 +94,11 @@ class Group(click.Group):
     def main(self, args: Sequence[str] | None = None, prog_name: str | None = None, **kw: Any) -> NoReturn:  # type: ignore[override]
         argv = list(sys.argv[1:] if args is None else args)
         prog = prog_name or self.name or "command"
+        # click's shell completion (docs/cli.md): _VHOSTPCI_COMPLETE=bash_source and friends
+        complete_var = f"_{prog}_COMPLETE".replace("-", "_").upper()
+        instruction = os.environ.get(complete_var)
+        if instruction:
+            sys.exit(shell_complete(self, {}, prog, complete_var, instruction))
         as_json = _wants_json(argv)
         debug = "--debug" in argv[: argv.index("--")] if "--" in argv else "--debug" in argv
         try:
