@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.integration.conftest import MAC_A, MAC_B, UUIDS, wait_for
+from tests.integration.test_access import _service
 from tests.integration.test_cli import vhostpci
 from vhostpci_host.harness import DriverVmProcess, HostServer, host_command
 
@@ -155,15 +156,6 @@ def rig_server(short_dir: Path) -> Iterator[HostServer]:
     server.stop()
 
 
-def _start_run(address: str, env: dict[str, str], *extra: str) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "vhostpci_driver", "run", address, "--app", "net-loopback", *extra],
-        env={**os.environ, **env},
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-
-
 def _reap(*procs: subprocess.Popen[str]) -> None:
     for p in procs:
         if p.poll() is None:
@@ -178,7 +170,7 @@ def test_run_polling_serves_its_status_socket(short_dir: Path) -> None:
     vm = DriverVmProcess(server.socket, [MAC_A], vm_uuid=UUIDS[0], memory="64M")
     env = {"VHOSTPCI_RUN_DIR": str(short_dir / "run")}
     address = f"vfio-user:{server.device_socket(vm.uuid)}"
-    svc = _start_run(address, env, "--polling")
+    svc = _service(address, env, "--polling")
     try:
         vm.read_event("ready", timeout=30)
         vm.send(f"send {MAC_A} 200 128")
@@ -205,7 +197,7 @@ def test_run_notices_its_host_going_away_and_a_killed_service_does_not_break_sta
     env = {"VHOSTPCI_RUN_DIR": str(short_dir / "run")}
     addr_a = f"vfio-user:{server.device_socket(a.uuid)}"
     addr_b = f"vfio-user:{server.device_socket(b.uuid)}"
-    svc_a, svc_b = _start_run(addr_a, env), _start_run(addr_b, env)
+    svc_a, svc_b = _service(addr_a, env), _service(addr_b, env)
     try:
         a.read_event("ready", timeout=30)
         b.read_event("ready", timeout=30)

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import mmap
 import os
+from pathlib import Path
 
 import pytest
 
 from vhostpci_driver.errors import TransportError
-from vhostpci_driver.pci.mmio import FdMMIO, MappedRegisters, RegisterBlock, bulk_view
+from vhostpci_driver.pci import mmio
+from vhostpci_driver.pci.mmio import FileMMIO, MappedRegisters, RegisterBlock, bulk_view
 
 
 def test_widths_land_little_endian() -> None:
@@ -38,24 +40,41 @@ def test_out_of_bounds_and_misaligned() -> None:
 
 
 @pytest.mark.parametrize("offset", [0, 4096, 100])
-def test_fd_mmio_maps_an_open_fd(offset: int) -> None:
-    fd = os.memfd_create("bar")
-    os.ftruncate(fd, 3 * mmap.PAGESIZE)
+def test_file_mmio_maps_a_file_through_periphery(offset: int, tmp_path: Path) -> None:
+    path = tmp_path / "resource0"  # what a sysfs resourceN is to UIO: a file that maps the BAR
+    path.write_bytes(bytes(3 * mmap.PAGESIZE))
+    fd = os.open(path, os.O_RDWR)
+    fds = len(os.listdir("/proc/self/fd"))
     try:
-        m = FdMMIO(fd, offset, 256)
+        m = FileMMIO(str(path), offset, 256)
         m.write32(8, 0xCAFEF00D)
         assert os.pread(fd, 4, offset + 8) == bytes.fromhex("0df0feca")
         os.pwrite(fd, b"\x11\x22", offset + 16)
         assert m.read16(16) == 0x2211
-        m.view(32, 4)[:] = b"abcd"
-        assert os.pread(fd, 4, offset + 32) == b"abcd"
-        with pytest.raises(TransportError):
-            m.read32(256)
+        m.write64(24, 0x0102030405060708)
+        assert os.pread(fd, 8, offset + 24) == bytes(range(8, 0, -1)) and m.read64(24) == 0x0102030405060708
+        m.write(32, b"abcd")
+        assert os.pread(fd, 4, offset + 32) == b"abcd" and m.read(32, 4) == b"abcd"
+        for bad in (lambda: m.read32(256), lambda: m.read32(2), lambda: m.read(250, 8)):
+            with pytest.raises(TransportError):
+                bad()
         m.close()
         m.close()  # idempotent
-        os.fstat(fd)  # the fd is still ours and open
+        assert len(os.listdir("/proc/self/fd")) == fds  # the mapping and every fd it took are gone
+        with pytest.raises(TransportError, match="closed"):
+            m.read64(24)  # never through a stale address
     finally:
         os.close(fd)
+    with pytest.raises(TransportError, match="mmap of"):
+        FileMMIO(str(tmp_path / "missing"), 0, 16)
+
+
+def test_only_periphery_s_public_interface_is_used() -> None:
+    import re  # noqa: PLC0415
+
+    src = (Path(mmio.__file__)).read_text()
+    assert not re.search(r"_mmio\._|MMIO\.__init__|class \w+\([^)]*MMIO", src)
+    assert not re.search(r"\.mapping\b", src)
 
 
 def test_register_block_is_bounded_to_its_structure() -> None:

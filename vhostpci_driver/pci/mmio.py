@@ -3,20 +3,19 @@
 A device register must be accessed with exactly its width: a 32-bit register
 read as four byte loads (what slicing an ``mmap`` does: a ``memcpy``) can tear
 or trigger four side effects. Here every access is one load or store of that
-width, through a ctypes scalar placed on the buffer. :class:`FdMMIO` is
-python-periphery's ``MMIO`` (the design card's mmap helper) mapping an fd the
-backend already holds (a VFIO device fd at a region offset, a sysfs
-``resourceN`` file, a vfio-user region fd) instead of ``/dev/mem``.
+width, through a ctypes scalar placed on the buffer. :class:`FileMMIO` is
+python-periphery's ``MMIO`` (the design card's mmap helper) mapping a file (a
+sysfs ``resourceN``) instead of ``/dev/mem``, through its public interface only.
 """
 
 from __future__ import annotations
 
 import ctypes
+import gc
 import mmap
-import os
 from typing import Protocol
 
-from periphery import MMIO
+from periphery import MMIO, MMIOError
 
 from vhostpci_driver.errors import TransportError
 
@@ -107,42 +106,90 @@ class MappedRegisters(_WidthExact):
         self._limit = len(buf)
 
 
-class FdMMIO(_WidthExact, MMIO):
-    """periphery's MMIO, mapping ``size`` bytes of an open ``fd`` at ``offset`` (the fd stays open).
+class FileMMIO:
+    """Registers and bulk data in a mappable file (a sysfs ``resourceN``), through periphery's MMIO.
 
-    ``offset`` need not be page-aligned: the enclosing pages are mapped and
-    accesses are shifted, as periphery does for physical addresses.
+    Only periphery's public interface (python-periphery 2.4, the range setup.cfg allows): ``MMIO(physaddr,
+    size, path=...)`` maps the pages of ``path`` that hold ``size`` bytes at offset
+    ``physaddr`` (any file, not only /dev/mem; the offset need not be page-aligned);
+    its ``read8/16/32`` and ``write8/16/32`` are one load or store of their width;
+    ``read``/``write`` copy bulk data; ``pointer`` is where the mapped range starts,
+    which the 64-bit registers use (one ``c_uint64`` access: periphery has none);
+    ``close`` unmaps.
     """
 
-    def __init__(
-        self, fd: int, offset: int, size: int, *, prot: int = mmap.PROT_READ | mmap.PROT_WRITE
-    ) -> None:
-        page = mmap.PAGESIZE
-        self._physaddr = offset
-        self._size = size
-        self._aligned_physaddr = offset - offset % page
-        self._aligned_size = size + (offset - self._aligned_physaddr)
+    def __init__(self, path: str, offset: int, size: int) -> None:
         try:
-            self.mapping = mmap.mmap(
-                fd, self._aligned_size, mmap.MAP_SHARED, prot, offset=self._aligned_physaddr
-            )
-        except OSError as e:
+            self._mmio = MMIO(offset, size, path=path)
+        except (MMIOError, OSError) as e:
             raise TransportError(
-                f"mmap of {size:#x} bytes at {offset:#x} failed: {os.strerror(e.errno or 0)}", "mmap"
+                f"mmap of {size:#x} bytes at {offset:#x} of {path} failed: {e}", "mmap"
             ) from None
-        self._buf = self.mapping
-        self._base = offset - self._aligned_physaddr
-        self._limit = size
+        # Only the address is kept: the pointer object pins the mapping (a buffer export) and
+        # would make close() fail.
+        self._addr = self._mmio.pointer.value or 0
+        self._size = size
+        self._closed = False
 
-    def view(self, offset: int = 0, length: int | None = None) -> memoryview:
-        """A zero-copy view for bulk data (never for registers)."""
-        length = self._size - offset if length is None else length
-        return bulk_view(self.mapping, self._base + offset, length, self._base + self._size)
+    def _at(self, offset: int, width: int) -> int:
+        if self._closed:
+            raise TransportError("the mapping is closed", f"register+{offset:#x}")
+        if offset < 0 or offset + width > self._size:
+            raise TransportError(
+                f"{width}-byte access at {offset:#x} outside {self._size:#x} bytes", f"register+{offset:#x}"
+            )
+        if offset % width:
+            raise TransportError(
+                f"{width}-byte access at {offset:#x} is not naturally aligned", f"register+{offset:#x}"
+            )
+        return offset
+
+    def read8(self, offset: int) -> int:
+        return int(self._mmio.read8(self._at(offset, 1)))
+
+    def read16(self, offset: int) -> int:
+        return int(self._mmio.read16(self._at(offset, 2)))
+
+    def read32(self, offset: int) -> int:
+        return int(self._mmio.read32(self._at(offset, 4)))
+
+    def read64(self, offset: int) -> int:
+        return ctypes.c_uint64.from_address(self._addr + self._at(offset, 8)).value
+
+    def write8(self, offset: int, value: int) -> None:
+        self._mmio.write8(self._at(offset, 1), value)
+
+    def write16(self, offset: int, value: int) -> None:
+        self._mmio.write16(self._at(offset, 2), value)
+
+    def write32(self, offset: int, value: int) -> None:
+        self._mmio.write32(self._at(offset, 4), value)
+
+    def write64(self, offset: int, value: int) -> None:
+        ctypes.c_uint64.from_address(self._addr + self._at(offset, 8)).value = value
+
+    def _range(self, offset: int, length: int) -> int:
+        if self._closed or offset < 0 or length < 0 or offset + length > self._size:
+            raise TransportError(f"bulk range {offset:#x}+{length:#x} outside {self._size:#x} bytes", "bulk")
+        return offset
+
+    def read(self, offset: int, length: int) -> bytes:
+        """A copy of bulk data (not registers)."""
+        return bytes(self._mmio.read(self._range(offset, length), length))
+
+    def write(self, offset: int, data: bytes) -> None:
+        """Bulk data (not registers), copied in."""
+        self._mmio.write(self._range(offset, len(data)), data)
 
     def close(self) -> None:
-        """Unmap; the fd belongs to the caller. Idempotent."""
-        if getattr(self, "mapping", None) is not None:
-            MMIO.close(self)
+        """Unmap; idempotent."""
+        if not self._closed:
+            self._closed = True
+            try:
+                self._mmio.close()
+            except BufferError:
+                gc.collect()  # periphery's pointer is a reference cycle that pins the mapping
+                self._mmio.close()
 
 
 class RegisterBlock:

@@ -10,7 +10,7 @@ sysfs (Documentation/PCI/sysfs-pci.rst):
 * BARs: ``<dev>/resource`` gives the layout, one ``start end flags`` line per
   resource; ``<dev>/resourceN`` maps a memory BAR (mmap at an offset) or reads
   and writes an I/O port BAR. Every register access is one load or store of
-  its width, through periphery's MMIO (:class:`~vhostpci_driver.pci.mmio.FdMMIO`).
+  its width, through periphery's MMIO (:class:`~vhostpci_driver.pci.mmio.FileMMIO`).
 * INTx: ``/dev/uioN`` (named by ``<dev>/uio/uioN``). A 4-byte read returns the
   interrupt count, and the fd polls readable when it moved. On every interrupt
   uio_pci_generic sets the PCI 2.3 Interrupt Disable bit, and it has no
@@ -43,7 +43,7 @@ from vhostpci_driver.errors import TransportError
 from vhostpci_driver.pci import sysfs
 from vhostpci_driver.pci.dma import physical_iova
 from vhostpci_driver.pci.function import IrqInfo, PciFunction, RegionInfo
-from vhostpci_driver.pci.mmio import FdMMIO
+from vhostpci_driver.pci.mmio import FileMMIO
 from vhostpci_driver.spec.pci import (
     PCI_COMMAND,
     PCI_COMMAND_INTX_DISABLE,
@@ -193,8 +193,9 @@ class UioFunction(PciFunction):
         self.address = sysfs.parse_address(address)
         self._stack = contextlib.ExitStack()
         self._bars: dict[int, _Bar] = {}
-        self._mmio: list[FdMMIO] = []  # every mapping, in the order made
-        self._access: dict[int, FdMMIO] = {}  # BAR -> the mapping region_read/region_write use
+        self._mmio: list[FileMMIO] = []  # every mapping, in the order made
+        self._access: dict[int, FileMMIO] = {}  # BAR -> the mapping region_read/region_write use
+        self._maps: list[mmap.mmap] = []  # region_mmap's, for the window
         self._closed = False
         try:
             self._open(sysfs_root, Path(dev_root))
@@ -308,7 +309,7 @@ class UioFunction(PciFunction):
             )
         return bar
 
-    def _registers(self, bar: _Bar) -> FdMMIO:
+    def _registers(self, bar: _Bar) -> FileMMIO:
         mmio = self._access.get(bar.index)
         if mmio is None:
             # The whole BAR, from the page holding its start (see _Bar.mappable).
@@ -316,9 +317,9 @@ class UioFunction(PciFunction):
             self._access[bar.index] = mmio
         return mmio
 
-    def _map(self, bar: _Bar, offset: int, size: int) -> FdMMIO:
+    def _map(self, bar: _Bar, offset: int, size: int) -> FileMMIO:
         try:
-            mmio = FdMMIO(bar.fd, offset, size)
+            mmio = FileMMIO(str(bar.path), offset, size)
         except TransportError as e:
             raise TransportError(f"{bar.path}: {e}", bar.path.name) from None
         self._mmio.append(mmio)
@@ -349,7 +350,7 @@ class UioFunction(PciFunction):
             return regs.read32(offset).to_bytes(4, "little")
         if size == 8:
             return regs.read64(offset).to_bytes(8, "little")
-        return bytes(regs.view(offset, size))  # not a register: a plain copy
+        return regs.read(offset, size)  # not a register: a plain copy
 
     def region_write(self, index: int, offset: int, data: bytes) -> None:
         if index == VFIO_PCI_CONFIG_REGION_INDEX:
@@ -372,7 +373,7 @@ class UioFunction(PciFunction):
         elif size == 8:
             regs.write64(offset, value)
         else:
-            regs.view(offset, size)[:] = data  # not a register: a plain copy
+            regs.write(offset, data)  # not a register: a plain copy
 
     def region_mmap(self, index: int, offset: int, size: int) -> mmap.mmap:
         bar = self._bar(index, offset, size)
@@ -381,10 +382,12 @@ class UioFunction(PciFunction):
             raise TransportError(f"BAR{index} cannot be mapped: {why}", bar.path.name)
         if offset % mmap.ALLOCATIONGRANULARITY:
             raise TransportError(f"offset {offset:#x} of BAR{index} is not page-aligned", bar.path.name)
-        mapping = self._map(bar, offset, size).mapping
-        if not isinstance(mapping, mmap.mmap):  # periphery types it loosely; FdMMIO made it an mmap
-            raise TransportError(f"no mapping of {bar.path}", bar.path.name)
-        return mapping
+        try:
+            mm = mmap.mmap(bar.fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE, offset=offset)
+        except OSError as e:
+            raise TransportError(f"mmap of {bar.path} failed: {e.strerror}", bar.path.name) from None
+        self._maps.append(mm)
+        return mm
 
     # -- interrupts ------------------------------------------------------------------
 
@@ -465,9 +468,12 @@ class UioFunction(PciFunction):
         if self._closed:
             return
         self._closed = True
-        for mmio in reversed(self._mmio):
+        for mm in reversed(self._maps):
             with contextlib.suppress(BufferError):  # a view still held: the mapping goes with it
-                mmio.close()
+                mm.close()
+        self._maps.clear()
+        for mmio in reversed(self._mmio):
+            mmio.close()
         self._mmio.clear()
         self._access.clear()
         self._stack.close()
