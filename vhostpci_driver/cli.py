@@ -9,6 +9,7 @@ do; ``--debug`` shows the traceback.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -16,7 +17,7 @@ import shutil
 import signal
 import socket
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -392,6 +393,18 @@ def dump(address: str, xgpa: int, length: int, as_json: bool) -> None:
 # -- demo -------------------------------------------------------------------------------------------
 
 
+@contextlib.contextmanager
+def _host_side_failures(kind: type[Exception]) -> Iterator[None]:
+    """A host-side process that failed or went quiet is a runtime failure: its log's tail, then one line."""
+    try:
+        yield
+    except kind as e:
+        first, _, tail = str(e).partition("\n")
+        if tail:
+            click.echo(tail, err=True)
+        raise Failure(first) from None
+
+
 @main.command()
 @click.option("--frontends", default=2, show_default=True, type=click.IntRange(1, 16))
 @click.option("--packets", default=20000, show_default=True, type=click.IntRange(1, 10_000_000),
@@ -405,8 +418,9 @@ def demo(frontends: int, packets: int, size: str, as_json: bool) -> None:
     lets go first, then the driver VMs and the server, and its files in $TMPDIR go.
     """
     from vhostpci_driver.demo import run_demo
+    from vhostpci_host.harness import ProcessError
 
-    with stop_on_signals():
+    with stop_on_signals(), _host_side_failures(ProcessError):
         show = sys.stderr.isatty() and not as_json
         if show:
             with click.progressbar(length=packets, label="frames", file=sys.stderr) as bar:
@@ -672,8 +686,9 @@ def bench(quick: bool, only: str | None, as_json: bool) -> None:
     """Measure the control and data plane against baselines taken in the same run (never fails a build)."""
     from vhostpci_driver.bench import run_bench
     from vhostpci_driver.report import table
+    from vhostpci_host.harness import ProcessError
 
-    with stop_on_signals():
+    with stop_on_signals(), _host_side_failures(ProcessError):
         result = run_bench(
             quick, only, progress=None if as_json else lambda m: click.echo(f"... {m}", err=True)
         )

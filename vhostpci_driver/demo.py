@@ -74,6 +74,7 @@ def run_demo(
     total = sum(shares)
     # $TMPDIR if set (the logs of the host side go there too), else /tmp: socket paths are bounded
     workdir = Path(tempfile.mkdtemp(prefix="vhostpci-demo-", dir=os.environ.get("TMPDIR") or "/tmp"))
+    server: HostServer | None = None
     rig: Rig | None = None
     try:
         # One uid connects every driver VM: the server's per-uid limit must admit them all.
@@ -120,6 +121,8 @@ def run_demo(
     finally:
         if rig is not None:
             rig.close()
+        elif server is not None:  # a signal between the two: the server is stopped all the same
+            server.stop()
         shutil.rmtree(workdir, ignore_errors=True)
 
 

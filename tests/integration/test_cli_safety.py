@@ -197,7 +197,8 @@ def test_run_notices_its_host_going_away_and_a_killed_service_does_not_break_sta
     env = {"VHOSTPCI_RUN_DIR": str(short_dir / "run")}
     addr_a = f"vfio-user:{server.device_socket(a.uuid)}"
     addr_b = f"vfio-user:{server.device_socket(b.uuid)}"
-    svc_a, svc_b = _service(addr_a, env), _service(addr_b, env)
+    # b polls: its removal fd (the vfio-user socket) is watched under --polling too
+    svc_a, svc_b = _service(addr_a, env), _service(addr_b, env, "--polling")
     try:
         a.read_event("ready", timeout=30)
         b.read_event("ready", timeout=30)

@@ -244,7 +244,7 @@ class Rig:
     def serve(self, ready_timeout: float = 20.0) -> None:
         """Open every driver VM's device (vfio-user) and start serving them in a thread."""
         for vm in self.vms:
-            path = self.server.device_socket(vm.uuid)
+            path = self.server.device_socket(vm.uuid, ready_timeout)
             self.devices.append(VhostPciDevice(f"vfio-user:{path}", policies={1: net_policy}))
         self.service = Service(self.devices, self.backend)
         self.start_service()
