@@ -82,10 +82,11 @@ class Service:
         self._sel = selectors.DefaultSelector()
         self._readers: dict[int, Callable[[], None]] = {}
         self._device_fds: dict[int, VhostPciDevice] = {}
-        self._kicks: list[int] = []
+        self._kicks: list[int] = []  # the kick fds registered
+        self._kicks_asked: list[int] = []  # what the app gave for them (compared each turn)
         self._turns = 0
-        for dev in devices:
-            self._watch_device(dev)
+        self._known: list[VhostPciDevice] = []  # the devices as the selector last saw the list
+        self._sync_devices()
 
     # -- what the loop waits on --------------------------------------------------------
 
@@ -108,8 +109,21 @@ class Service:
         if self.polling:
             return
         for fd in dev.control_fds():
-            self._device_fds[fd] = dev
-            self._sel.register(fd, selectors.EVENT_READ)
+            if fd not in self._device_fds:
+                self._device_fds[fd] = dev
+                self._sel.register(fd, selectors.EVENT_READ)
+
+    def _sync_devices(self) -> None:
+        """Wait on the devices :attr:`devices` holds now: the list is the caller's too, who may add one."""
+        if self._known == self.devices:  # identity: devices define no equality
+            return
+        for dev in self.devices:
+            if not any(dev is k for k in self._known) and dev.failed is None:
+                self._watch_device(dev)
+        for dev in self._known:
+            if not any(dev is d for d in self.devices):
+                self._unwatch_device(dev)
+        self._known = list(self.devices)
 
     def _unwatch_device(self, dev: VhostPciDevice) -> None:
         for fd in [fd for fd, d in self._device_fds.items() if d is dev]:
@@ -120,8 +134,9 @@ class Service:
     def _sync_kicks(self, force: bool = False) -> None:
         """Wait on the app's kick eventfds as they are now (ports come and go with frontends)."""
         kicks = [] if self.app is None or self.polling else self.app.kick_fds()
-        if kicks == self._kicks and not force:
+        if kicks == self._kicks_asked and not force:
             return
+        self._kicks_asked = kicks
         for fd in self._kicks:
             if fd not in self._readers and fd not in self._device_fds:
                 self._unregister(fd)
@@ -141,7 +156,7 @@ class Service:
         """Serve ``dev`` as ``address``: its vectors, its removal fd and its status socket."""
         self.devices.append(dev)
         self.served[address] = Served(address, dev, status)
-        self._watch_device(dev)
+        self._sync_devices()
         gone = dev.function.removal_fd()
         if gone is not None:
             self.add_reader(gone, lambda: self._released(address))
@@ -156,8 +171,8 @@ class Service:
             self.remove_reader(gone)
         if s.status is not None:
             self.remove_reader(s.status.fileno())
-        self._unwatch_device(s.device)
         self.devices.remove(s.device)
+        self._sync_devices()
         if s.status is not None:
             s.status.close()
         s.device.close()
@@ -209,6 +224,7 @@ class Service:
             return moved
         if moved:
             return moved
+        self._sync_devices()
         self._sync_kicks(force=changed)
         if not self._device_fds:  # devices without vectors poll: keep the loop turning, but let readers in
             timeout = min(timeout, 0.001)
