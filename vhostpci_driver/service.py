@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
+import select
 import selectors
 import threading
 from collections.abc import Callable, Mapping
@@ -204,7 +205,7 @@ class Service:
     def run_once(self, timeout: float) -> int:
         """Serve what is pending, then wait (bounded) for the next interrupt or kick; returns frames moved."""
         changed = False
-        for dev in self.devices:
+        for dev in list(self.devices):  # a failure may remove one as we go
             if dev.failed is not None:
                 continue
             try:
@@ -272,6 +273,12 @@ class Service:
 
     def _device_failed(self, dev: VhostPciDevice, e: Exception) -> None:
         """One device is unusable: stop serving it alone (its frontends leave the app), keep the others."""
+        address = next((a for a, s in self.served.items() if s.device is dev), None)
+        if address is not None and _readable(dev.function.removal_fd()):
+            # The access failed because the function went away (its host, a hot-unplug) before the
+            # loop saw its removal fd: say that, as the removal would have.
+            self._released(address)
+            return
         if isinstance(e, VhostPciError):
             log.error("%s failed: %s", dev.function.address, e)
         else:
@@ -286,3 +293,12 @@ class Service:
         """Serve until :attr:`stop` is set or every device failed (one failed device stops only itself)."""
         while not self.stop.is_set() and self.error is None:
             self.run_once(tick)
+
+
+def _readable(fd: int | None) -> bool:
+    """Whether ``fd`` is readable now (a removal fd that fired)."""
+    if fd is None:
+        return False
+    p = select.poll()
+    p.register(fd, select.POLLIN)
+    return bool(p.poll(0))
