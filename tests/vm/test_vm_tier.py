@@ -6,6 +6,7 @@ since it needs root, the prepared chroot and about a minute; otherwise it says s
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -87,3 +88,27 @@ def test_vfio_noiommu_mode_in_a_real_vm() -> None:
     assert out.returncode == 0, "the no-IOMMU test failed in the guest (output above)"
     assert "1 passed" in out.stdout
     assert _traffic_ok(out.stderr)
+
+
+@on_the_host
+def test_two_stock_qemu_driver_vms_ping6_and_tcp_through_our_switch() -> None:
+    """Issue 18 item 5, the lighter configuration: the toolkit on the host over vfio-user."""
+    if not os.environ.get("VHOSTPCI_VM"):
+        pytest.skip("the VM tier runs with VHOSTPCI_VM=1 (after tools/vm/prepare); .ci/run does that")
+    out = subprocess.run(
+        [sys.executable, str(REPO / "tools/vm/driver_vms.py"), "--bytes", str(4 << 20), "--timeout", "600"],
+        capture_output=True, text=True, timeout=900, check=False,
+    )  # fmt: skip
+    print(out.stdout[-8000:])
+    print(out.stderr[-4000:])
+    assert out.returncode == 0, "the driver VMs did not ping or transfer (output above)"
+    result = json.loads(out.stdout.split("driver-vms: ", 1)[1].splitlines()[0])
+    assert result["sha256_match"] and result["guest_status"] == [0, 0]
+    assert len(re.findall(r"3 packets transmitted, 3 packets received", out.stdout)) == 2  # both ways
+    # The switch's counters agree with the guests' own (sampled twice a second, so within a few).
+    switch = result["switch"]
+    guests = dict(re.findall(r"--- driver VM (\w) ---.*?stats rx=(\d+ tx=\d+)", out.stdout, re.S))
+    for name, mac in (("a", "52:54:00:00:00:a1"), ("b", "52:54:00:00:00:b2")):
+        rx, tx = (int(v) for v in re.findall(r"\d+", guests[name]))
+        port = switch[mac]
+        assert abs(port["tx_frames"] - tx) <= 5 and abs(port["rx_frames"] - rx) <= 5, (name, port)
