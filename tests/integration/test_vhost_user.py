@@ -22,6 +22,7 @@ from tests.integration.conftest import MAC_A, MAC_B, MAC_C, UUIDS, wait_for
 from tests.integration.test_host_side import fd_count
 from vhostpci_driver.apps.net import SUPPORTED, NetBackend, net_policy
 from vhostpci_driver.device import VhostPciDevice
+from vhostpci_driver.events import FrontendRemoved, MemoryRemoved
 from vhostpci_driver.service import Service
 from vhostpci_host import vhost_user_wire as vu
 from vhostpci_host.framing import send_with_fds
@@ -157,6 +158,34 @@ def test_guest_reset_restarts_from_zero_on_fresh_rings(vu_rig: VuRig) -> None:
     a.fe.start()
     exchange([a, b], 100, 100)
     assert a.fe.receiver.corrupt == 0
+
+
+def test_killed_qemu_is_removed_and_a_new_one_comes_back_with_its_uuid(vu_rig: VuRig) -> None:
+    a, b = started_pair(vu_rig)
+    exchange([a, b], 50, 100)
+    dev_a = vu_rig.devices[0]
+    assert vu_rig.service is not None
+    a.close()  # QEMU killed: its socket closes, nothing else is said (no GET_VRING_BASE)
+    vu_rig.peers.remove(a)
+    assert "front-end" in vu_rig.doors[0].read_event("dropped")["why"]
+    events = vu_rig.service.events
+
+    def kinds() -> list[type]:
+        return [type(e) for e in events if isinstance(e, FrontendRemoved | MemoryRemoved)]
+
+    wait_for(lambda: MemoryRemoved in kinds(), 5, "the frontend, then its memory, removed")
+    assert kinds() == [FrontendRemoved, MemoryRemoved]
+    # A new QEMU (new memory, new memfd) with the same UUID: served again by the same device,
+    # the other driver VM untouched, no restart of the device VM.
+    a2 = vu_rig.peer(vu_rig.doors[0])
+    a2.init()
+    a2.start(GUEST_FEATURES)
+    vu_rig.doors[0].read_event("frontend-up", timeout=20)
+    a2.fe.seq = a.fe.seq
+    a2.fe.start()
+    exchange([a2, b], 50, 100)
+    assert vu_rig.devices[0] is dev_a
+    assert a2.fe.receiver.corrupt == 0 and b.fe.receiver.duplicates == 0 and b.fe.receiver.corrupt == 0
 
 
 # -- hostile peers ---------------------------------------------------------------------------
