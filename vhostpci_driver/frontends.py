@@ -117,6 +117,7 @@ class Frontend:
         self.features = features
         event_idx = bool(features >> Feature.RING_EVENT_IDX & 1)
         queues = {}
+        resumed: list[int] = []
         for v in self.virtqs:
             ring = DeviceQueue(
                 self.memory,
@@ -135,8 +136,15 @@ class Frontend:
                 if ring.last_used_idx:
                     log.info("frontend %s queue %d resumed at used idx %d (%d chains were in flight)",
                              self.key, v.index, ring.last_used_idx, again)  # fmt: skip
+                    resumed.append(v.notify_slot)
             queues[v.index] = Queue(self, v, ring)
         self.queues = queues
+        # The instance before us may have died between publishing used entries and
+        # signalling them: the driver VM would wait for a call that never comes while
+        # its ring stays full. One call per resumed queue tells it to look; a spurious
+        # one costs a look at the used index (virtio 1.2, 2.7.10: the driver handles spurious notifications).
+        for slot in resumed:
+            self.doorbell(slot)
 
     def queue(self, index: int) -> Queue:
         if self.removed:
