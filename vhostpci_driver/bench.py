@@ -461,15 +461,16 @@ def _notify_device(path: str) -> None:
     """The far end of the notify benchmark, in a child process: a device with one frontend slot.
 
     The slot's kick and call are one eventfd, so a doorbell the driver rings
-    (a notify register write, sent over vfio-user) comes straight back as the
-    slot's MSI-X interrupt: the device's whole notify -> interrupt path, and
+    (by ioeventfd: with direct doorbells, as `serve --direct-doorbells`, that is the
+    slot's call eventfd itself) comes straight back as the slot's kick and so
+    as its MSI-X interrupt: the device's whole notify -> interrupt path, and
     nothing of a driver VM's.
     """
     from vhostpci_driver.wire import ctrl  # noqa: PLC0415
     from vhostpci_host.device_model import VhostPciDeviceModel  # noqa: PLC0415
     from vhostpci_host.vfio_user_server import VfioUserServer  # noqa: PLC0415
 
-    model = VhostPciDeviceModel(window_size=1 << 24)
+    model = VhostPciDeviceModel(window_size=1 << 24, direct_doorbells=True)  # as serve --direct-doorbells
     ram = os.memfd_create("bench-notify")
     os.ftruncate(ram, 1 << 20)
     model.map_region(0, 1 << 20, ram, 0)

@@ -281,10 +281,13 @@ class VhostPciDevice:
             self.frontends[ev.key] = Frontend(
                 ev.key, ev.virtqs, self.table, self._doorbell, self._kick_fds(ev)
             )
+            # A doorbell may be the frontend's own call eventfd (protocol.md 6): the slot changed hands.
+            self.function.posted_targets_changed(self.config.slot_bar)
         elif isinstance(ev, FrontendRemoved):
             fe = self.frontends.pop(ev.key, None)
             if fe is not None:
                 fe.remove("DEVICE_INFO DEL" if self.remote_up else "the driver VM is gone")
+                self.function.posted_targets_changed(self.config.slot_bar)
         elif isinstance(ev, FeaturesNegotiated):
             fe = self.frontends.get(ev.key)
             if fe is not None:

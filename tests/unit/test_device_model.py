@@ -336,3 +336,33 @@ def test_intx_follows_the_isr_with_vfio_masking_and_the_status_bit() -> None:
         m.disconnected()
         os.close(line)
     assert len(os.listdir("/proc/self/fd")) == fds_before  # every fd the model was given is closed
+
+
+def test_direct_doorbells_hand_the_call_eventfd_of_the_slot_holder_now() -> None:
+    """With direct_doorbells, an assigned slot's doorbell is its frontend's call eventfd (no relay through
+    us); a free slot keeps the relay; the answer follows the slot when it changes hands."""
+    m = VhostPciDeviceModel(window_size=1 << 24, direct_doorbells=True)
+    readers: dict[int, object] = {}
+    m.attach_loop(readers.__setitem__, readers.pop)
+    kick1, call1, kick2, call2 = (os.eventfd(0, os.EFD_NONBLOCK) for _ in range(4))
+    slot = m.assign_slot(kick1, call1)
+
+    def bell() -> int:
+        (spec,) = [s for s in m.io_fds(d.BAR_VIRTIO) if s.offset == d.DOORBELL_OFFSET + 4 * slot]
+        return spec.fd
+
+    assert bell() == call1
+    os.eventfd_write(bell(), 1)  # what the client's posted write does: it lands in the driver VM's fd
+    assert os.eventfd_read(call1) == 1 and m.counters["doorbells"] == 0  # we never saw it
+    m.release_slot(slot)
+    relay = bell()
+    assert relay not in (call1, call2) and relay in readers  # a free slot: our own eventfd, watched
+    assert m.assign_slot(kick2, call2) == slot and bell() == call2  # the new holder's, not the old one's
+    m.disconnected()
+    for fd in (call1, call2):
+        os.fstat(fd)  # the frontends' fds are not ours to close
+    with pytest.raises(OSError):
+        os.fstat(relay)
+    m.release_slot(slot)
+    for fd in (kick1, call1, kick2, call2):
+        os.close(fd)

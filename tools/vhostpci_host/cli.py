@@ -174,6 +174,12 @@ def main(debug: bool) -> None:
     help="Accept memory fds that cannot be sealed against shrinking (a truncation then SIGBUSes; "
     "docs/security.md).",
 )
+@click.option(
+    "--direct-doorbells",
+    is_flag=True,
+    help="Hand each doorbell to the device VM's driver as the driver VM's call eventfd itself (no hop "
+    "through the server); trusted driver VMs only (docs/security.md).",
+)
 @click.option("--json", "json_status", is_flag=True, help="Status as JSON lines on stdout.")
 @click.option("-v", "--verbose", is_flag=True)
 def serve(
@@ -188,6 +194,7 @@ def serve(
     partial_timeout: float,
     gone_grace: float,
     trust_driver_memory: bool,
+    direct_doorbells: bool,
     json_status: bool,
     verbose: bool,
 ) -> None:
@@ -209,6 +216,7 @@ def serve(
         partial_timeout=partial_timeout,
         gone_grace=gone_grace,
         trust_driver_memory=trust_driver_memory,
+        direct_doorbells=direct_doorbells,
         json_status=json_status,
     )
     server = VhostPciServer(cfg)

@@ -66,6 +66,7 @@ class VhostPciDeviceModel(VirtioPciFunction):
         num_slots: int = d.DEFAULT_SLOTS,
         max_regions: int = 64,
         max_frontends: int = 64,
+        direct_doorbells: bool = False,
     ) -> None:
         if window_size & (window_size - 1) or window_size < 4096:
             raise ValueError("the window size must be a power of two of at least 4 KiB")
@@ -75,6 +76,9 @@ class VhostPciDeviceModel(VirtioPciFunction):
         self.num_slots = num_slots
         self.max_regions = max_regions
         self.max_frontends = max_frontends
+        #: GET_REGION_IO_FDS hands an assigned slot's doorbell as the frontend's call eventfd itself:
+        #: the device VM's doorbell write reaches the driver VM with no host-side Python between.
+        self.direct_doorbells = direct_doorbells
         nvectors = d.Vector.FIRST_SLOT + num_slots
         super().__init__(virtio_id=virtio_id, window_size=window_size, nvectors=nvectors)
         self.remote_uuid = bytes(16)
@@ -133,6 +137,12 @@ class VhostPciDeviceModel(VirtioPciFunction):
         request of a connection, closed when the client goes. Notify first: a
         client that takes few fds gets those, and the doorbells of the lowest
         slots (the first frontends).
+
+        With :attr:`direct_doorbells`, the doorbell of a slot that has a frontend
+        *now* is that frontend's call eventfd itself (what KVM's ioeventfd and
+        irqfd do for vhost: no hop through this process); a free slot keeps our
+        relay eventfd. The answer is only right until the slots change, so the
+        client asks again when a frontend comes or goes (protocol.md 6).
         """
         if index != d.BAR_VIRTIO or self._add_reader is None:
             return []
@@ -145,7 +155,13 @@ class VhostPciDeviceModel(VirtioPciFunction):
             # protocol.md 6: a doorbell is a write of any value to doorbell_offset + 4 * slot.
             for slot in range(self.num_slots):
                 self._add_ioeventfd(d.DOORBELL_OFFSET + 4 * slot, 4, None, self._doorbell_fired, slot)
-        return [spec for spec, _ in self._ioeventfds]
+        specs = [spec for spec, _ in self._ioeventfds]
+        if self.direct_doorbells:
+            for i, spec in enumerate(specs):
+                sl = self.slots.get((spec.offset - d.DOORBELL_OFFSET) // 4) if spec.size == 4 else None
+                if sl is not None:
+                    specs[i] = IoEventFdSpec(spec.offset, spec.size, sl.call_fd, None)  # not ours to close
+        return specs
 
     def _add_ioeventfd(
         self, offset: int, size: int, datamatch: int | None, fired: Callable[[int, int], None], arg: int

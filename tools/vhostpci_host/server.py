@@ -66,6 +66,9 @@ class ServerConfig:
     gone_grace: float = 30.0
     #: accept memory fds that cannot be sealed against shrinking (docs/security.md)
     trust_driver_memory: bool = False
+    #: doorbells handed as the driver VMs' call eventfds (docs/host.md): a driver VM that makes its
+    #: call eventfd blocking and full could then stall the device VM's driver (docs/security.md)
+    direct_doorbells: bool = False
 
 
 @dataclass
@@ -270,6 +273,7 @@ class VhostPciServer(SelectorLoop):
             virtio_id=self.config.virtio_id,
             max_regions=self.config.limits.max_regions,
             max_frontends=self.config.peer_limits.max_frontends,
+            direct_doorbells=self.config.direct_doorbells,
         )
         path = self.config.devices_dir / f"{vm_uuid}.sock"
         vfio = VfioUserServer(str(path), model)

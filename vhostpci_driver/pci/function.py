@@ -94,6 +94,16 @@ class PciFunction(abc.ABC):
         """
         self.region_write(index, offset, data)
 
+    def posted_targets_changed(self, index: int) -> None:
+        """Where region ``index``'s posted writes end up may have changed: learn it again.
+
+        The vhost-pci device may hand a doorbell as the frontend's own call eventfd
+        (protocol.md 6), which is only right while that frontend holds the slot: the
+        driver calls this when a frontend comes or goes. Nothing to do for a backend
+        whose posted writes are plain writes.
+        """
+        return
+
     @abc.abstractmethod
     def region_mmap(self, index: int, offset: int, size: int) -> mmap.mmap:
         """Map ``size`` bytes of region ``index`` at ``offset`` (inside one mmappable area).

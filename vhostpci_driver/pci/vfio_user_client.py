@@ -266,6 +266,16 @@ class VfioUserFunction(PciFunction):
                             raise TransportError(f"ioeventfd write failed: {e}", f"region {index}") from None
         self._request(Command.REGION_WRITE, w.REGION_RW.pack(offset, index, len(data)) + data, no_reply=True)
 
+    def posted_targets_changed(self, index: int) -> None:
+        """Drop region ``index``'s ioeventfds: the next posted write asks GET_REGION_IO_FDS again."""
+        table = self._io_fds.pop(index, None)
+        if not table:
+            return
+        gone = {fd for entries in table.values() for _, fd in entries}
+        self._io_fds_owned = [fd for fd in self._io_fds_owned if fd not in gone]
+        for fd in gone:
+            os.close(fd)
+
     def ioeventfd_registers(self, index: int) -> list[tuple[int, int]]:
         """``(offset, size)`` of region ``index``'s registers written by eventfd (size 0: any width).
 
