@@ -22,9 +22,14 @@ def short_dir() -> Iterator[Path]:
     shutil.rmtree(d, ignore_errors=True)
 
 
+PING_INTERVAL, PING_MISSES = 0.2, 10
+
+
 @pytest.fixture
 def rig(short_dir: Path) -> Iterator[Rig]:
-    server = HostServer(short_dir, ping_interval=0.2, ping_misses=3)
+    # 2 s of silence before a driver VM counts as gone: on a loaded machine a simulator can be
+    # starved for longer than 3 pings of 0.2 s, and a false drop fails a test for the wrong reason.
+    server = HostServer(short_dir, ping_interval=PING_INTERVAL, ping_misses=PING_MISSES)
     r = Rig(server)
     try:
         yield r

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.conftest import MAC_A, MAC_B, MAC_C, UUIDS, wait_for
+from tests.integration.conftest import MAC_A, MAC_B, MAC_C, PING_INTERVAL, PING_MISSES, UUIDS, wait_for
 from vhostpci_driver.events import FeaturesNegotiated, FrontendRemoved, MemoryRemoved, RemoteDown, RemoteUp
 from vhostpci_host.harness import HostServer, ProcessError, Rig
 
@@ -56,8 +56,9 @@ def test_a_vanished_driver_vm_is_removed_and_the_other_keeps_forwarding(rig: Rig
     wait_for(lambda: fe_stats(b)["received"] >= 1000, 30, "first traffic")
     before = rig.devices[1].dump()["stats"]
     b.stop(signal.SIGKILL)
-    # 3 heartbeats of 0.2 s, plus the teardown's round trip through the controlq.
-    wait_for(lambda: any(isinstance(e, MemoryRemoved) for e in rig.service.events), 3 * 0.2 + 2.0,  # type: ignore[union-attr]
+    # The missed heartbeats, plus the teardown's round trip through the controlq.
+    gone_within = PING_MISSES * PING_INTERVAL + 2.0
+    wait_for(lambda: any(isinstance(e, MemoryRemoved) for e in rig.service.events), gone_within,  # type: ignore[union-attr]
              "MemoryRemoved after the SIGKILL")
     kinds = [type(e) for e in rig.service.events]  # type: ignore[union-attr]
     assert kinds.index(FrontendRemoved) < kinds.index(MemoryRemoved)  # frontends first (rule 7)
