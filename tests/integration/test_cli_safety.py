@@ -51,6 +51,7 @@ def test_a_signal_stops_the_demo_in_order_and_leaves_nothing(short_dir: Path, si
         text=True,
         start_new_session=True,  # its own terminal session: a Ctrl-C is a SIGINT to its foreground group
     )
+    children: list[int] = []
     try:
         assert demo.stderr is not None
         ready, _, _ = select.select([demo.stderr], [], [], 60)  # bounded: the demo says when frames flow
@@ -69,6 +70,9 @@ def test_a_signal_stops_the_demo_in_order_and_leaves_nothing(short_dir: Path, si
         if demo.poll() is None:
             os.killpg(demo.pid, signal.SIGKILL)
             demo.wait(5)
+        for c in children:  # in process groups of their own: a failed run must not leave them
+            if not _gone(c):
+                os.kill(c, signal.SIGKILL)
         for f in (demo.stdout, demo.stderr):
             if f is not None:
                 f.close()
@@ -167,11 +171,13 @@ def _reap(*procs: subprocess.Popen[str]) -> None:
 
 def test_run_polling_serves_its_status_socket(short_dir: Path) -> None:
     server = HostServer(short_dir)
-    vm = DriverVmProcess(server.socket, [MAC_A], vm_uuid=UUIDS[0], memory="64M")
-    env = {"VHOSTPCI_RUN_DIR": str(short_dir / "run")}
-    address = f"vfio-user:{server.device_socket(vm.uuid)}"
-    svc = _service(address, env, "--polling")
-    try:
+    vm: DriverVmProcess | None = None
+    svc: subprocess.Popen[str] | None = None
+    try:  # everything after the server in here: a slow start must not leave a process behind
+        vm = DriverVmProcess(server.socket, [MAC_A], vm_uuid=UUIDS[0], memory="64M")
+        env = {"VHOSTPCI_RUN_DIR": str(short_dir / "run")}
+        address = f"vfio-user:{server.device_socket(vm.uuid, 30)}"
+        svc = _service(address, env, "--polling")
         vm.read_event("ready", timeout=30)
         vm.send(f"send {MAC_A} 200 128")
         wait_for(
@@ -185,21 +191,30 @@ def test_run_polling_serves_its_status_socket(short_dir: Path) -> None:
         svc.send_signal(signal.SIGINT)
         assert svc.wait(20) == 130
     finally:
-        _reap(svc)
-        vm.stop()
+        if svc is not None:
+            _reap(svc)
+        if vm is not None:
+            vm.stop()
         server.stop()
 
 
 def test_run_notices_its_host_going_away_and_a_killed_service_does_not_break_status(short_dir: Path) -> None:
     server = HostServer(short_dir)
-    a = DriverVmProcess(server.socket, [MAC_A], vm_uuid=UUIDS[0], memory="64M")
-    b = DriverVmProcess(server.socket, [MAC_B], vm_uuid=UUIDS[1], memory="64M")
-    env = {"VHOSTPCI_RUN_DIR": str(short_dir / "run")}
-    addr_a = f"vfio-user:{server.device_socket(a.uuid)}"
-    addr_b = f"vfio-user:{server.device_socket(b.uuid)}"
-    # b polls: its removal fd (the vfio-user socket) is watched under --polling too
-    svc_a, svc_b = _service(addr_a, env), _service(addr_b, env, "--polling")
-    try:
+    vms: list[DriverVmProcess] = []
+    svcs: list[subprocess.Popen[str]] = []
+    try:  # everything after the server in here: a slow start must not leave a process behind
+        a = DriverVmProcess(server.socket, [MAC_A], vm_uuid=UUIDS[0], memory="64M")
+        vms.append(a)
+        b = DriverVmProcess(server.socket, [MAC_B], vm_uuid=UUIDS[1], memory="64M")
+        vms.append(b)
+        env = {"VHOSTPCI_RUN_DIR": str(short_dir / "run")}
+        addr_a = f"vfio-user:{server.device_socket(a.uuid, 30)}"
+        addr_b = f"vfio-user:{server.device_socket(b.uuid, 30)}"
+        # b polls: its removal fd (the vfio-user socket) is watched under --polling too
+        svc_a = _service(addr_a, env)
+        svcs.append(svc_a)
+        svc_b = _service(addr_b, env, "--polling")
+        svcs.append(svc_b)
         a.read_event("ready", timeout=30)
         b.read_event("ready", timeout=30)
         svc_a.kill()  # kill -9: its status socket stays behind
@@ -217,7 +232,7 @@ def test_run_notices_its_host_going_away_and_a_killed_service_does_not_break_sta
         err = svc_b.stderr.read()
         assert f"{addr_b}: the host went away" in err and "Traceback" not in err, err
     finally:
-        _reap(svc_a, svc_b)
-        a.stop()
-        b.stop()
+        _reap(*svcs)
+        for vm in vms:
+            vm.stop()
         server.stop()
