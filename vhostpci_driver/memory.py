@@ -211,6 +211,14 @@ class RegionTable:
                 return view[addr - start : addr - start + length]
         raise RemoteMemoryError(f"driver-VM range {addr:#x}+{length:#x} is not inside one mapped region")
 
+    def native_regions(self) -> tuple[list[int], list[memoryview]]:
+        """The live lists behind :meth:`view` (sorted xgpa, one view per region), for the compiled
+        ring walker (virtqueue/native.py), which bisects them exactly as :meth:`view` does.
+
+        The same list objects for the table's whole life (changed in place), so a queue may keep them.
+        """
+        return self._starts, self._views
+
     def covers(self, addr: int, length: int) -> bool:
         """True when ``view(addr, length)`` would succeed."""
         try:

@@ -18,11 +18,18 @@ from vhostpci_driver.virtqueue.layout import (
     layout,
     need_event,
 )
+from vhostpci_driver.virtqueue.native import LIB, REASON, NativeDeviceQueue
 
 BASE = 0x1_0000_0000  # guest-physical base of the test memory
 MEM = 1 << 20
 RING = BASE  # rings at the start, buffers from BASE + 64 KiB
 BUFS = BASE + (64 << 10)
+
+# Every device-side test runs against both implementations: the pure reference and the compiled one.
+IMPLS = [
+    pytest.param(DeviceQueue, id="pure"),
+    pytest.param(NativeDeviceQueue, id="native", marks=pytest.mark.skipif(LIB is None, reason=REASON)),
+]
 
 
 class Mem:
@@ -42,11 +49,13 @@ class Mem:
         return self.raw[:4096] == b"\xaa" * 4096 and self.raw[-4096:] == b"\xaa" * 4096
 
 
-def pair(size: int = 8, event_idx: bool = False) -> tuple[Mem, DriverQueue, DeviceQueue]:
+def pair(
+    impl: type[DeviceQueue], size: int = 8, event_idx: bool = False
+) -> tuple[Mem, DriverQueue, DeviceQueue]:
     m = Mem()
     d, a, u, _ = layout(size)
     drv = DriverQueue(m, size, RING + d, RING + a, RING + u, event_idx=event_idx)
-    dev = DeviceQueue(m, size, RING + d, RING + a, RING + u, event_idx=event_idx)
+    dev = impl(m.table, size, RING + d, RING + a, RING + u, event_idx=event_idx)
     return m, drv, dev
 
 
@@ -57,8 +66,9 @@ def buf(i: int, size: int = 256) -> int:
 # -- round trips ---------------------------------------------------------------
 
 
-def test_chains_round_trip_with_data() -> None:
-    m, drv, dev = pair()
+@pytest.mark.parametrize("impl", IMPLS)
+def test_chains_round_trip_with_data(impl: type[DeviceQueue]) -> None:
+    m, drv, dev = pair(impl)
     m.view(buf(0), 5)[:] = b"hello"
     drv.add([(buf(0), 5)], [(buf(1), 100), (buf(2), 50)], "t0")
     drv.add([], [(buf(3), 64)], "t1")
@@ -76,8 +86,9 @@ def test_chains_round_trip_with_data() -> None:
     assert drv.free_count() == 8
 
 
-def test_indirect_chain() -> None:
-    m, drv, dev = pair()
+@pytest.mark.parametrize("impl", IMPLS)
+def test_indirect_chain(impl: type[DeviceQueue]) -> None:
+    m, drv, dev = pair(impl)
     table = BUFS + 0x8000
     entries = [(buf(0), 10, VIRTQ_DESC_F_NEXT, 1), (buf(1), 20, VIRTQ_DESC_F_WRITE, 0)]
     for i, e in enumerate(entries):
@@ -96,8 +107,11 @@ def test_indirect_chain() -> None:
     st.booleans(),
     st.sampled_from([4, 8, 16]),
 )
-def test_random_traffic_round_trips(ops: list[tuple[int, int, int]], event_idx: bool, size: int) -> None:
-    m, drv, dev = pair(size, event_idx)
+@pytest.mark.parametrize("impl", IMPLS)
+def test_random_traffic_round_trips(
+    impl: type[DeviceQueue], ops: list[tuple[int, int, int]], event_idx: bool, size: int
+) -> None:
+    m, drv, dev = pair(impl, size, event_idx)
     outstanding: dict[int, int] = {}
     seq = 0
     for nout, nin_, burst_ in ops:
@@ -129,8 +143,9 @@ def test_need_event_rule() -> None:
     assert not need_event(10, 10, 10)
 
 
-def test_event_idx_suppresses_kicks_and_interrupts() -> None:
-    _, drv, dev = pair(8, event_idx=True)
+@pytest.mark.parametrize("impl", IMPLS)
+def test_event_idx_suppresses_kicks_and_interrupts(impl: type[DeviceQueue]) -> None:
+    _, drv, dev = pair(impl, 8, event_idx=True)
     drv.add([], [(buf(0), 8)], 0)
     drv.publish()
     assert drv.kick_needed()  # avail_event 0 is in (0, 1]
@@ -157,10 +172,10 @@ def test_event_idx_suppresses_kicks_and_interrupts() -> None:
 # -- hostile rings: each rule has its test ---------------------------------------
 
 
-def hostile(size: int = 8) -> tuple[Mem, DeviceQueue, memoryview, memoryview]:
+def hostile(impl: type[DeviceQueue], size: int = 8) -> tuple[Mem, DeviceQueue, memoryview, memoryview]:
     m = Mem()
     d, a, u, _ = layout(size)
-    dev = DeviceQueue(m, size, RING + d, RING + a, RING + u)
+    dev = impl(m.table, size, RING + d, RING + a, RING + u)
     return m, dev, m.view(RING + d, 16 * size), m.view(RING + a, 6 + 2 * size)
 
 
@@ -185,37 +200,42 @@ def broken_with(dev: DeviceQueue, rule: str) -> RingError:
     return ei.value
 
 
-def test_head_index_out_of_range() -> None:
-    _, dev, _, avail = hostile()
+@pytest.mark.parametrize("impl", IMPLS)
+def test_head_index_out_of_range(impl: type[DeviceQueue]) -> None:
+    _, dev, _, avail = hostile(impl)
     publish(avail, [8])
     assert broken_with(dev, "desc-index").index == 8
 
 
-def test_next_index_out_of_range() -> None:
-    _, dev, table, avail = hostile()
+@pytest.mark.parametrize("impl", IMPLS)
+def test_next_index_out_of_range(impl: type[DeviceQueue]) -> None:
+    _, dev, table, avail = hostile(impl)
     desc(table, 0, buf(0), 8, VIRTQ_DESC_F_NEXT, 9)
     publish(avail, [0])
     broken_with(dev, "desc-index")
 
 
-def test_descriptor_loop() -> None:
-    _, dev, table, avail = hostile()
+@pytest.mark.parametrize("impl", IMPLS)
+def test_descriptor_loop(impl: type[DeviceQueue]) -> None:
+    _, dev, table, avail = hostile(impl)
     desc(table, 0, buf(0), 8, VIRTQ_DESC_F_NEXT, 1)
     desc(table, 1, buf(1), 8, VIRTQ_DESC_F_NEXT, 0)
     publish(avail, [0])
     broken_with(dev, "chain-length")
 
 
-def test_chain_longer_than_the_ring() -> None:
-    _, dev, table, avail = hostile(4)
+@pytest.mark.parametrize("impl", IMPLS)
+def test_chain_longer_than_the_ring(impl: type[DeviceQueue]) -> None:
+    _, dev, table, avail = hostile(impl, 4)
     for i in range(4):
         desc(table, i, buf(i), 8, VIRTQ_DESC_F_NEXT, (i + 1) % 4)
     publish(avail, [0])
     broken_with(dev, "chain-length")
 
 
-def test_indirect_inside_indirect() -> None:
-    m, dev, table, avail = hostile()
+@pytest.mark.parametrize("impl", IMPLS)
+def test_indirect_inside_indirect(impl: type[DeviceQueue]) -> None:
+    m, dev, table, avail = hostile(impl)
     ind = BUFS + 0x8000
     desc(m.view(ind, 16), 0, ind, 16, VIRTQ_DESC_F_INDIRECT)
     desc(table, 0, ind, 16, VIRTQ_DESC_F_INDIRECT)
@@ -224,22 +244,25 @@ def test_indirect_inside_indirect() -> None:
 
 
 @pytest.mark.parametrize("length", [0, 24, 16 * 9])
-def test_bad_indirect_table_length(length: int) -> None:
-    _, dev, table, avail = hostile()
+@pytest.mark.parametrize("impl", IMPLS)
+def test_bad_indirect_table_length(impl: type[DeviceQueue], length: int) -> None:
+    _, dev, table, avail = hostile(impl)
     desc(table, 0, BUFS, length, VIRTQ_DESC_F_INDIRECT)
     publish(avail, [0])
     broken_with(dev, "indirect-len")
 
 
-def test_indirect_with_next() -> None:
-    _, dev, table, avail = hostile()
+@pytest.mark.parametrize("impl", IMPLS)
+def test_indirect_with_next(impl: type[DeviceQueue]) -> None:
+    _, dev, table, avail = hostile(impl)
     desc(table, 0, BUFS, 16, VIRTQ_DESC_F_INDIRECT | VIRTQ_DESC_F_NEXT, 1)
     publish(avail, [0])
     broken_with(dev, "indirect-next")
 
 
-def test_loop_inside_an_indirect_table() -> None:
-    m, dev, table, avail = hostile()
+@pytest.mark.parametrize("impl", IMPLS)
+def test_loop_inside_an_indirect_table(impl: type[DeviceQueue]) -> None:
+    m, dev, table, avail = hostile(impl)
     ind = BUFS + 0x8000
     t = m.view(ind, 32)
     desc(t, 0, buf(0), 8, VIRTQ_DESC_F_NEXT, 1)
@@ -252,70 +275,77 @@ def test_loop_inside_an_indirect_table() -> None:
 @pytest.mark.parametrize(
     ("addr", "length"), [(0xDEAD_0000_0000, 8), (BASE + MEM - 4, 8), (BUFS, 0xFFFF_FFFF), (BASE - 8, 8)]
 )
-def test_buffer_outside_memory(addr: int, length: int) -> None:
-    _, dev, table, avail = hostile()
+@pytest.mark.parametrize("impl", IMPLS)
+def test_buffer_outside_memory(impl: type[DeviceQueue], addr: int, length: int) -> None:
+    _, dev, table, avail = hostile(impl)
     desc(table, 0, addr, length)
     publish(avail, [0])
     broken_with(dev, "desc-addr")
 
 
-def test_indirect_table_outside_memory() -> None:
-    _, dev, table, avail = hostile()
+@pytest.mark.parametrize("impl", IMPLS)
+def test_indirect_table_outside_memory(impl: type[DeviceQueue]) -> None:
+    _, dev, table, avail = hostile(impl)
     desc(table, 0, BASE + MEM - 16, 32, VIRTQ_DESC_F_INDIRECT)
     publish(avail, [0])
     broken_with(dev, "desc-addr")
 
 
-def test_avail_index_jump() -> None:
-    _, dev, _, avail = hostile()
+@pytest.mark.parametrize("impl", IMPLS)
+def test_avail_index_jump(impl: type[DeviceQueue]) -> None:
+    _, dev, _, avail = hostile(impl)
     publish(avail, [0], idx=9)
     broken_with(dev, "avail-idx")
 
 
-def test_readable_after_writable() -> None:
-    _, dev, table, avail = hostile()
+@pytest.mark.parametrize("impl", IMPLS)
+def test_readable_after_writable(impl: type[DeviceQueue]) -> None:
+    _, dev, table, avail = hostile(impl)
     desc(table, 0, buf(0), 8, VIRTQ_DESC_F_WRITE | VIRTQ_DESC_F_NEXT, 1)
     desc(table, 1, buf(1), 8, 0)
     publish(avail, [0])
     broken_with(dev, "desc-order")
 
 
-def test_head_already_in_flight() -> None:
-    _, dev, table, avail = hostile()
+@pytest.mark.parametrize("impl", IMPLS)
+def test_head_already_in_flight(impl: type[DeviceQueue]) -> None:
+    _, dev, table, avail = hostile(impl)
     desc(table, 0, buf(0), 8)
     publish(avail, [0, 0])
     broken_with(dev, "desc-in-flight")
 
 
-def test_bad_used_entries_from_the_backend() -> None:
-    _, dev, table, avail = hostile()
+@pytest.mark.parametrize("impl", IMPLS)
+def test_bad_used_entries_from_the_backend(impl: type[DeviceQueue]) -> None:
+    _, dev, table, avail = hostile(impl)
     desc(table, 0, buf(0), 8, VIRTQ_DESC_F_WRITE)
     publish(avail, [0])
     dev.pop_batch()
     with pytest.raises(RingError) as ei:
         dev.push(0, 9)
     assert ei.value.rule == "used-len"
-    _, dev2, _, _ = hostile()
+    _, dev2, _, _ = hostile(impl)
     with pytest.raises(RingError) as ei:
         dev2.push(3, 0)
     assert ei.value.rule == "used-id"
 
 
-def test_rings_outside_memory_and_misaligned() -> None:
+@pytest.mark.parametrize("impl", IMPLS)
+def test_rings_outside_memory_and_misaligned(impl: type[DeviceQueue]) -> None:
     m = Mem()
     with pytest.raises(RingError) as ei:
-        DeviceQueue(m, 8, BASE + MEM - 64, RING + 0x1000, RING + 0x2000)
+        impl(m.table, 8, BASE + MEM - 64, RING + 0x1000, RING + 0x2000)
     assert ei.value.rule == "ring-addr"
     with pytest.raises(RingError) as ei:
-        DeviceQueue(m, 8, RING + 8, RING + 0x1000, RING + 0x2000)
+        impl(m.table, 8, RING + 8, RING + 0x1000, RING + 0x2000)
     assert ei.value.rule == "ring-align"
     with pytest.raises(RingError) as ei:
-        DeviceQueue(m, 6, RING, RING + 0x1000, RING + 0x2000)
+        impl(m.table, 6, RING, RING + 0x1000, RING + 0x2000)
     assert ei.value.rule == "queue-size"
 
 
 def test_a_device_returning_garbage_to_the_driver() -> None:
-    m, drv, _ = pair()
+    m, drv, _ = pair(DeviceQueue)
     drv.add([], [(buf(0), 8)], "x")
     drv.publish()
     used = m.view(RING + layout(8)[2], 6 + 64)
@@ -343,8 +373,9 @@ def test_a_device_returning_garbage_to_the_driver() -> None:
     st.integers(0, 0xFFFF),
     st.integers(0, 0xFFFF),
 )
+@pytest.mark.parametrize("impl", IMPLS)
 def test_random_rings_yield_valid_chains_or_ring_error(
-    table_bytes: bytes, heads: list[int], avail_idx: int, last_avail: int
+    impl: type[DeviceQueue], table_bytes: bytes, heads: list[int], avail_idx: int, last_avail: int
 ) -> None:
     m = Mem()
     d, a, u, _ = layout(8)
@@ -360,7 +391,7 @@ def test_random_rings_yield_valid_chains_or_ring_error(
         struct.pack_into("<H", avail, 4 + 2 * i, h)
     struct.pack_into("<H", avail, 2, avail_idx)
     before = bytes(m.raw)
-    dev = DeviceQueue(m, 8, RING + d, RING + a, RING + u, last_avail_idx=last_avail)
+    dev = impl(m.table, 8, RING + d, RING + a, RING + u, last_avail_idx=last_avail)
     try:
         chains = dev.pop_batch(64)
     except RingError:

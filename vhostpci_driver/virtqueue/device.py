@@ -14,7 +14,7 @@ malicious frontend is stopped and nothing else is disturbed.
 from __future__ import annotations
 
 from array import array
-from collections.abc import Sequence
+from collections.abc import MutableSequence, Sequence
 
 from vhostpci_driver.addr import GuestMemory
 from vhostpci_driver.errors import RemoteMemoryError, RingError
@@ -123,7 +123,8 @@ class DeviceQueue:
         self._used16 = used_v.cast("H")  # flags, idx, ..., avail_event at [2 + 4 * size]
         # the used ring as 32-bit words: [0] flags|idx, then (id, len) per element, from word 1
         self._used32 = used_v[: 4 + 8 * size].cast("I")
-        self._inflight: list[int] = [-1] * size  # head -> writable bytes of the chain, -1 when free
+        # head -> writable bytes of the chain, -1 when free
+        self._inflight: MutableSequence[int] = [-1] * size
         self._signalled = self.last_used_idx
         self._pushed_since_signal = False
 

@@ -1,0 +1,26 @@
+"""The one thing setup.cfg cannot declare: the optional compiled ring walker (docs/performance.md).
+
+``vhostpci_driver._native`` is built at install when a C compiler and the Python
+headers are there; when the build fails the package installs anyway and runs
+on the pure-Python rings (``optional=True``). ``VHOSTPCI_NO_EXT=1`` skips the
+build (CI proves the fallback that way); ``VHOSTPCI_SANITIZE=1`` builds it with
+AddressSanitizer and UBSan, for the fuzz smoke (tools/fuzz --native-lib).
+"""
+
+import os
+
+from setuptools import Extension, setup
+
+FLAGS = ["-O2", "-std=c11", "-Wall", "-Wextra", "-Wno-missing-field-initializers"]
+SANITIZE = ["-fsanitize=address,undefined", "-fno-omit-frame-pointer", "-fno-sanitize-recover=undefined"]
+
+sanitize = os.environ.get("VHOSTPCI_SANITIZE") == "1"
+native = Extension(
+    "vhostpci_driver._native",
+    ["vhostpci_driver/_native.c"],
+    depends=["vhostpci_driver/_forward.c"],
+    extra_compile_args=[*FLAGS, *SANITIZE, "-O1", "-g"] if sanitize else FLAGS,
+    extra_link_args=SANITIZE if sanitize else [],
+    optional=not sanitize,  # a sanitizer build that fails must say so
+)
+setup(ext_modules=[] if os.environ.get("VHOSTPCI_NO_EXT") == "1" else [native])

@@ -1,0 +1,710 @@
+/*
+ * vhostpci_driver._native: the device side of a split virtqueue, compiled.
+ *
+ * The same rules as vhostpci_driver/virtqueue/device.py (the reference), with
+ * the same rule names and indexes in its errors, one call per batch:
+ *
+ *   pop(...)          pop a batch of chains: every descriptor read once into
+ *                     locals, every rule of DeviceQueue._walk, buffers
+ *                     translated through the region table (memory.py);
+ *   push(...)         validate and store a batch of used elements, then the used
+ *                     index in one 16-bit store;
+ *   need_notify(...)  the event-index decision (virtio 1.2, 2.7.10);
+ *   forward(...)      L2 forwarding of a TX batch into RX queues chosen by
+ *                     destination MAC (vhostpci_driver/forward.py is the reference).
+ *
+ * Everything in the rings and descriptors is written by the driver VM, which
+ * we do not trust and which writes concurrently: each value is loaded once
+ * (READ_ONCE below) and only the local copy is checked and used. Indexes are
+ * masked or checked against the ring size before they address anything; every
+ * loop is bounded by the ring size or by the caller's batch size.
+ *
+ * A broken rule is not raised here: the functions return (rule, message, index)
+ * and the Python wrapper raises RingError through DeviceQueue._break, so both
+ * paths mark the queue broken in exactly one place. Anything else (a Python
+ * exception from a GuestMemory that is not the region table) is returned as
+ * the exception object, after the state of the chains already popped is kept.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <stdint.h>
+#include <string.h>
+
+#define F_NEXT 1u
+#define F_WRITE 2u
+#define F_INDIRECT 4u
+#define AVAIL_F_NO_INTERRUPT 1u
+#define MAX_CHAIN_BYTES (1ull << 32)
+#define MAX_SIZE 32768
+
+/* A compiler barrier: after it, nothing read from shared memory is assumed unchanged, so a
+ * local copy made before it is a copy, never re-read (Linux READ_ONCE semantics). */
+#define BARRIER() __asm__ __volatile__("" ::: "memory")
+
+static inline uint16_t load16(const unsigned char *p)
+{
+    uint16_t v;
+    memcpy(&v, p, 2);
+    return v;
+}
+
+static inline uint16_t load16_acquire(const unsigned char *p)
+{
+    /* the avail index: later loads of the ring entries must not pass it (virtio_rmb) */
+    return __atomic_load_n((const uint16_t *)p, __ATOMIC_ACQUIRE);
+}
+
+typedef struct {
+    uint64_t addr;
+    uint32_t len;
+    uint16_t flags;
+    uint16_t next;
+} desc_t;
+
+static inline desc_t read_desc(const unsigned char *p)
+{
+    desc_t d;
+    memcpy(&d, p, sizeof d); /* may be unaligned (an indirect table at any address) */
+    BARRIER();
+    return d;
+}
+
+/* -- set by setup() ------------------------------------------------------------------------ */
+
+static PyTypeObject *chain_type;      /* virtqueue.device.Chain (a tuple subclass) */
+static PyObject *remote_memory_error; /* errors.RemoteMemoryError */
+static PyObject *str_view;            /* "view" */
+
+/* -- errors -------------------------------------------------------------------------------- */
+
+/* The (rule, message, index) triple the Python wrapper turns into a RingError. */
+static PyObject *rule_error(const char *rule, PyObject *message, PyObject *index)
+{
+    if (message == NULL)
+        return NULL;
+    PyObject *t = Py_BuildValue("(sOO)", rule, message, index ? index : Py_None);
+    Py_DECREF(message);
+    return t;
+}
+
+static PyObject *rule_error_i(const char *rule, PyObject *message, long long index)
+{
+    PyObject *i = PyLong_FromLongLong(index);
+    if (i == NULL) {
+        Py_XDECREF(message);
+        return NULL;
+    }
+    PyObject *t = rule_error(rule, message, i);
+    Py_DECREF(i);
+    return t;
+}
+
+static PyObject *fetch_exception(void)
+{
+#if PY_VERSION_HEX >= 0x030C0000
+    return PyErr_GetRaisedException();
+#else
+    PyObject *type, *value, *tb;
+    PyErr_Fetch(&type, &value, &tb);
+    PyErr_NormalizeException(&type, &value, &tb);
+    if (tb != NULL)
+        PyException_SetTraceback(value, tb);
+    Py_XDECREF(type);
+    Py_XDECREF(tb);
+    return value;
+#endif
+}
+
+/* -- translation: memory.py's RegionTable.view, or any GuestMemory's view() ----------------- */
+
+typedef struct {
+    PyObject *starts; /* RegionTable._starts (sorted xgpa), or NULL: call mem.view() */
+    PyObject *views;  /* RegionTable._views, one memoryview per region */
+    PyObject *mem;
+    PyObject *hit;    /* the last region hit (owned), as the table's one-entry cache */
+    uint64_t hit_start, hit_size;
+} xlate_t;
+
+static void xlate_done(xlate_t *x) { Py_CLEAR(x->hit); }
+
+/* Find the region holding addr (bisect_right(starts, addr) - 1); 1 found, 0 not, -1 error. */
+static int region_of(xlate_t *x, uint64_t addr)
+{
+    Py_ssize_t lo = 0, hi = PyList_GET_SIZE(x->starts);
+    if (PyList_GET_SIZE(x->views) != hi) {
+        PyErr_SetString(PyExc_ValueError, "region table: starts and views differ in length");
+        return -1;
+    }
+    while (lo < hi) { /* bounded: log2 of the table's length */
+        Py_ssize_t mid = lo + (hi - lo) / 2;
+        unsigned long long s = PyLong_AsUnsignedLongLong(PyList_GET_ITEM(x->starts, mid));
+        if (s == (unsigned long long)-1 && PyErr_Occurred())
+            return -1;
+        if (addr < s)
+            hi = mid;
+        else
+            lo = mid + 1;
+    }
+    if (lo == 0)
+        return 0;
+    PyObject *v = PyList_GET_ITEM(x->views, lo - 1);
+    Py_ssize_t n = PyObject_Size(v);
+    if (n < 0)
+        return -1;
+    unsigned long long s = PyLong_AsUnsignedLongLong(PyList_GET_ITEM(x->starts, lo - 1));
+    if (s == (unsigned long long)-1 && PyErr_Occurred())
+        return -1;
+    Py_INCREF(v);
+    Py_XSETREF(x->hit, v);
+    x->hit_start = s;
+    x->hit_size = (uint64_t)n;
+    return 1;
+}
+
+/* len bytes at driver-VM address addr.  0: *out is a new memoryview (a slice of the region's
+ * view, as RegionTable.view makes it); 1: not mapped, *msg is the RemoteMemoryError's text;
+ * -1: a Python error is set. */
+static int xlate_view(xlate_t *x, uint64_t addr, uint64_t len, PyObject **out, PyObject **msg)
+{
+    *out = NULL;
+    *msg = NULL;
+    if (x->starts == NULL) {
+        PyObject *a = PyLong_FromUnsignedLongLong(addr);
+        PyObject *l = a ? PyLong_FromUnsignedLongLong(len) : NULL;
+        PyObject *r = l ? PyObject_CallMethodObjArgs(x->mem, str_view, a, l, NULL) : NULL;
+        Py_XDECREF(a);
+        Py_XDECREF(l);
+        if (r != NULL) {
+            *out = r;
+            return 0;
+        }
+        if (!PyErr_ExceptionMatches(remote_memory_error))
+            return -1;
+        PyObject *e = fetch_exception();
+        *msg = PyObject_Str(e);
+        Py_DECREF(e);
+        return *msg ? 1 : -1;
+    }
+    /* the range must lie in one region (protocol.md 5.3), without overflowing 64 bits */
+    if (!(x->hit != NULL && addr >= x->hit_start && addr - x->hit_start <= x->hit_size &&
+          len <= x->hit_size - (addr - x->hit_start))) {
+        int found = region_of(x, addr);
+        if (found < 0)
+            return -1;
+        if (!found || addr - x->hit_start > x->hit_size || len > x->hit_size - (addr - x->hit_start)) {
+            char text[128];
+            snprintf(text, sizeof text, "driver-VM range 0x%llx+0x%llx is not inside one mapped region",
+                     (unsigned long long)addr, (unsigned long long)len);
+            *msg = PyUnicode_FromString(text);
+            return *msg ? 1 : -1;
+        }
+    }
+    Py_ssize_t off = (Py_ssize_t)(addr - x->hit_start);
+    *out = PySequence_GetSlice(x->hit, off, off + (Py_ssize_t)len);
+    return *out ? 0 : -1;
+}
+
+/* -- buffers ------------------------------------------------------------------------------- */
+
+static int get_buffer(PyObject *obj, Py_buffer *b, int writable, Py_ssize_t need, const char *what)
+{
+    if (PyObject_GetBuffer(obj, b, writable ? PyBUF_WRITABLE : PyBUF_SIMPLE) < 0)
+        return -1;
+    if (b->len < need) {
+        PyErr_Format(PyExc_ValueError, "%s: %zd bytes, need %zd", what, b->len, need);
+        PyBuffer_Release(b);
+        return -1;
+    }
+    return 0;
+}
+
+/* The in-flight table: an array('q') of `size` items, -1 free, else the chain's writable bytes. */
+static int get_inflight(PyObject *obj, Py_buffer *b, Py_ssize_t size)
+{
+    if (PyObject_GetBuffer(obj, b, PyBUF_WRITABLE | PyBUF_FORMAT) < 0)
+        return -1;
+    if (b->itemsize != 8 || b->len != 8 * size || b->format == NULL || strcmp(b->format, "q") != 0) {
+        PyErr_SetString(PyExc_TypeError, "in-flight table must be an array('q') of the ring's size");
+        PyBuffer_Release(b);
+        return -1;
+    }
+    return 0;
+}
+
+static int as_size(PyObject *o, Py_ssize_t *out)
+{
+    Py_ssize_t v = PyLong_AsSsize_t(o);
+    if (v == -1 && PyErr_Occurred())
+        return -1;
+    if (v < 1 || v > MAX_SIZE || (v & (v - 1))) {
+        PyErr_SetString(PyExc_ValueError, "queue size must be a power of two <= 32768");
+        return -1;
+    }
+    *out = v;
+    return 0;
+}
+
+/* -- chains -------------------------------------------------------------------------------- */
+
+/* Chain(head, readable, writable, rlen, wlen): a tuple subclass, built as tuple.__new__ does. */
+static PyObject *new_chain(long head, PyObject *readable, PyObject *writable, uint64_t rlen, uint64_t wlen)
+{
+    PyObject *c = chain_type->tp_alloc(chain_type, 5);
+    if (c == NULL) {
+        Py_DECREF(readable);
+        Py_DECREF(writable);
+        return NULL;
+    }
+    PyTuple_SET_ITEM(c, 1, readable);
+    PyTuple_SET_ITEM(c, 2, writable);
+    PyObject *h = PyLong_FromLong(head), *r = PyLong_FromUnsignedLongLong(rlen),
+             *w = PyLong_FromUnsignedLongLong(wlen);
+    if (h == NULL || r == NULL || w == NULL) {
+        Py_XDECREF(h);
+        Py_XDECREF(r);
+        Py_XDECREF(w);
+        Py_DECREF(c);
+        return NULL;
+    }
+    PyTuple_SET_ITEM(c, 0, h);
+    PyTuple_SET_ITEM(c, 3, r);
+    PyTuple_SET_ITEM(c, 4, w);
+    return c;
+}
+
+typedef struct {
+    const unsigned char *desc; /* the descriptor table, 16 * size bytes */
+    Py_ssize_t size;
+    long max_chain_len;
+    xlate_t x;
+} ring_t;
+
+/* Outcome of walking one chain: *chain set (0), a broken rule (*err set, 1), or an error (-1). */
+#define WALK_OK 0
+#define WALK_RULE 1
+#define WALK_ERROR -1
+
+/* A chain of several descriptors, or an indirect one: DeviceQueue._walk, rule for rule.
+ * `first` is the head descriptor, already read. */
+static int walk(ring_t *r, long head, desc_t first, PyObject **chain, PyObject **err)
+{
+    const unsigned char *table = r->desc;
+    long tsize = (long)r->size, i = head, limit = r->max_chain_len, count = 0;
+    int indirect = 0, have = 1, ret = WALK_ERROR;
+    Py_buffer tb = {0};
+    int tb_held = 0;
+    uint64_t rlen = 0, wlen = 0;
+    PyObject *readable = PyList_New(0), *writable = PyList_New(0), *buf = NULL, *msg = NULL;
+    desc_t d = first;
+    if (readable == NULL || writable == NULL)
+        goto out;
+    for (;;) { /* bounded: count <= limit, and limit is at most the ring size per table */
+        count++;
+        if (count > limit) {
+            *err = rule_error_i("chain-length",
+                                PyUnicode_FromFormat("chain from head %ld longer than %ld (a loop?)", head, limit),
+                                i);
+            ret = WALK_RULE;
+            goto out;
+        }
+        if (!have)
+            d = read_desc(table + 16 * i); /* i < tsize: checked below before it is used */
+        have = 0;
+        if (d.flags & F_INDIRECT) {
+            if (indirect) {
+                *err = rule_error_i("indirect-nested",
+                                    PyUnicode_FromString("indirect descriptor inside an indirect table"), i);
+                ret = WALK_RULE;
+                goto out;
+            }
+            if (d.flags & F_NEXT) {
+                *err = rule_error_i("indirect-next",
+                                    PyUnicode_FromString("INDIRECT together with NEXT (virtio 1.2, 2.7.5.3.1)"), i);
+                ret = WALK_RULE;
+                goto out;
+            }
+            if (d.len == 0 || d.len % 16 || d.len / 16 > (uint32_t)r->size) {
+                *err = rule_error_i("indirect-len",
+                                    PyUnicode_FromFormat("indirect table of %lu bytes", (unsigned long)d.len), i);
+                ret = WALK_RULE;
+                goto out;
+            }
+            PyObject *tview;
+            int t = xlate_view(&r->x, d.addr, d.len, &tview, &msg);
+            if (t < 0)
+                goto out;
+            if (t > 0) {
+                *err = rule_error_i("desc-addr", PyUnicode_FromFormat("indirect table: %U", msg), i);
+                ret = WALK_RULE;
+                goto out;
+            }
+            int g = get_buffer(tview, &tb, 0, (Py_ssize_t)d.len, "indirect table");
+            Py_DECREF(tview); /* the buffer keeps the memory alive until released */
+            if (g < 0)
+                goto out;
+            tb_held = 1;
+            table = tb.buf;
+            tsize = (long)(d.len / 16);
+            i = 0;
+            indirect = 1;
+            count = 0;
+            limit = tsize;
+            continue;
+        }
+        int t = xlate_view(&r->x, d.addr, d.len, &buf, &msg);
+        if (t < 0)
+            goto out;
+        if (t > 0) {
+            Py_INCREF(msg);
+            *err = rule_error_i("desc-addr", msg, i);
+            ret = WALK_RULE;
+            goto out;
+        }
+        if (d.flags & F_WRITE) {
+            if (PyList_Append(writable, buf) < 0)
+                goto out;
+            wlen += d.len;
+        } else {
+            if (PyList_GET_SIZE(writable)) {
+                *err = rule_error_i("desc-order",
+                                    PyUnicode_FromString("device-readable descriptor after a writable one"), i);
+                ret = WALK_RULE;
+                goto out;
+            }
+            if (PyList_Append(readable, buf) < 0)
+                goto out;
+            rlen += d.len;
+        }
+        Py_CLEAR(buf);
+        if (rlen + wlen > MAX_CHAIN_BYTES) {
+            *err = rule_error_i("chain-bytes", PyUnicode_FromFormat("chain from head %ld exceeds 4 GiB", head), i);
+            ret = WALK_RULE;
+            goto out;
+        }
+        if (!(d.flags & F_NEXT)) {
+            *chain = new_chain(head, readable, writable, rlen, wlen);
+            readable = writable = NULL;
+            ret = *chain ? WALK_OK : WALK_ERROR;
+            goto out;
+        }
+        if ((long)d.next >= tsize) {
+            *err = rule_error_i("desc-index",
+                                PyUnicode_FromFormat("next %ld >= table size %ld", (long)d.next, tsize), d.next);
+            ret = WALK_RULE;
+            goto out;
+        }
+        i = d.next;
+    }
+out:
+    if (ret == WALK_RULE && *err == NULL)
+        ret = WALK_ERROR; /* building the error itself failed */
+    if (tb_held)
+        PyBuffer_Release(&tb);
+    Py_XDECREF(buf);
+    Py_XDECREF(msg);
+    Py_XDECREF(readable);
+    Py_XDECREF(writable);
+    return ret;
+}
+
+/* pop(desc, avail, inflight, starts, views, mem, size, last_avail_idx, max_chain_len, max_chains)
+ *   -> (chains, err): err is None, (rule, message, index), or an exception to raise.
+ * `starts`/`views` are the region table's lists, or None to translate through mem.view(). */
+static PyObject *native_pop(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
+{
+    (void)mod;
+    if (nargs != 10) {
+        PyErr_SetString(PyExc_TypeError, "pop takes 10 arguments");
+        return NULL;
+    }
+    Py_ssize_t size;
+    if (as_size(args[6], &size) < 0)
+        return NULL;
+    long last = PyLong_AsLong(args[7]), max_chain_len = PyLong_AsLong(args[8]);
+    Py_ssize_t max_chains = PyLong_AsSsize_t(args[9]);
+    if (PyErr_Occurred())
+        return NULL;
+    Py_buffer d, a, f;
+    PyObject *out = NULL, *err = NULL, *result = NULL;
+    uint16_t heads_small[64], *heads = heads_small;
+    if (get_buffer(args[0], &d, 0, 16 * size, "descriptor table") < 0)
+        return NULL;
+    if (get_buffer(args[1], &a, 0, 6 + 2 * size, "avail ring") < 0) {
+        PyBuffer_Release(&d);
+        return NULL;
+    }
+    if (get_inflight(args[2], &f, size) < 0) {
+        PyBuffer_Release(&d);
+        PyBuffer_Release(&a);
+        return NULL;
+    }
+    ring_t r = {d.buf, size, max_chain_len, {NULL, NULL, args[5], NULL, 0, 0}};
+    if (args[3] != Py_None) {
+        if (!PyList_Check(args[3]) || !PyList_Check(args[4])) {
+            PyErr_SetString(PyExc_TypeError, "starts and views must be lists");
+            goto fail;
+        }
+        r.x.starts = args[3];
+        r.x.views = args[4];
+    }
+    int64_t *inflight = f.buf;
+    const unsigned char *avail = a.buf;
+    out = PyList_New(0);
+    if (out == NULL)
+        goto fail;
+    uint16_t idx = load16_acquire(avail + 2);
+    long n = (uint16_t)(idx - (uint16_t)last);
+    if (n > size) {
+        err = rule_error("avail-idx",
+                         PyUnicode_FromFormat("avail idx moved %ld entries past ours, ring holds %zd", n, size),
+                         NULL);
+        if (err == NULL)
+            goto fail;
+        goto done;
+    }
+    if (max_chains < n)
+        n = (long)max_chains;
+    if (n <= 0)
+        goto done;
+    if (n > 64 && (heads = PyMem_Malloc(sizeof *heads * (size_t)n)) == NULL) {
+        PyErr_NoMemory();
+        goto fail;
+    }
+    long start = last & (long)(size - 1);
+    for (long k = 0; k < n; k++) /* the batch's avail entries, read once (the ring may wrap) */
+        heads[k] = load16(avail + 4 + 2 * ((start + k) & (long)(size - 1)));
+    BARRIER();
+    for (long k = 0; k < n; k++) {
+        long head = heads[k];
+        PyObject *chain = NULL;
+        if (head >= size) {
+            err = rule_error_i("desc-index", PyUnicode_FromFormat("head %ld >= queue size %zd", head, size), head);
+            break;
+        }
+        if (inflight[head] >= 0) {
+            err = rule_error_i("desc-in-flight", PyUnicode_FromFormat("head %ld is already in flight", head), head);
+            break;
+        }
+        desc_t first = read_desc(r.desc + 16 * head); /* read once; only the copy is used */
+        if (first.flags & (F_NEXT | F_INDIRECT)) {
+            int w = walk(&r, head, first, &chain, &err);
+            if (w == WALK_ERROR)
+                break;
+            if (w == WALK_RULE)
+                break;
+        } else {
+            PyObject *buf, *msg;
+            int t = xlate_view(&r.x, first.addr, first.len, &buf, &msg);
+            if (t < 0)
+                break;
+            if (t > 0) {
+                err = rule_error_i("desc-addr", msg, head);
+                break;
+            }
+            PyObject *one = PyList_New(1), *none = PyList_New(0);
+            if (one == NULL || none == NULL) {
+                Py_DECREF(buf);
+                Py_XDECREF(one);
+                Py_XDECREF(none);
+                break;
+            }
+            PyList_SET_ITEM(one, 0, buf);
+            if (first.flags & F_WRITE)
+                chain = new_chain(head, none, one, 0, first.len);
+            else
+                chain = new_chain(head, one, none, first.len, 0);
+            if (chain == NULL)
+                break;
+        }
+        inflight[head] = (int64_t)PyLong_AsLongLong(PyTuple_GET_ITEM(chain, 4)); /* writable bytes */
+        int app = PyList_Append(out, chain);
+        Py_DECREF(chain);
+        if (app < 0)
+            break;
+    }
+    if (err == NULL && PyErr_Occurred())
+        err = fetch_exception(); /* the wrapper raises it after keeping what was popped */
+done:
+    result = Py_BuildValue("(OO)", out, err ? err : Py_None);
+fail:
+    if (heads != heads_small)
+        PyMem_Free(heads);
+    Py_XDECREF(out);
+    Py_XDECREF(err);
+    xlate_done(&r.x);
+    PyBuffer_Release(&d);
+    PyBuffer_Release(&a);
+    PyBuffer_Release(&f);
+    return result;
+}
+
+/* push(used, inflight, entries, size, last_used_idx) -> the new used index, or (rule, message, index).
+ * Entries are checked in order; an entry that breaks a rule stores nothing (the ones before it
+ * are no longer in flight, as in DeviceQueue.push_batch). */
+static PyObject *native_push(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
+{
+    (void)mod;
+    if (nargs != 5) {
+        PyErr_SetString(PyExc_TypeError, "push takes 5 arguments");
+        return NULL;
+    }
+    Py_ssize_t size;
+    if (as_size(args[3], &size) < 0)
+        return NULL;
+    long last = PyLong_AsLong(args[4]);
+    if (last == -1 && PyErr_Occurred())
+        return NULL;
+    PyObject *seq = PySequence_Fast(args[2], "used entries must be a sequence");
+    if (seq == NULL)
+        return NULL;
+    Py_ssize_t m = PySequence_Fast_GET_SIZE(seq);
+    Py_buffer u, f;
+    PyObject *result = NULL;
+    uint32_t small[128], *words = small;
+    if (get_buffer(args[0], &u, 1, 6 + 8 * size, "used ring") < 0) {
+        Py_DECREF(seq);
+        return NULL;
+    }
+    if (get_inflight(args[1], &f, size) < 0) {
+        PyBuffer_Release(&u);
+        Py_DECREF(seq);
+        return NULL;
+    }
+    int64_t *inflight = f.buf;
+    Py_ssize_t k;
+    if (m > size) /* at most `size` heads are in flight: entry size + 1 fails at the latest */
+        m = size + 1;
+    if (2 * m > (Py_ssize_t)(sizeof small / sizeof *small) &&
+        (words = PyMem_Malloc(sizeof *words * 2 * (size_t)m)) == NULL) {
+        PyErr_NoMemory();
+        goto out;
+    }
+    for (k = 0; k < m; k++) {
+        PyObject *e = PySequence_Fast_GET_ITEM(seq, k);
+        PyObject *pair = PySequence_Fast(e, "a used entry must be (head, written)");
+        if (pair == NULL)
+            goto out;
+        if (PySequence_Fast_GET_SIZE(pair) != 2) {
+            PyErr_SetString(PyExc_ValueError, "a used entry must be (head, written)");
+            Py_DECREF(pair);
+            goto out;
+        }
+        PyObject *ho = PySequence_Fast_GET_ITEM(pair, 0), *wo = PySequence_Fast_GET_ITEM(pair, 1);
+        if (!PyLong_Check(ho) || !PyLong_Check(wo)) {
+            PyErr_SetString(PyExc_TypeError, "a used entry's head and length must be integers");
+            Py_DECREF(pair);
+            goto out;
+        }
+        int over;
+        long long h = PyLong_AsLongLongAndOverflow(ho, &over);
+        if (over || h < 0 || h >= size || inflight[h] < 0) {
+            result = rule_error("used-id", PyUnicode_FromFormat("head %S is not in flight", ho), ho);
+            Py_DECREF(pair);
+            goto out;
+        }
+        long long w = PyLong_AsLongLongAndOverflow(wo, &over);
+        if (over || w < 0 || w > inflight[h]) {
+            result = rule_error("used-len",
+                                PyUnicode_FromFormat("%S bytes written, chain has %lld writable", wo,
+                                                     (long long)inflight[h]),
+                                ho);
+            Py_DECREF(pair);
+            goto out;
+        }
+        Py_DECREF(pair);
+        inflight[h] = -1;
+        words[2 * k] = (uint32_t)h;
+        words[2 * k + 1] = (uint32_t)w;
+    }
+    if (m == 0) {
+        result = PyLong_FromLong(last & 0xFFFF);
+        goto out;
+    }
+    /* virtio 1.2, 2.7.8: the elements first, then the index that publishes them */
+    unsigned char *used = u.buf;
+    for (k = 0; k < m; k++) {
+        unsigned char *elem = used + 4 + 8 * ((last + k) & (long)(size - 1));
+        memcpy(elem, &words[2 * k], 8);
+    }
+    uint16_t idx = (uint16_t)(last + m);
+    /* One 16-bit store, ordered after the elements (virtio_wmb): a guest may read the index at
+     * any moment, and must never see a half-written one (no zero-fill-then-write). */
+    __atomic_store_n((uint16_t *)(used + 2), idx, __ATOMIC_RELEASE);
+    result = PyLong_FromLong(idx);
+out:
+    if (words != small)
+        PyMem_Free(words);
+    PyBuffer_Release(&u);
+    PyBuffer_Release(&f);
+    Py_DECREF(seq);
+    return result;
+}
+
+/* need_notify(avail, size, event_idx, old, new) -> bool: virtio 1.2, 2.7.10. */
+static PyObject *native_need_notify(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
+{
+    (void)mod;
+    if (nargs != 5) {
+        PyErr_SetString(PyExc_TypeError, "need_notify takes 5 arguments");
+        return NULL;
+    }
+    Py_ssize_t size;
+    if (as_size(args[1], &size) < 0)
+        return NULL;
+    int event_idx = PyObject_IsTrue(args[2]);
+    long old = PyLong_AsLong(args[3]), new = PyLong_AsLong(args[4]);
+    if (event_idx < 0 || PyErr_Occurred())
+        return NULL;
+    Py_buffer a;
+    if (get_buffer(args[0], &a, 0, 6 + 2 * size, "avail ring") < 0)
+        return NULL;
+    /* our used-index store before the driver's flags / used_event load (virtio_mb) */
+    __atomic_thread_fence(__ATOMIC_SEQ_CST);
+    int notify;
+    if (event_idx) {
+        uint16_t event = load16((const unsigned char *)a.buf + 4 + 2 * size);
+        notify = (uint16_t)(new - event - 1) < (uint16_t)(new - old);
+    } else {
+        notify = !(load16(a.buf) & AVAIL_F_NO_INTERRUPT);
+    }
+    PyBuffer_Release(&a);
+    return PyBool_FromLong(notify);
+}
+
+/* setup(Chain, RemoteMemoryError): the Python types this module builds and recognises. */
+static PyObject *native_setup(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
+{
+    (void)mod;
+    if (nargs != 2 || !PyType_Check(args[0]) || !PyType_IsSubtype((PyTypeObject *)args[0], &PyTuple_Type) ||
+        !PyExceptionClass_Check(args[1])) {
+        PyErr_SetString(PyExc_TypeError, "setup(Chain, RemoteMemoryError)");
+        return NULL;
+    }
+    Py_INCREF(args[0]);
+    Py_XSETREF(chain_type, (PyTypeObject *)args[0]);
+    Py_INCREF(args[1]);
+    Py_XSETREF(remote_memory_error, args[1]);
+    Py_RETURN_NONE;
+}
+
+
+static PyMethodDef methods[] = {
+    {"setup", (PyCFunction)(void (*)(void))native_setup, METH_FASTCALL, "setup(Chain, RemoteMemoryError)"},
+    {"pop", (PyCFunction)(void (*)(void))native_pop, METH_FASTCALL, "pop a batch of chains"},
+    {"push", (PyCFunction)(void (*)(void))native_push, METH_FASTCALL, "push a batch of used elements"},
+    {"need_notify", (PyCFunction)(void (*)(void))native_need_notify, METH_FASTCALL, "the event-index decision"},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, "vhostpci_driver._native",
+    "The device side of split virtqueues, compiled (virtqueue/device.py is the reference).", -1, methods,
+};
+
+PyMODINIT_FUNC PyInit__native(void)
+{
+    str_view = PyUnicode_InternFromString("view");
+    if (str_view == NULL)
+        return NULL;
+    return PyModule_Create(&module);
+}

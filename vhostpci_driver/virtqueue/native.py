@@ -1,0 +1,114 @@
+"""Which data path runs: the compiled ring walker (``vhostpci_driver._native``) or the pure rings.
+
+The extension is built at install when a compiler is there (setup.py) and is
+optional: without it, or with ``VHOSTPCI_PURE=1`` in the environment, every
+queue is the pure-Python :class:`~vhostpci_driver.virtqueue.device.DeviceQueue`,
+which stays the reference. :class:`NativeDeviceQueue` is that class with its
+per-batch calls (``pop_batch``, ``push_batch``, ``need_notify``) done in C under
+the same rules, names and indexes; everything else (state, errors, ``discard``,
+notifications) is the reference's own code, so the two cannot drift apart there.
+``VHOSTPCI_NATIVE_LIB=path`` loads the extension from a file instead (the
+sanitizer build that tools/fuzz runs).
+
+:data:`PATH` says which runs, :data:`REASON` why; ``vhostpci status`` and
+``vhostpci bench`` report both.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.machinery
+import importlib.util
+import os
+from array import array
+from collections.abc import Sequence
+from types import ModuleType
+from typing import Any, Literal
+
+from vhostpci_driver.addr import GuestMemory
+from vhostpci_driver.errors import RemoteMemoryError
+from vhostpci_driver.virtqueue.device import Chain, DeviceQueue
+
+
+def _load() -> tuple[ModuleType | None, str]:
+    if os.environ.get("VHOSTPCI_PURE") == "1":
+        return None, "VHOSTPCI_PURE=1"
+    path = os.environ.get("VHOSTPCI_NATIVE_LIB")
+    try:
+        if path:
+            loader = importlib.machinery.ExtensionFileLoader("vhostpci_driver._native", path)
+            spec = importlib.util.spec_from_file_location("vhostpci_driver._native", path, loader=loader)
+            if spec is None:
+                return None, f"VHOSTPCI_NATIVE_LIB={path}: not an extension module"
+            lib = importlib.util.module_from_spec(spec)
+            loader.exec_module(lib)
+        else:
+            lib = importlib.import_module("vhostpci_driver._native")
+    except ImportError as e:
+        return None, f"the extension is not built ({e})"
+    lib.setup(Chain, RemoteMemoryError)
+    return lib, f"compiled ring walker ({lib.__file__})"
+
+
+LIB, REASON = _load()
+PATH: Literal["native", "pure"] = "native" if LIB is not None else "pure"
+
+
+def describe() -> dict[str, str]:
+    """What ``status`` and ``bench`` print: the path and why."""
+    return {"path": PATH, "reason": REASON}
+
+
+class NativeDeviceQueue(DeviceQueue):
+    """:class:`DeviceQueue` with its batch calls compiled (needs :data:`LIB`)."""
+
+    def __init__(self, mem: GuestMemory, size: int, desc: int, avail: int, used: int, **kw: Any) -> None:
+        if LIB is None:
+            raise RuntimeError(f"the native data path is not available: {REASON}")
+        super().__init__(mem, size, desc, avail, used, **kw)
+        self._inflight = array("q", [-1]) * size  # C reads and writes it in place
+        native_regions = getattr(mem, "native_regions", None)  # the region table: bisected in C
+        self._starts: list[int] | None = None
+        self._views: list[memoryview] | None = None
+        if native_regions is not None:
+            self._starts, self._views = native_regions()
+        self._pop, self._push, self._need = LIB.pop, LIB.push, LIB.need_notify
+
+    def pop_batch(self, max_chains: int = 32) -> list[Chain]:
+        if self.broken:
+            raise self.broken
+        chains: list[Chain]
+        chains, err = self._pop(
+            self._desc, self._avail, self._inflight, self._starts, self._views, self.mem,
+            self.size, self.last_avail_idx, self.max_chain_len, max_chains,
+        )  # fmt: skip
+        if chains:
+            self.last_avail_idx = (self.last_avail_idx + len(chains)) & 0xFFFF
+        if err is not None:
+            if isinstance(err, tuple):
+                raise self._break(*err)
+            raise err
+        return chains  # Chain objects, built in C
+
+    def push_batch(self, used: Sequence[tuple[int, int]]) -> None:
+        if self.broken:
+            raise self.broken
+        if not used:
+            return
+        idx = self._push(self._used, self._inflight, used, self.size, self.last_used_idx)
+        if isinstance(idx, tuple):
+            raise self._break(*idx)
+        self.last_used_idx = idx
+        self._pushed_since_signal = True
+
+    def need_notify(self) -> bool:
+        if not self._pushed_since_signal:
+            return False
+        self._pushed_since_signal = False
+        old, new = self._signalled, self.last_used_idx
+        self._signalled = new
+        return bool(self._need(self._avail, self.size, self.event_idx, old, new))
+
+
+#: The device-side queue class the toolkit builds its frontends' rings with.
+RingQueue: type[DeviceQueue] = NativeDeviceQueue if LIB is not None else DeviceQueue
