@@ -17,6 +17,7 @@ from vhostpci_driver.addr import GuestMemory
 from vhostpci_driver.errors import FrontendGoneError
 from vhostpci_driver.spec.virtio import Feature
 from vhostpci_driver.virtqueue.device import Chain, DeviceQueue
+from vhostpci_driver.virtqueue.native import RingQueue
 from vhostpci_driver.wire.ctrl import NO_SLOT, FrontendKey, VirtqInfo, VirtqState
 
 #: The app-facing surface: a popped :class:`Chain` comes with its :class:`Queue`.
@@ -119,7 +120,7 @@ class Frontend:
         queues = {}
         resumed: list[int] = []
         for v in self.virtqs:
-            ring = DeviceQueue(
+            ring = RingQueue(  # compiled or pure: virtqueue/native.py says which
                 self.memory,
                 v.size,
                 v.desc,

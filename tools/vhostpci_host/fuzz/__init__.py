@@ -7,11 +7,12 @@ replays the kept corpus through it (tests/unit/test_fuzz_corpus.py) without athe
 
 from __future__ import annotations
 
-from vhostpci_host.fuzz import peer_fds, ring, vfio_user, wire
+from vhostpci_host.fuzz import peer_fds, ring, ring_diff, vfio_user, wire
 from vhostpci_host.fuzz.contract import InvariantError, Target
 
 TARGETS: dict[str, Target] = {
-    t.name: t for t in (wire.CTRL, wire.SOCK, vfio_user.TARGET, ring.TARGET, peer_fds.TARGET)
+    t.name: t
+    for t in (wire.CTRL, wire.SOCK, vfio_user.TARGET, ring.TARGET, ring_diff.TARGET, peer_fds.TARGET)
 }
 
 __all__ = ["TARGETS", "InvariantError", "Target"]
