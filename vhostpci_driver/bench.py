@@ -29,6 +29,7 @@ from typing import Any
 
 from vhostpci_driver.addr import WindowOffset, Xgpa
 from vhostpci_driver.memory import BufferWindow, Region, RegionTable
+from vhostpci_driver.virtqueue import native
 from vhostpci_driver.virtqueue.device import DeviceQueue
 from vhostpci_driver.virtqueue.driver import DriverQueue
 from vhostpci_driver.virtqueue.layout import DESC as DESC_STRUCT
@@ -57,35 +58,53 @@ def _pct(values: list[float], p: float) -> float:
 # -- ring batch (in process) ------------------------------------------------------------------
 
 
-def ring_batch(reps: int) -> Row:
+def ring_batch(reps: int) -> list[Row]:
+    """Pop 32 single-buffer chains and push them back, on each data path, interleaved.
+
+    The pure row's baseline is the unchecked CPython floor for the same 32 frames
+    (:func:`cpython_floor`'s five operations), measured in the same run; the native
+    row's baseline is the pure row.
+    """
     base, size = 0x1000_0000, 256
-    table = RegionTable(BufferWindow(bytearray(1 << 20)))
-    table.add([Region(Xgpa(base), 1 << 20, WindowOffset(0))])
-    d, a, u, _ = DriverQueue.layout(size)
-    drv = DriverQueue(table, size, base + d, base + a, base + u)
-    dev = DeviceQueue(table, size, base + d, base + a, base + u)
-    times = []
-    for _ in range(reps):
-        for i in range(32):
-            drv.add((), ((base + 0x10000 + 2048 * i, 2048),), i)
-        drv.publish()
-        t0 = time.perf_counter()
-        chains = dev.pop_batch(32)
-        dev.push_batch([(c.head, 64) for c in chains])
-        times.append((time.perf_counter() - t0) * 1e6)
-        drv.harvest()
-    med = statistics.median(times)
-    return Row(
-        "ring-batch",
-        round(med, 2),
-        "us/batch of 32",
-        None,
-        None,
-        None,
-        "<= 15 us",
-        med <= 15,
-        spread=round(_pct(times, 90) - _pct(times, 10), 2),
-    )
+    impls: list[tuple[str, type[DeviceQueue]]] = [("pure", DeviceQueue)]
+    if native.LIB is not None:
+        impls.insert(0, ("native", native.NativeDeviceQueue))
+    rigs = []
+    for _name, cls in impls:
+        table = RegionTable(BufferWindow(bytearray(1 << 20)))
+        table.add([Region(Xgpa(base), 1 << 20, WindowOffset(0))])
+        d, a, u, _ = DriverQueue.layout(size)
+        rigs.append(
+            (
+                DriverQueue(table, size, base + d, base + a, base + u),
+                cls(table, size, base + d, base + a, base + u),
+            )
+        )
+    times: list[list[float]] = [[] for _ in impls]
+    floor: list[float] = []
+    for rep in range(reps):
+        for (drv, dev), out in zip(rigs, times, strict=True):  # interleaved: both see the same machine
+            for i in range(32):
+                drv.add((), ((base + 0x10000 + 2048 * i, 2048),), i)
+            drv.publish()
+            t0 = time.perf_counter()
+            chains = dev.pop_batch(32)
+            dev.push_batch([(c.head, 64) for c in chains])
+            out.append((time.perf_counter() - t0) * 1e6)
+            drv.harvest()
+        if rep % 10 == 0:
+            floor.append(_floor_per_frame(32) * 32)
+    med = {name: statistics.median(t) for (name, _), t in zip(impls, times, strict=True)}
+    spread = {name: round(_pct(t, 90) - _pct(t, 10), 2) for (name, _), t in zip(impls, times, strict=True)}
+    floor32 = statistics.median(floor)
+    rows = [Row("ring-batch pure", round(med["pure"], 2), "us/batch of 32 (pure Python)",
+                "cpython-floor x 32", round(floor32, 2), round(med["pure"] / floor32, 2), "<= 15 us",
+                med["pure"] <= 15, spread=spread["pure"])]  # fmt: skip
+    if "native" in med:
+        rows.insert(0, Row("ring-batch native", round(med["native"], 2), "us/batch of 32 (compiled)",
+                           "ring-batch pure", round(med["pure"], 2), round(med["native"] / med["pure"], 3),
+                           "<= 3 us", med["native"] <= 3, spread=spread["native"]))  # fmt: skip
+    return rows
 
 
 def cpython_floor(reps: int) -> Row:
@@ -96,25 +115,27 @@ def cpython_floor(reps: int) -> Row:
     assignment), record the used element (one list append). Nothing validated,
     nothing notified: a real switch does all this on both of its queues, and more.
     """
-    table = bytearray(16 * 256)
-    for i in range(256):
-        DESC_STRUCT.pack_into(table, 16 * i, 0x1000 + 2048 * i, 64, 0, 0)
-    window = memoryview(bytearray(0x1000 + 2048 * 256))
-    frame = bytes(64)
-    times = []
-    for _ in range(reps):
-        used: list[int] = []
-        t0 = time.perf_counter()
-        for head in range(256):
-            addr, length, _flags, _next = DESC_STRUCT.unpack_from(table, head << 4)
-            buf = window[addr : addr + length]
-            chain: tuple[int, list[memoryview], list[memoryview], int, int] = (head, [buf], [], length, 0)
-            buf[:] = frame
-            used.append(chain[0])
-        times.append((time.perf_counter() - t0) * 1e6 / 256)
-    med = statistics.median(times)
+    med = statistics.median(_floor_per_frame(256) for _ in range(reps))
     return Row("cpython-floor", round(med, 3), "us/frame (5 CPython operations)", None, None, None,
                "reference: 1 Mpps leaves 1 us/frame for everything", None)  # fmt: skip
+
+
+def _floor_per_frame(frames: int) -> float:
+    """Microseconds per frame of cpython_floor's five operations, over ``frames`` frames."""
+    table = bytearray(16 * frames)
+    for i in range(frames):
+        DESC_STRUCT.pack_into(table, 16 * i, 0x1000 + 2048 * i, 64, 0, 0)
+    window = memoryview(bytearray(0x1000 + 2048 * frames))
+    frame = bytes(64)
+    used: list[int] = []
+    t0 = time.perf_counter()
+    for head in range(frames):
+        addr, length, _flags, _next = DESC_STRUCT.unpack_from(table, head << 4)
+        buf = window[addr : addr + length]
+        chain: tuple[int, list[memoryview], list[memoryview], int, int] = (head, [buf], [], length, 0)
+        buf[:] = frame
+        used.append(chain[0])
+    return (time.perf_counter() - t0) * 1e6 / frames
 
 
 # -- baselines between two processes ----------------------------------------------------------------
@@ -270,7 +291,7 @@ def run_bench(
     reps = 3 if quick else 7
     if want("ring-batch"):
         say("ring-batch")
-        rows.append(ring_batch(2000 if quick else 20000))
+        rows += ring_batch(2000 if quick else 20000)
     if want("cpython-floor"):
         say("cpython-floor")
         rows.append(cpython_floor(200 if quick else 2000))
@@ -605,6 +626,7 @@ def _machine() -> dict[str, Any]:
     except OSError:
         pass
     return {
+        "datapath": native.describe(),  # the rings every net row runs on (the ring-batch rows run both)
         "python": platform.python_version(),
         "kernel": platform.release(),
         "cpus": os.cpu_count(),

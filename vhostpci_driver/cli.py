@@ -288,8 +288,10 @@ def _watch(service: Service, pci_backend: str, polling: bool, log: logging.Logge
 
 
 def _status_of(address: str, dev: Any, backend: Any) -> Callable[[], dict[str, Any]]:
+    from vhostpci_driver.virtqueue import native  # which rings this service runs
+
     def status() -> dict[str, Any]:
-        out = {"address": address, "pid": os.getpid(), **dev.dump()}
+        out = {"address": address, "pid": os.getpid(), "datapath": native.PATH, **dev.dump()}
         if backend is not None:
             out["ports"] = backend.stats()
         return out

@@ -62,7 +62,7 @@ def status_lines(st: Mapping[str, Any]) -> list[str]:
     up = "up" if st.get("remote_up") else "down"
     out = [
         f"{st.get('address')}  backend {st.get('backend', '-')}  interrupts {st.get('interrupts', '-')}  "
-        f"pid {st.get('pid', '-')}",
+        f"pid {st.get('pid', '-')}  data path {st.get('datapath', '-')}",
         f"  remote {st.get('remote_uuid')} {up}, window {int(st.get('window_size') or 0) >> 20} MiB "
         f"({int(st.get('window_mapped') or 0) >> 20} MiB mapped)",
         f"  features {' '.join(feature_names(int(st.get('features') or 0))) or '-'}",
