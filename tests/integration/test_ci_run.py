@@ -28,8 +28,8 @@ case "$*" in
 esac
 """
 PYTHON3 = """#!/bin/sh
-# python3 -m venv .venv: make the stand-in venv
-mkdir -p .venv/bin && cp "$STUB_DIR/venv-python" .venv/bin/python && chmod +x .venv/bin/python
+# python3 -m venv DIR: make the stand-in venv there
+mkdir -p "$3/bin" && cp "$STUB_DIR/venv-python" "$3/bin/python" && chmod +x "$3/bin/python"
 """
 
 
@@ -51,6 +51,7 @@ def tree(tmp_path: Path) -> Path:
     executable(t / "tools" / "vm" / "prepare", '[ "$STUB_PREPARE" != fail ]\n')
     executable(t / "tools" / "vm" / "prepare-kernel", '[ "$STUB_PREPARE_KERNEL" != fail ]\n')
     (t / "tools" / "fuzz").write_text("")
+    (t / "tests").mkdir()  # the fallback step copies the tests into its venv's directory
     return t
 
 
