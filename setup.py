@@ -20,6 +20,7 @@ sanitize = os.environ.get("VHOSTPCI_SANITIZE") == "1"
 native = Extension(
     "vhostpci_driver._native",
     ["vhostpci_driver/_native.c"],
+    depends=["vhostpci_driver/_forward.c"],  # included by _native.c
     extra_compile_args=[*FLAGS, *SANITIZE, "-O1", "-g"] if sanitize else FLAGS,
     extra_link_args=["-fsanitize=undefined"] if sanitize else [],  # ASan: the preloaded runtime
     optional=not sanitize,  # a sanitizer build that fails must say so

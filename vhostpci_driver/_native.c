@@ -10,8 +10,8 @@
  *   push(...)         validate and store a batch of used elements, then the used
  *                     index in one 16-bit store;
  *   need_notify(...)  the event-index decision (virtio 1.2, 2.7.10);
- *   forward(...)      L2 forwarding of a TX batch into RX queues chosen by
- *                     destination MAC (vhostpci_driver/forward.py is the reference).
+ *   forward_unicast(...)  the net switch's common frame: a run of unicast frames copied
+ *                     into their ports' RX buffers (_forward.c; apps/forward.py is the reference).
  *
  * Everything in the rings and descriptors is written by the driver VM, which
  * we do not trust and which writes concurrently: each value is loaded once
@@ -688,11 +688,15 @@ static PyObject *native_setup(PyObject *mod, PyObject *const *args, Py_ssize_t n
 }
 
 
+#include "_forward.c"
+
 static PyMethodDef methods[] = {
     {"setup", (PyCFunction)(void (*)(void))native_setup, METH_FASTCALL, "setup(Chain, RemoteMemoryError)"},
     {"pop", (PyCFunction)(void (*)(void))native_pop, METH_FASTCALL, "pop a batch of chains"},
     {"push", (PyCFunction)(void (*)(void))native_push, METH_FASTCALL, "push a batch of used elements"},
     {"need_notify", (PyCFunction)(void (*)(void))native_need_notify, METH_FASTCALL, "the event-index decision"},
+    {"forward_unicast", (PyCFunction)(void (*)(void))native_forward_unicast, METH_FASTCALL,
+     "place a run of unicast frames into their ports' RX buffers"},
     {NULL, NULL, 0, NULL},
 };
 
@@ -704,7 +708,7 @@ static struct PyModuleDef module = {
 PyMODINIT_FUNC PyInit__native(void)
 {
     str_view = PyUnicode_InternFromString("view");
-    if (str_view == NULL)
+    if (str_view == NULL || forward_strings() < 0)
         return NULL;
     return PyModule_Create(&module);
 }

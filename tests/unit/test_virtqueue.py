@@ -412,12 +412,13 @@ def test_random_rings_yield_valid_chains_or_ring_error(
     assert m.guards_intact()
 
 
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize(("entries", "ok"), [(8, True), (9, False)])
 def test_an_indirect_table_of_the_ring_size_is_taken_and_one_more_entry_is_not(
-    entries: int, ok: bool
+    impl: type[DeviceQueue], entries: int, ok: bool
 ) -> None:
     """The bound of rule indirect-len (as Linux get_indirect): at most as many entries as the ring."""
-    m, dev, table, avail = hostile(8)
+    m, dev, table, avail = hostile(impl, 8)
     ind = BUFS + 0x8000
     t = m.view(ind, 16 * entries)
     for i in range(entries):  # one chain through the whole table
