@@ -17,7 +17,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from vhostpci_driver.apps.forward import forward_unicast_pure
+from vhostpci_driver.apps.forward import compiled_forward_unicast, forward_unicast_pure
 from vhostpci_driver.frontends import Chain
 from vhostpci_driver.virtqueue.native import LIB, REASON
 
@@ -25,7 +25,7 @@ MEM = 1 << 16
 IMPLS = [
     pytest.param(forward_unicast_pure, id="pure"),
     pytest.param(
-        LIB.forward_unicast if LIB is not None else None,
+        compiled_forward_unicast,
         id="native",
         marks=pytest.mark.skipif(LIB is None, reason=REASON),
     ),
@@ -106,7 +106,7 @@ def test_native_and_pure_place_the_same_frames(
     broken: list[bool],
 ) -> None:  # fmt: skip
     out = []
-    for impl in (forward_unicast_pure, LIB.forward_unicast):  # type: ignore[union-attr]
+    for impl in (forward_unicast_pure, compiled_forward_unicast):
         w = World(ports, frames)
         for p, b in zip(w.ports, broken, strict=False):
             p.broken = "broken" if b and p is not w.source else None
