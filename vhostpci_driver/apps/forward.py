@@ -89,9 +89,9 @@ def forward_unicast_pure(
 
 #: The compiled twin (None on the pure path); tests/unit/test_forward.py holds it to the reference.
 compiled_forward_unicast = native.LIB.forward_unicast if native.LIB is not None else None
-#: The primitive the app calls: the reference, for now. With the compiled twin the switch's
-#: 100k-frame end-to-end test stalls (183 s instead of 13 s) although the twin agrees with the
-#: reference on every differential example: not switched on until that is understood.
+#: The primitive an app calls: the reference, for now. Wired into apps/net.py, the compiled
+#: twin made the 100k-frame end-to-end test stall (183 s instead of 13 s) although it agrees
+#: with the reference on every differential example (docs/performance.md): not used until then.
 if TYPE_CHECKING:
     forward_unicast = forward_unicast_pure
 else:
