@@ -3,10 +3,11 @@
 The extension is built at install when a compiler is there (setup.py) and is
 optional: without it, with ``VHOSTPCI_PURE=1`` in the environment, or (for now)
 without ``VHOSTPCI_NATIVE=1``, every frontend queue is the pure-Python
-:class:`~vhostpci_driver.virtqueue.device.DeviceQueue`, which stays the reference. :class:`NativeDeviceQueue` is that class with its
-per-batch calls (``pop_batch``, ``push_batch``, ``need_notify``) done in C under
-the same rules, names and indexes; everything else (state, errors, ``discard``,
-notifications) is the reference's own code, so the two cannot drift apart there.
+:class:`~vhostpci_driver.virtqueue.device.DeviceQueue`, which stays the reference.
+:class:`NativeDeviceQueue` is that class with its per-batch calls (``pop_batch``,
+``push_batch``, ``need_notify``) done in C under the same rules, names and indexes;
+everything else (state, errors, ``discard``, notifications) is the reference's own
+code, so the two cannot drift apart there.
 ``VHOSTPCI_NATIVE_LIB=path`` loads the extension from a file instead (the
 sanitizer build that tools/fuzz runs).
 
