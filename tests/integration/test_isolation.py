@@ -40,7 +40,10 @@ def test_a_hostile_rx_ring_breaks_its_port_only(rig: Rig, kind: str, rule: str) 
     """virtio 1.2, 5.1.6.3: receive buffers are device-writable, and (mergeable) hold at least the header."""
     three_vms(rig)
     a, c = rig.vms[0], rig.vms[2]
-    assert rig.backend.ports[bytes.fromhex(MAC_C.replace(":", ""))].mergeable  # the rule under test applies
+    port_c = bytes.fromhex(MAC_C.replace(":", ""))
+    # C is ready once its FEATURE_BITS is acked; the service thread adds its port just after.
+    wait_for(lambda: port_c in rig.backend.ports, 10, "C's port")
+    assert rig.backend.ports[port_c].mergeable  # the rule under test applies
     c.send(f"hostile {kind}")
     c.stats()  # answered after the command before it: C's RX ring is broken from here
     a.send(f"send {MAC_C} 50 256")  # into C's broken RX ring
@@ -67,10 +70,13 @@ def test_one_device_needing_a_reset_stops_only_that_device(rig: Rig) -> None:
     assert "DEVICE_NEEDS_RESET" in dev_c.failed  # type: ignore[operator]
     assert dev_c.dump()["failed"] == dev_c.failed
     assert rig.service is not None
-    events = rig.service.events
-    assert any(isinstance(e, FrontendRemoved) and e.key.device_id == int(MAC_C.replace(":", ""), 16)
-               for e in events)
-    assert any(isinstance(e, DeviceErrorEvent) and "DEVICE_NEEDS_RESET" in e.message for e in events)
+    service = rig.service
+    c_id = int(MAC_C.replace(":", ""), 16)
+    # The service thread marks the device failed, then delivers what that removed: wait for both.
+    wait_for(lambda: any(isinstance(e, FrontendRemoved) and e.key.device_id == c_id for e in service.events),
+             10, "C's frontend removed")  # fmt: skip
+    wait_for(lambda: any(isinstance(e, DeviceErrorEvent) and "DEVICE_NEEDS_RESET" in e.message
+                         for e in service.events), 10, "the reset reported")  # fmt: skip
     wait_for(lambda: MAC_C not in rig.backend.stats(), 10, "C's port removed from the switch")
     for _ in range(3):
         a_to_b_forwards(rig)
