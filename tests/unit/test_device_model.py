@@ -366,3 +366,24 @@ def test_direct_doorbells_hand_the_call_eventfd_of_the_slot_holder_now() -> None
     m.release_slot(slot)
     for fd in (kick1, call1, kick2, call2):
         os.close(fd)
+
+
+def test_what_was_queued_before_driver_ok_is_lost_and_the_replay_goes_first(b: Bench) -> None:
+    # A DEVICE_INFO queued between a reset and DRIVER_OK would otherwise be delivered
+    # before the host's replay of the memory its rings are in (RING_OUTSIDE_MEMORY).
+    order: list[tuple[str, object]] = []
+    b.m.on_reset = lambda lost: order.append(("lost", lost))
+    b.m.on_driver_ok = lambda: order.append(("replayed", b.m.send_control(ctrl.FeatureBits(1, 9, 1 << 32))))
+    b.negotiate(1 << Feature.VERSION_1)
+    cq = b.setup_queue(0, IOVA)
+    assert cq is not None and b.setup_queue(1, IOVA + 0x4000) is not None
+    for i in range(4):
+        cq.add((), ((IOVA + 0x10000 + 4096 * i, 4096),), i)
+    cq.publish()
+    queued = b.m.send_control(ctrl.FeatureBits(1, 1, 1 << 32))  # no live ring yet: it waits
+    b.w("status", 1 | 2 | FEATURES_OK | DRIVER_OK, 1)
+    assert order == [("lost", [queued]), ("replayed", queued + 1)]
+    got = cq.harvest()
+    ids = [ctrl.decode_message(bytes(b.dma.view(IOVA + 0x10000 + 4096 * int(t), n)))[0].request_id  # type: ignore[call-overload]
+           for t, n in got]  # fmt: skip
+    assert ids == [queued + 1] and b.m.missing_acks() == [queued + 1]

@@ -254,6 +254,17 @@ class VhostPciDeviceModel(VirtioPciFunction):
         )  # fmt: skip
 
     def _queues_started(self) -> None:
+        # Requests queued since the reset were never delivered: they are lost like those
+        # before it (protocol.md 7.5), and the host's replay at DRIVER_OK carries their state,
+        # memory before the frontends whose rings it holds. Delivered after the replay they
+        # would arrive twice (and fail EXISTS); before it, a frontend would come before its
+        # memory (RING_OUTSIDE_MEMORY).
+        queued = [rid for rid, _ in self.backlog if rid]
+        if queued:
+            self.backlog = deque(m for m in self.backlog if not m[0])
+            for rid in queued:
+                self.outstanding.pop(rid, None)
+            self.on_reset(queued)
         self.on_driver_ok()
         self._deliver_control()
 
@@ -344,7 +355,7 @@ class VhostPciDeviceModel(VirtioPciFunction):
                 self.on_ack_error(f"undecodable ack: {e}", None)
                 continue
             if rid in self.outstanding:
-                del self.outstanding[rid]
+                self.outstanding.pop(rid, None)
                 self.acked.add(rid)
                 self.counters["acks"] += 1
                 self.on_ack(rid, ack)

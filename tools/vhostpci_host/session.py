@@ -421,8 +421,12 @@ class Session:
     # -- the device driver restarted ------------------------------------------
 
     def on_reset(self, lost: list[int]) -> None:
-        """The device was reset: requests delivered or queued but not acked are gone."""
-        self._lost = [p for rid in lost if (p := self._pending.pop(rid, None)) is not None]
+        """The device was reset: requests delivered or queued but not acked are gone.
+
+        Also called at DRIVER_OK for what was queued since the reset (device_model): the
+        lost requests add up until the replay takes them.
+        """
+        self._lost += [p for rid in lost if (p := self._pending.pop(rid, None)) is not None]
         if self.gone:
             # A gone driver VM's device restarted: the new driver holds nothing, and nothing is
             # replayed to it, so what the teardown was removing is released now.
