@@ -75,7 +75,18 @@ def test_control_messages_round_trip(request_id: int, body: ctrl.ControlBody) ->
     assert decoded == body
 
 
-@given(st.integers(1, 2**64 - 1), st.builds(Ack, U16, st.sampled_from(AckResult), U32, U64))
+#: Every valid ACK: a DEVICE_INFO DEL_DONE counts the ring states it carries in ``value``.
+acks = st.one_of(
+    st.tuples(U16, st.sampled_from(AckResult), U32, U64)
+    .filter(lambda t: not ctrl.states_allowed(t[0], t[1]))
+    .map(lambda t: Ack(*t)),
+    st.lists(
+        st.builds(ctrl.VirtqState, U16, U16, U16), max_size=ctrl.MAX_STATES, unique_by=lambda v: v.index
+    ).map(lambda s: Ack(ctrl.MsgType.DEVICE_INFO, AckResult.DEL_DONE, 0, len(s), tuple(s))),
+)
+
+
+@given(st.integers(1, 2**64 - 1), acks)
 def test_acks_round_trip(request_id: int, ack: Ack) -> None:
     assert ctrl.decode_ack(ctrl.encode_ack(request_id, ack)) == (request_id, ack)
 

@@ -202,8 +202,13 @@ class Ack:
     states: tuple[VirtqState, ...] = ()
 
     def __post_init__(self) -> None:
-        if self.states and self.value != len(self.states):
-            raise ValueError("an ACK with ring states counts them in value")
+        # protocol.md 4.4: on a DEVICE_INFO DEL_DONE ``value`` is the count of the states that
+        # follow (an ack claiming more than it carries does not decode); on no other ack are there any.
+        if states_allowed(self.acked_type, self.result):
+            if self.value != len(self.states):
+                raise ValueError("a DEVICE_INFO DEL_DONE counts its ring states in value")
+        elif self.states:
+            raise ValueError("only a DEVICE_INFO DEL_DONE carries ring states")
 
 
 ControlBody = MemoryInfo | DeviceInfo | FeatureBits
