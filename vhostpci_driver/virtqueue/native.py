@@ -1,8 +1,8 @@
 """Which data path runs: the compiled ring walker (``vhostpci_driver._native``) or the pure rings.
 
 The extension is built at install when a compiler is there (setup.py) and is
-optional: without it, with ``VHOSTPCI_PURE=1`` in the environment, or (for now)
-without ``VHOSTPCI_NATIVE=1``, every frontend queue is the pure-Python
+optional: without it, or with ``VHOSTPCI_PURE=1`` in the environment, every
+frontend queue is the pure-Python
 :class:`~vhostpci_driver.virtqueue.device.DeviceQueue`, which stays the reference.
 :class:`NativeDeviceQueue` is that class with its per-batch calls (``pop_batch``,
 ``push_batch``, ``need_notify``) done in C under the same rules, names and indexes;
@@ -52,14 +52,7 @@ def _load() -> tuple[ModuleType | None, str]:
 
 
 LIB, REASON = _load()
-# The frontends' rings run compiled only with VHOSTPCI_NATIVE=1 for now: under a loaded full
-# test run, bring-ups failed (DEVICE_INFO acked RING_OUTSIDE_MEMORY) with the compiled rings and
-# never with the pure ones, which is not understood yet (docs/performance.md).
-PATH: Literal["native", "pure"] = (
-    "native" if LIB is not None and os.environ.get("VHOSTPCI_NATIVE") == "1" else "pure"
-)
-if LIB is not None and PATH == "pure":
-    REASON = f"built, not enabled (VHOSTPCI_NATIVE=1 turns it on): {REASON}"
+PATH: Literal["native", "pure"] = "native" if LIB is not None else "pure"
 
 
 def describe() -> dict[str, object]:
