@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -28,15 +27,16 @@ import uuid
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
-sys.path[:0] = [str(REPO), str(REPO / "tools")]
+sys.path[:0] = [str(REPO), str(REPO / "tools"), str(Path(__file__).resolve().parent)]
+
+import chroot  # noqa: E402  (tools/vm, beside this file)
 
 from vhostpci_driver.apps.net import NetBackend, net_policy  # noqa: E402
 from vhostpci_driver.device import VhostPciDevice  # noqa: E402
 from vhostpci_driver.service import Service  # noqa: E402
 from vhostpci_host.harness import HostServer, JsonProcess, host_command  # noqa: E402
 
-CACHE = Path(os.environ.get("VHOSTPCI_VM_CACHE", "/var/tmp/vhostpci-vm"))
-ROOT = CACHE / "sid"
+ROOT = chroot.ROOT
 VMS = (
     ("a", "52:54:00:00:00:a1", uuid.UUID("7e57ab1e-0000-4000-8000-0000000000a1")),
     ("b", "52:54:00:00:00:b2", uuid.UUID("7e57ab1e-0000-4000-8000-0000000000b2")),
@@ -82,23 +82,7 @@ def main() -> int:
     if not (ROOT / ".vhostpci-ready").exists():
         print(f"driver-vms: no prepared VM cache at {ROOT}: run tools/vm/prepare", file=sys.stderr)
         return 3
-    project = ROOT / "project"
-    project.mkdir(exist_ok=True)
-    run_dir = ROOT / "run/vu"
-    shutil.rmtree(run_dir, ignore_errors=True)
-    run_dir.mkdir(parents=True)
-    mounts = [(["mount", "--bind", str(REPO), str(project)], project)]
-    for what, opts in (
-        ("proc", ["-t", "proc", "proc"]),
-        ("sys", ["--rbind", "/sys"]),
-        ("dev", ["--rbind", "/dev"]),
-    ):
-        mounts.append((["mount", *opts, str(ROOT / what)], ROOT / what))
-    mounted = []
-    for argv_m, target in mounts:
-        if subprocess.run(["mountpoint", "-q", str(target)], check=False).returncode != 0:
-            subprocess.run(argv_m, check=True)
-            mounted.append(target)
+    run_dir, mounted = chroot.enter(REPO, "vu")
     server = None
     doors: list[JsonProcess] = []
     guests: list[subprocess.Popen[bytes]] = []
@@ -211,8 +195,7 @@ def main() -> int:
             door.stop()
         if server is not None:
             server.stop()
-        for target in reversed(mounted):
-            subprocess.run(["umount", "-l", str(target)], check=False)
+        chroot.leave(mounted)
 
 
 def _debian_kernel() -> str:

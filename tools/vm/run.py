@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -36,12 +35,12 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 sys.path[:0] = [str(REPO), str(REPO / "tools"), str(Path(__file__).resolve().parent)]
 
+import chroot  # noqa: E402  (tools/vm, beside this file)
 from hotplug import HotplugController, qemu_options  # noqa: E402  (tools/vm, beside this file)
 
 from vhostpci_host.harness import DriverVmProcess, HostServer  # noqa: E402
 
-CACHE = Path(os.environ.get("VHOSTPCI_VM_CACHE", "/var/tmp/vhostpci-vm"))
-ROOT = CACHE / "sid"
+ROOT = chroot.ROOT
 MAC = "52:54:00:00:00:aa"
 OUT_DIR = "/var/tmp/vpout"  # in the chroot and, through --rwdir, in the guest
 VM_UUID = uuid.UUID("7e57ab1e-0000-4000-8000-00000000a001")
@@ -78,23 +77,7 @@ def main() -> int:
     cmd = " ".join(args.command).removeprefix("-- ").strip() or "true"
     if not (ROOT / ".vhostpci-ready").exists():
         fail(f"no prepared VM cache at {ROOT}: run tools/vm/prepare", 3)
-    project = ROOT / "project"
-    project.mkdir(exist_ok=True)
-    run_dir = ROOT / "run/vp"
-    shutil.rmtree(run_dir, ignore_errors=True)
-    run_dir.mkdir(parents=True)
-    mounts = [(["mount", "--bind", str(REPO), str(project)], project)]
-    for what, opts in (
-        ("proc", ["-t", "proc", "proc"]),
-        ("sys", ["--rbind", "/sys"]),
-        ("dev", ["--rbind", "/dev"]),
-    ):
-        mounts.append((["mount", *opts, str(ROOT / what)], ROOT / what))
-    mounted = []
-    for argv_m, target in mounts:
-        if subprocess.run(["mountpoint", "-q", str(target)], check=False).returncode != 0:
-            subprocess.run(argv_m, check=True)
-            mounted.append(target)
+    run_dir, mounted = chroot.enter(REPO, "vp")
     server = vm = controller = None
     try:
         server = HostServer(run_dir, ping_interval=2.0, ping_misses=30)
@@ -177,8 +160,7 @@ def main() -> int:
             print("vm-run: host server log (tail):\n" + server.stderr_tail(25), file=sys.stderr)
             server.stop()
         subprocess.run(["pkill", "-f", "qemu-system-x86_64.*vhostpci0"], check=False)
-        for target in reversed(mounted):
-            subprocess.run(["umount", "-l", str(target)], check=False)
+        chroot.leave(mounted)
 
 
 def _show_guest_log(out_dir: Path) -> None:

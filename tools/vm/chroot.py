@@ -1,0 +1,48 @@
+"""The cached sid chroot as the VM scripts use it: the project bind-mounted in, /proc, /sys, /dev.
+
+tools/vm/run.py (the device VM) and tools/vm/driver_vms.py (stock QEMU driver VMs)
+both run QEMU inside the chroot tools/vm/prepare built; this is their one way in
+and out of it.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+CACHE = Path(os.environ.get("VHOSTPCI_VM_CACHE", "/var/tmp/vhostpci-vm"))
+ROOT = CACHE / "sid"
+
+
+def enter(repo: Path, run_sub: str) -> tuple[Path, list[Path]]:
+    """Mount what the guests need; returns a fresh run directory ``ROOT/run/run_sub`` and the mounts made."""
+    project = ROOT / "project"
+    project.mkdir(exist_ok=True)
+    run_dir = ROOT / "run" / run_sub
+    shutil.rmtree(run_dir, ignore_errors=True)
+    run_dir.mkdir(parents=True)
+    mounts = [(["mount", "--bind", str(repo), str(project)], project)]
+    for what, opts in (
+        ("proc", ["-t", "proc", "proc"]),
+        ("sys", ["--rbind", "/sys"]),
+        ("dev", ["--rbind", "/dev"]),
+    ):
+        mounts.append((["mount", *opts, str(ROOT / what)], ROOT / what))
+    mounted: list[Path] = []
+    try:
+        for argv, target in mounts:
+            if subprocess.run(["mountpoint", "-q", str(target)], check=False).returncode != 0:
+                subprocess.run(argv, check=True)
+                mounted.append(target)
+    except BaseException:
+        leave(mounted)
+        raise
+    return run_dir, mounted
+
+
+def leave(mounted: list[Path]) -> None:
+    """Undo :func:`enter`'s mounts, last first (lazily: a guest's 9p may still hold them)."""
+    for target in reversed(mounted):
+        subprocess.run(["umount", "-l", str(target)], check=False)
