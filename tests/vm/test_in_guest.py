@@ -103,6 +103,7 @@ def _serve_traffic(fn: VfioFunction, frames: int = 1000) -> None:
     time.sleep(2)  # let the last used entries and doorbells go out
     service.stop.set()
     thread.join(10)
+    service.close()  # its selector (an epoll fd) is the service's to give back
     print(f"traffic: {backend.stats()}")
     print(f"device: {json.dumps(dev.dump()['stats'])}")
     assert dev.stats["interrupts"] > 0  # real MSI-X through VFIO

@@ -156,7 +156,9 @@ class HotplugController:
         try:
             if words[0] == "plug":
                 if self.vm2 is None:
-                    self.vm2 = DriverVmProcess(self.server.socket, [MAC2, MAC2B], vm_uuid=UUID2, memory="64M")
+                    self.vm2 = DriverVmProcess(
+                        self.server.socket, [MAC2, MAC2B], vm_uuid=UUID2, memory="128M"
+                    )  # two frontends of 2 x 256 64 KiB buffers each
                 host_sock = self.server.device_socket(UUID2)
                 guest_sock = self.guest_path + "/" + os.path.relpath(host_sock, self.run_dir)
                 self.qmp.execute(
