@@ -51,7 +51,9 @@ def link_local(mac: str) -> str:
     return "fe80::" + ":".join(f"{w:x}" for w in words)
 
 
-def guest_script(mac: str, peer_mac: str, role: str, nbytes: int, out: str) -> str:
+def guest_script(mac: str, peer_mac: str, role: str, nbytes: int, out: str, ping_tries: int = 90) -> str:
+    """The driver VM's command: its NIC up, ping6 the peer until it answers (at most ``ping_tries``
+    tries of 2 s), then the TCP transfer in ``role``; its log goes to ``out``/guest.log."""
     peer = link_local(peer_mac)
     transfer = (
         f"python3 /project/tools/vm/tcp_transfer.py server --bytes {nbytes} --timeout 300"
@@ -64,7 +66,7 @@ def guest_script(mac: str, peer_mac: str, role: str, nbytes: int, out: str) -> s
         f'IF=; for d in /sys/class/net/*; do [ "$(cat $d/address)" = {mac} ] && IF=$(basename $d); done; '
         'echo "nic=$IF"; ip link set lo up; ip link set $IF up; '
         "n=0; until busybox ping6 -c 1 -W 2 -I $IF " + peer + " >/dev/null 2>&1; do "
-        "n=$((n+1)); [ $n -gt 90 ] && { echo no-ping; ip -6 addr; exit 1; }; done; "
+        f"n=$((n+1)); [ $n -gt {ping_tries} ] && {{ echo no-ping; ip -6 addr; exit 1; }}; done; "
         'echo "first-ping epoch=$(date +%s.%N)"; '
         f"busybox ping6 -c 3 -I $IF {peer} || exit 1; "
         f"{transfer}; rc=$?; "
@@ -72,6 +74,84 @@ def guest_script(mac: str, peer_mac: str, role: str, nbytes: int, out: str) -> s
         'echo "stats rx=$(cat $S/rx_packets) tx=$(cat $S/tx_packets)"; '
         "exit $rc"
     )
+
+
+def start_doors(server: HostServer, run_dir: Path) -> list[JsonProcess]:
+    """One ``vhostpci-host vhost-user`` front door per driver VM, listening in ``run_dir``."""
+    doors: list[JsonProcess] = []
+    try:
+        for name, mac, u in VMS:
+            door = JsonProcess(
+                host_command(
+                    "vhost-user",
+                    "--socket",
+                    str(run_dir / f"{name}.vu"),
+                    "--server",
+                    str(server.socket),
+                    "--uuid",
+                    str(u),
+                    "--mac",
+                    mac,
+                    "--json",
+                ),
+                f"vhost-user-{name}",
+            )
+            doors.append(door)
+            door.read_event("listening")
+    except BaseException:
+        for door in doors:
+            door.stop()
+        raise
+    return doors
+
+
+def start_driver_vms(run_dir: Path, nbytes: int, ping_tries: int = 90) -> list[subprocess.Popen[bytes]]:
+    """Boot both driver VMs (b serves the TCP transfer, a sends it), each on its front door's socket."""
+    guests: list[subprocess.Popen[bytes]] = []
+    for (name, mac, _), (_, peer, _) in zip(VMS, reversed(VMS), strict=True):
+        out = f"/var/tmp/vpout-{name}"
+        shutil.rmtree(ROOT / out.lstrip("/"), ignore_errors=True)
+        (ROOT / out.lstrip("/")).mkdir(parents=True)
+        sock = "/" + str((run_dir / f"{name}.vu").relative_to(ROOT))
+        qemu = (
+            "-object memory-backend-memfd,id=mem,size=512M,share=on -machine memory-backend=mem "
+            f"-chardev socket,id=vu0,path={sock} -netdev vhost-user,id=net0,chardev=vu0 "
+            f"-device virtio-net-pci,netdev=net0,mac={mac},disable-legacy=on"
+        )
+        role = "server" if name == "b" else "client"
+        argv = [
+            "chroot",
+            str(ROOT),
+            "vng",
+            "--disable-kvm",
+            "--force-9p",
+            "--cpus",
+            "1",
+            "--memory",
+            "512M",
+            "--run",
+            "/boot/vmlinuz-" + _debian_kernel(),
+            "--user",
+            "root",
+            f"--qemu-opts={qemu}",
+            f"--rwdir={out}={out}",
+            "--exec",
+            guest_script(mac, peer, role, nbytes, out, ping_tries),
+        ]
+        guests.append(subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+    return guests
+
+
+def guest_results(started: float) -> tuple[dict[str, str], list[float], list[str]]:
+    """Each driver VM's log, the seconds from ``started`` (epoch) to its first ping, and the sha256s seen."""
+    logs = {n: (ROOT / f"var/tmp/vpout-{n}/guest.log").read_text(errors="replace") for n, _, _ in VMS}
+    firsts = [
+        round(float(m.group(1)) - started, 1)
+        for t in logs.values()
+        if (m := re.search(r"first-ping epoch=([0-9.]+)", t))
+    ]
+    sums = [m.group(1) for t in logs.values() for m in re.finditer(r"sha256=([0-9a-f]+)", t)]
+    return logs, firsts, sums
 
 
 def main() -> int:
@@ -91,56 +171,9 @@ def main() -> int:
     thread = None
     try:
         server = HostServer(run_dir, ping_interval=2.0, ping_misses=30)
-        for name, mac, u in VMS:
-            door = JsonProcess(
-                host_command(
-                    "vhost-user",
-                    "--socket",
-                    str(run_dir / f"{name}.vu"),
-                    "--server",
-                    str(server.socket),
-                    "--uuid",
-                    str(u),
-                    "--mac",
-                    mac,
-                    "--json",
-                ),
-                f"vhost-user-{name}",
-            )
-            door.read_event("listening")
-            doors.append(door)
+        doors = start_doors(server, run_dir)
         started = time.time()
-        for (name, mac, _), (_, peer, _) in zip(VMS, reversed(VMS), strict=True):
-            out = f"/var/tmp/vpout-{name}"
-            shutil.rmtree(ROOT / out.lstrip("/"), ignore_errors=True)
-            (ROOT / out.lstrip("/")).mkdir(parents=True)
-            sock = "/" + str((run_dir / f"{name}.vu").relative_to(ROOT))
-            qemu = (
-                "-object memory-backend-memfd,id=mem,size=512M,share=on -machine memory-backend=mem "
-                f"-chardev socket,id=vu0,path={sock} -netdev vhost-user,id=net0,chardev=vu0 "
-                f"-device virtio-net-pci,netdev=net0,mac={mac},disable-legacy=on"
-            )
-            role = "server" if name == "b" else "client"
-            argv = [
-                "chroot",
-                str(ROOT),
-                "vng",
-                "--disable-kvm",
-                "--force-9p",
-                "--cpus",
-                "1",
-                "--memory",
-                "512M",
-                "--run",
-                "/boot/vmlinuz-" + _debian_kernel(),
-                "--user",
-                "root",
-                f"--qemu-opts={qemu}",
-                f"--rwdir={out}={out}",
-                "--exec",
-                guest_script(mac, peer, role, args.bytes, out),
-            ]
-            guests.append(subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        guests = start_driver_vms(run_dir, args.bytes)
         # The devices appear when each guest's driver starts its NIC (its memory table arrives).
         for _, _, u in VMS:
             devices.append(
@@ -164,18 +197,12 @@ def main() -> int:
                 switch = now
             time.sleep(0.5)
         rcs = [g.wait(timeout=max(1.0, deadline - time.monotonic())) for g in guests]
-        logs = {
-            name: (ROOT / f"var/tmp/vpout-{name}/guest.log").read_text(errors="replace") for name, _, _ in VMS
-        }
+        logs, firsts, sums = guest_results(started)
         for name, text in logs.items():
             sys.stdout.write(f"--- driver VM {name} ---\n{text}")
-        firsts = [
-            float(m.group(1)) for t in logs.values() if (m := re.search(r"first-ping epoch=([0-9.]+)", t))
-        ]
-        sums = [m.group(1) for t in logs.values() for m in re.finditer(r"sha256=([0-9a-f]+)", t)]
         result = {
             "guest_status": rcs,
-            "seconds_to_first_ping": [round(f - started, 1) for f in firsts],
+            "seconds_to_first_ping": firsts,
             "sha256_match": len(sums) == 2 and sums[0] == sums[1],
             "switch": switch,
         }
