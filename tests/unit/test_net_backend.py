@@ -8,6 +8,8 @@ the data path from the transport.
 from __future__ import annotations
 
 import ast
+import json
+import logging
 import os
 import pathlib
 
@@ -16,7 +18,7 @@ import pytest
 import vhostpci_driver.apps.net as net
 from vhostpci_driver.apps.net import NetBackend, net_policy
 from vhostpci_driver.errors import FrontendGoneError
-from vhostpci_driver.events import FeaturesNegotiated
+from vhostpci_driver.events import FeaturesNegotiated, FrontendRemoved
 from vhostpci_driver.frontends import Chain, Frontend
 from vhostpci_driver.spec.virtio_net import VIRTIO_NET_F_MRG_RXBUF
 from vhostpci_driver.wire.ctrl import FrontendKey
@@ -183,3 +185,32 @@ def test_a_receive_buffer_breaking_the_rules_breaks_only_its_port(
     assert c.fe.receiver.received == 4 and c.fe.receiver.corrupt == 0
     for vm in (a, b, c):
         vm.close()
+
+
+@pytest.mark.parametrize("how", ["removed-event", "gone-while-polled"])
+def test_a_port_going_down_logs_its_final_counters(how: str, caplog: pytest.LogCaptureFixture) -> None:
+    """The last word on a port is in the log: once its frontend goes, its counters leave stats()."""
+    a, b = Vm("52:54:00:00:00:01", NET_FEATURES), Vm("52:54:00:00:00:02", NET_FEATURES)
+    be = NetBackend("switch")
+    for vm in (a, b):
+        be.on_event(FeaturesNegotiated(vm.key, NET_FEATURES, vm.accepted), {vm.key: vm.backend_side})
+    a.fe.send(b.fe.mac, 40, lambda _s: 300)
+    a.fe.send(b"\xff" * 6, 3, lambda _s: 64)
+    for _ in range(50):  # bounded
+        be.poll()
+        b.service()
+    before = be.stats()["52:54:00:00:00:01"]
+    assert before["tx_unicast"] == 40 and before["tx_flooded"] == 3
+    caplog.set_level(logging.INFO, logger="vhostpci_driver.apps.net")
+    a.backend_side.remove("test")
+    if how == "removed-event":
+        be.on_event(FrontendRemoved(a.key), {})
+    else:
+        be.poll()  # its queues raise FrontendGoneError
+    assert "52:54:00:00:00:01" not in be.stats()
+    (line,) = [r.getMessage() for r in caplog.records if " down: " in r.getMessage()]
+    assert json.loads(line.split(" down: ", 1)[1]) == {"mac": "52:54:00:00:00:01", **before}
+    be.on_event(FrontendRemoved(a.key), {})  # said once only
+    assert sum(" down: " in r.getMessage() for r in caplog.records) == 1
+    a.close()
+    b.close()

@@ -35,6 +35,7 @@ queue, only if its event index asks for it.
 
 from __future__ import annotations
 
+import json
 import logging
 import struct
 from collections import deque
@@ -171,7 +172,7 @@ class NetBackend:
             mac = ev.key.device_id.to_bytes(6, "big")
             gone = self.ports.get(mac)
             if gone is not None and gone.frontend.removed:
-                del self.ports[mac]
+                self._down(gone)
 
     def kick_fds(self) -> list[int]:
         """The eventfds worth waiting on (the ports' queues that have a vector)."""
@@ -196,7 +197,7 @@ class NetBackend:
                 try:
                     moved += self._forward(port, touched, waiting)
                 except FrontendGoneError:
-                    self.ports.pop(port.mac, None)
+                    self._down(port)
                 except RingError as e:
                     self._break(port, e)
                 except Exception as e:
@@ -225,6 +226,13 @@ class NetBackend:
             except (FrontendGoneError, RingError) as e:
                 self._break(p, e)
         return moved
+
+    def _down(self, port: Port) -> None:
+        """``port``'s frontend is gone: unplug it, and log its counters as they end (one JSON object)."""
+        if self.ports.get(port.mac) is port:
+            del self.ports[port.mac]
+            row = {"mac": _mac_text(port.mac), **_counters(port)}
+            log.info("net port %s down: %s", port.frontend.key, json.dumps(row))
 
     @staticmethod
     def _break(port: Port, e: Exception) -> None:
@@ -410,16 +418,22 @@ class NetBackend:
 
     def stats(self) -> dict[str, dict[str, object]]:
         """Per-port counters (:data:`COUNTERS`), whether the port is broken, and TX chains held."""
-        out: dict[str, dict[str, object]] = {}
-        for mac, p in self.ports.items():
-            row: dict[str, object] = {name: getattr(p, name) for name in COUNTERS}
-            row["dropped"] = (
-                p.tx_dropped_unknown + p.tx_dropped_malformed + p.rx_dropped_no_buffer + p.rx_dropped_too_big
-            )
-            row["broken"] = p.broken
-            row["held"] = len(p.held)
-            out[":".join(f"{b:02x}" for b in mac)] = row
-        return out
+        return {_mac_text(mac): _counters(p) for mac, p in self.ports.items()}
+
+
+def _mac_text(mac: bytes) -> str:
+    return ":".join(f"{b:02x}" for b in mac)
+
+
+def _counters(p: Port) -> dict[str, object]:
+    """One port's row of :meth:`NetBackend.stats`."""
+    row: dict[str, object] = {name: getattr(p, name) for name in COUNTERS}
+    row["dropped"] = (
+        p.tx_dropped_unknown + p.tx_dropped_malformed + p.rx_dropped_no_buffer + p.rx_dropped_too_big
+    )
+    row["broken"] = p.broken
+    row["held"] = len(p.held)
+    return row
 
 
 def _scatter(src: list[memoryview], dst_views: list[memoryview]) -> None:
