@@ -46,3 +46,18 @@ def leave(mounted: list[Path]) -> None:
     """Undo :func:`enter`'s mounts, last first (lazily: a guest's 9p may still hold them)."""
     for target in reversed(mounted):
         subprocess.run(["umount", "-l", str(target)], check=False)
+
+
+def vng(kernel: str, *, cpus: int, memory: str, qemu_opts: str, out: str, command: str,
+        extra: tuple[str, ...] = ()) -> list[str]:  # fmt: skip
+    """virtme-ng booting ``kernel`` under TCG on the chroot as its 9p root, running ``command`` as root.
+
+    ``out`` is a directory writable from the guest (the root is read-only); ``extra`` goes
+    before ``--qemu-opts`` (``--append``, ``--systemd``).
+    """
+    return [
+        "chroot", str(ROOT), "vng", "--disable-kvm", "--force-9p", "--cpus", str(cpus), "--memory", memory,
+        "--run", kernel, "--user", "root", *extra,
+        f"--qemu-opts={qemu_opts}",  # "=": the value starts with "-"
+        f"--rwdir={out}={out}", "--exec", command,
+    ]  # fmt: skip

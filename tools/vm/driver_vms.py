@@ -119,25 +119,9 @@ def start_driver_vms(run_dir: Path, nbytes: int, ping_tries: int = 90) -> list[s
             f"-device virtio-net-pci,netdev=net0,mac={mac},disable-legacy=on"
         )
         role = "server" if name == "b" else "client"
-        argv = [
-            "chroot",
-            str(ROOT),
-            "vng",
-            "--disable-kvm",
-            "--force-9p",
-            "--cpus",
-            "1",
-            "--memory",
-            "512M",
-            "--run",
-            "/boot/vmlinuz-" + _debian_kernel(),
-            "--user",
-            "root",
-            f"--qemu-opts={qemu}",
-            f"--rwdir={out}={out}",
-            "--exec",
-            guest_script(mac, peer, role, nbytes, out, ping_tries),
-        ]
+        script = guest_script(mac, peer, role, nbytes, out, ping_tries)
+        argv = chroot.vng("/boot/vmlinuz-" + _debian_kernel(), cpus=1, memory="512M", qemu_opts=qemu,
+                          out=out, command=script)  # fmt: skip
         guests.append(subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
     return guests
 

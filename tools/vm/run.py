@@ -103,29 +103,13 @@ def main() -> int:
             f"cd /project && export PYTHONPATH=/project:/project/tools VHOSTPCI_RUN_DIR=/run/vhostpci "
             f"VHOSTPCI_IN_GUEST=1 PYTHONUNBUFFERED=1 && {{ {cmd} ; }} > {OUT_DIR}/guest.log 2>&1"
         )
-        argv = [
-            "chroot",
-            str(ROOT),
-            "vng",
-            "--disable-kvm",
-            "--force-9p",
-            "--cpus",
-            "2",
-            "--memory",
-            "1G",
-            "--run",
-            kernel(args.kernel),
-            "--user",
-            "root",
+        argv = chroot.vng(
+            kernel(args.kernel), cpus=2, memory="1G", qemu_opts=qemu_opts, out=OUT_DIR, command=guest,
             # iommu=pt: devices the kernel's DMA API serves (and UIO's, which bypass it) see guest
             # physical addresses; vfio-pci still puts its functions in IOMMU domains of their own.
-            f"--append=intel_iommu=on iommu=pt {args.append}".strip(),
-            *(["--systemd"] if args.systemd else []),
-            f"--qemu-opts={qemu_opts}",  # "=": the value starts with "-"
-            f"--rwdir={OUT_DIR}={OUT_DIR}",
-            "--exec",
-            guest,
-        ]
+            extra=(f"--append=intel_iommu=on iommu=pt {args.append}".strip(),
+                   *(["--systemd"] if args.systemd else [])),
+        )  # fmt: skip
         print(f"vm-run: booting {kernel(args.kernel)} with {guest_sock}", file=sys.stderr, flush=True)
         sender = threading.Thread(target=_send_when_ready, args=(vm, args.send), daemon=True)
         sender.start()
