@@ -12,7 +12,7 @@ from pathlib import Path
 
 from click.testing import CliRunner
 
-from tests.integration.conftest import MAC_A, UUIDS, wait_for
+from tests.integration.conftest import MAC_A, MAC_B, UUIDS, wait_for
 from vhostpci_driver.cli import main
 from vhostpci_host.harness import DriverVmProcess, HostServer
 
@@ -100,6 +100,54 @@ def test_run_serves_answers_status_and_dump_and_stops_on_sigterm(short_dir: Path
             svc.stderr.close()
         notify.close()
         vm.stop()
+        server.stop()
+
+
+def test_run_serves_two_functions_with_one_switch(short_dir: Path) -> None:
+    """'vhostpci run A B', as the VM tier's device VM starts it: one switch between two driver VMs'
+    functions, both in each function's status, and a port's final counters logged as it goes."""
+    server = HostServer(short_dir)
+    vms = [
+        DriverVmProcess(server.socket, [mac], vm_uuid=u, memory="64M")
+        for mac, u in zip((MAC_A, MAC_B), UUIDS[:2], strict=True)
+    ]
+    addresses = [f"vfio-user:{server.device_socket(vm.uuid)}" for vm in vms]
+    env = {"VHOSTPCI_RUN_DIR": str(short_dir / "run")}
+    log = short_dir / "run.log"
+    with log.open("wb") as err:
+        svc = subprocess.Popen([sys.executable, "-m", "vhostpci_driver", "run", *addresses],
+                               env={**os.environ, **env}, stderr=err)  # fmt: skip
+    try:
+        for vm in vms:
+            vm.read_event("ready", timeout=30)
+        vms[0].send(f"send {MAC_B} 300 256")
+        vms[1].send(f"send {MAC_A} 200 512")
+        wait_for(
+            lambda: [vm.stats()["frontends"][0]["received"] for vm in vms] == [200, 300], 30, "switching"
+        )
+        st = vhostpci("status", "--json", env=env)
+        assert st.returncode == 0, st.stderr
+        services = json.loads(st.stdout)["services"]
+        assert sorted(s["address"] for s in services) == sorted(addresses)
+        for s in services:  # one switch: each function's status shows both ports
+            assert s["ports"][MAC_A]["tx_unicast"] == 300 and s["ports"][MAC_B]["tx_unicast"] == 200
+            assert s["ports"][MAC_A]["rx_frames"] == 200 and s["ports"][MAC_B]["rx_frames"] == 300
+        for vm in vms:
+            assert vm.stats()["frontends"][0]["corrupt"] == 0
+        vms[1].stop()  # its frontend goes, and with it its port: the log keeps the last counters
+        wait_for(lambda: b" down: " in log.read_bytes(), 30, "the port's last counters in the log")
+        line = next(ln for ln in log.read_text().splitlines() if " down: " in ln)
+        final = json.loads(line.split(" down: ", 1)[1])
+        assert final["mac"] == MAC_B and (final["tx_unicast"], final["rx_frames"]) == (200, 300)
+        assert final["dropped"] == 0
+        svc.send_signal(signal.SIGTERM)
+        assert svc.wait(20) == 143
+    finally:
+        if svc.poll() is None:
+            svc.kill()
+            svc.wait(5)
+        for vm in vms:
+            vm.stop()
         server.stop()
 
 
