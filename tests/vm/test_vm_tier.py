@@ -112,3 +112,46 @@ def test_two_stock_qemu_driver_vms_ping6_and_tcp_through_our_switch() -> None:
         rx, tx = (int(v) for v in re.findall(r"\d+", guests[name]))
         port = switch[mac]
         assert abs(port["tx_frames"] - tx) <= 5 and abs(port["rx_frames"] - rx) <= 5, (name, port)
+
+
+@on_the_host
+def test_two_stock_qemu_driver_vms_through_our_switch_in_a_device_vm() -> None:
+    """Issue 18 item 5, the full configuration: the driver VMs' only link is ``vhostpci run`` in a device VM,
+    serving both vhost-pci functions over kernel VFIO with one switch (tools/vm/device_vm.py).
+
+    64 MiB (the issue's figure): the transfer itself takes about 25 s at the 20-odd Mbit/s seen under TCG,
+    against about 190 s of three boots before the first ping, so the run stays near 4 minutes."""
+    if not os.environ.get("VHOSTPCI_VM"):
+        pytest.skip("the VM tier runs with VHOSTPCI_VM=1 (after tools/vm/prepare); .ci/run does that")
+    nbytes = 64 << 20
+    out = subprocess.run(
+        [sys.executable, str(REPO / "tools/vm/device_vm.py"), "--bytes", str(nbytes), "--timeout", "600"],
+        capture_output=True, text=True, timeout=900, check=False,
+    )  # fmt: skip
+    print(out.stdout[-12000:])
+    print(out.stderr[-4000:])
+    assert out.returncode == 0, "the driver VMs did not ping or transfer through the device VM (output above)"
+    (line,) = [ln for ln in out.stdout.splitlines() if ln.startswith("device-vm: {")]
+    result = json.loads(line.removeprefix("device-vm: "))
+    assert result["sha256_match"] and result["guest_status"] == [0, 0] and result["run_status"] == 143
+    assert len(re.findall(r"3 packets transmitted, 3 packets received", out.stdout)) == 2  # both ways
+    assert re.search(r"vhostpci.run: serving \S+ \(status", out.stdout)  # the CLI served the functions
+    a, b = "52:54:00:00:00:a1", "52:54:00:00:00:b2"
+    # 'vhostpci status --json' in the device VM showed one switch with both driver VMs' ports.
+    assert result["switch"] is not None and set(result["switch"]) == {a, b}
+    # Each port's last counters (the run's log as it went down) agree with its driver VM's own
+    # (read just before the guest powered off: within the few frames a guest sends on its way out).
+    final = result["switch_final"]
+    guests = dict(re.findall(r"--- driver VM (\w) ---.*?stats rx=(\d+ tx=\d+)", out.stdout, re.S))
+    for name, mac in (("a", a), ("b", b)):
+        rx, tx = (int(v) for v in re.findall(r"\d+", guests[name]))
+        port = final[mac]
+        assert abs(port["tx_frames"] - tx) <= 5 and abs(port["rx_frames"] - rx) <= 5, (name, port)
+        assert port["dropped"] == 0 and port["broken"] is None, (name, port)
+    # Two ports and nothing dropped: what one sent, the other received; a's frames carried the transfer.
+    for src, dst in ((a, b), (b, a)):
+        assert final[src]["tx_frames"] == final[dst]["rx_frames"], final
+        assert final[src]["tx_bytes"] == final[dst]["rx_bytes"], final
+    assert nbytes < final[a]["tx_bytes"] < nbytes * 1.1  # the payload plus its headers (about 6%)
+    for mac in (a, b):  # the samples came while traffic ran: never ahead of the final counters
+        assert all(result["switch"][mac][k] <= final[mac][k] for k in ("tx_frames", "rx_frames"))
