@@ -154,8 +154,7 @@ def main() -> int:
         out_dir.mkdir(parents=True)
         (kernel,) = sorted(f"/boot/{k.name}" for k in (ROOT / "boot").glob("vmlinuz-*"))
         argv = device_vm_argv(["/" + str(Path(s).relative_to(ROOT)) for s in sockets], qemu_dir, kernel)
-        device_vm = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                     start_new_session=True)  # fmt: skip
+        device_vm = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         control = Control(run_dir / "ctl.sock", deadline)
         serving = control.wait_for("serving", deadline)
         serving_at = time.time() - started
@@ -191,6 +190,9 @@ def main() -> int:
         }
         print("device-vm: " + json.dumps(result, default=str), flush=True)
         return 0 if rcs == [0, 0] and result["sha256_match"] and result["run_status"] == 143 else 1
+    except BaseException:
+        _show_logs()  # what each guest got to before it failed
+        raise
     finally:
         if control is not None:
             control.sock.close()
@@ -203,18 +205,39 @@ def main() -> int:
         chroot.leave(mounted)
 
 
+def _show_logs() -> None:
+    for name in [*(f"vpout-{n}/guest.log" for n, _, _ in VMS), "vpout-dev/run.log", "vpout-dev/guest.log"]:
+        path = ROOT / "var/tmp" / name
+        text = path.read_text(errors="replace")[-4000:] if path.exists() else "(none)\n"
+        sys.stdout.write(f"--- {name} ---\n{text}")
+    sys.stdout.flush()
+
+
 def _stop(vm: subprocess.Popen[bytes]) -> None:
-    """Kill a VM this script started that is still running: its process group if it has one (QEMU too)."""
+    """Kill a VM this script started that is still running, with its descendants (vng's QEMU)."""
     if vm.poll() is not None:
         return
-    try:
-        if os.getpgid(vm.pid) == vm.pid:
-            os.killpg(vm.pid, signal.SIGKILL)
-        else:
-            vm.kill()
-    except ProcessLookupError:
-        pass
+    for pid in [vm.pid, *_descendants(vm.pid)]:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
     vm.wait(10)
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (Linux's /proc/PID/task/TID/children), children first."""
+    found: list[int] = []
+    todo = [pid]
+    while todo:
+        for task in Path(f"/proc/{todo.pop()}/task").glob("*"):
+            try:
+                kids = [int(k) for k in (task / "children").read_text().split()]
+            except OSError:  # gone meanwhile
+                continue
+            found += kids
+            todo += kids
+    return found
 
 
 if __name__ == "__main__":
