@@ -1,4 +1,8 @@
-"""The bench command keeps working (a smoke test: benchmarks never fail a build on their figures)."""
+"""The bench command keeps working (a smoke test: benchmarks never fail a build on their figures).
+
+What is checked is the rows' shape: every path the machine has built gets its rows in
+one run, each with a baseline measured in that run and the ratio to it.
+"""
 
 from __future__ import annotations
 
@@ -6,37 +10,57 @@ import json
 import os
 import subprocess
 import sys
+from typing import Any
+
+ROW_FIELDS = {"name", "figure", "unit", "baseline_name", "baseline", "ratio", "target", "met", "limited_by"}
 
 
-def test_bench_quick_ring_batch_prints_its_row() -> None:
+def _bench(only: str) -> dict[str, Any]:
     out = subprocess.run(
-        [sys.executable, "-m", "vhostpci_driver", "bench", "--quick", "--only", "ring-batch", "--json"],
+        [sys.executable, "-m", "vhostpci_driver", "bench", "--quick", "--only", only, "--json"],
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=300,
         check=False,
         env=dict(os.environ),
     )
     assert out.returncode == 0, out.stderr
-    result = json.loads(out.stdout)
-    rows = {r["name"]: r for r in result["benchmarks"]}
-    path = "native" if result["machine"]["datapath"]["built"] else "pure"
-    # both paths in one run when the extension is built, the native one against the pure one
-    assert set(rows) == (
-        {"ring-batch native", "ring-batch pure"} if path == "native" else {"ring-batch pure"}
-    )
-    for row in rows.values():
-        assert row["figure"] > 0 and row["unit"].startswith("us") and row["ratio"] > 0
-        assert set(row) >= {
-            "figure",
-            "unit",
-            "baseline_name",
-            "baseline",
-            "ratio",
-            "target",
-            "met",
-            "limited_by",
-        }
-    if path == "native":
-        assert rows["ring-batch native"]["baseline_name"] == "ring-batch pure"
+    result: dict[str, Any] = json.loads(out.stdout)
     assert result["machine"]["cpus"] >= 1
+    for row in result["benchmarks"]:
+        assert set(row) >= ROW_FIELDS, row
+        assert row["figure"] > 0, row
+    return result
+
+
+def _paths(result: dict[str, Any]) -> list[str]:
+    return ["native", "pure"] if result["machine"]["datapath"]["built"] else ["pure"]
+
+
+def test_bench_quick_ring_batch_prints_its_row() -> None:
+    result = _bench("ring-batch")
+    rows = {r["name"]: r for r in result["benchmarks"]}
+    # both paths in one run when the extension is built, the native one against the pure one
+    assert set(rows) == {f"ring-batch {p}" for p in _paths(result)}
+    for row in rows.values():
+        assert row["unit"].startswith("us") and row["ratio"] > 0 and row["baseline"] > 0
+    assert rows["ring-batch pure"]["baseline_name"] == "cpython-floor x 32"
+    if "ring-batch native" in rows:
+        assert rows["ring-batch native"]["baseline_name"] == "ring-batch pure"
+        assert rows["ring-batch native"]["baseline"] == rows["ring-batch pure"]["figure"]
+
+
+def test_bench_quick_net_row_runs_every_path() -> None:
+    result = _bench("net-switch-64")
+    rows = {r["name"]: r for r in result["benchmarks"]}
+    expect = set()
+    for p in _paths(result):
+        expect |= {f"net-switch-64 {p}", f"net-switch-64 {p} simulator", f"net-switch-64 {p} per switch core"}
+    assert set(rows) == expect
+    for p in _paths(result):
+        row, sim = rows[f"net-switch-64 {p}"], rows[f"net-switch-64 {p} simulator"]
+        assert row["baseline_name"] == "AF_UNIX socketpair" and row["baseline"] > 0
+        assert abs(row["ratio"] - row["figure"] / row["baseline"]) < 0.002
+        # the traffic source's own ceiling, against this path's figure from the same run
+        assert sim["baseline_name"] == f"net-switch-64 {p}" and sim["baseline"] == row["figure"]
+        assert (row["limited_by"] == "simulator") == (sim["figure"] < 3 * row["figure"])
