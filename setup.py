@@ -1,4 +1,4 @@
-"""The one thing setup.cfg cannot declare: the optional compiled ring walker (docs/performance.md).
+"""The one thing setup.cfg cannot declare: the optional compiled helpers (docs/performance.md).
 
 ``vhostpci_driver._native`` is built at install when a C compiler and the Python
 headers are there; when the build fails the package installs anyway and runs
@@ -25,4 +25,13 @@ native = Extension(
     extra_link_args=["-fsanitize=undefined"] if sanitize else [],  # ASan: the preloaded runtime
     optional=not sanitize,  # a sanitizer build that fails must say so
 )
-setup(ext_modules=[] if os.environ.get("VHOSTPCI_NO_EXT") == "1" else [native])
+# The simulated driver VM's per-frame ring work (a traffic source that is not the bottleneck;
+# tools/vhostpci_host/frontend.py holds the pure reference and falls back to it), built the same way.
+pktgen = Extension(
+    "vhostpci_host._pktgen",
+    ["tools/vhostpci_host/_pktgen.c"],
+    extra_compile_args=native.extra_compile_args,
+    extra_link_args=native.extra_link_args,
+    optional=not sanitize,
+)
+setup(ext_modules=[] if os.environ.get("VHOSTPCI_NO_EXT") == "1" else [native, pktgen])

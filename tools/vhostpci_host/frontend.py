@@ -8,20 +8,31 @@ batched: a burst of frames is one avail-index publish and at most one kick.
 
 ``hostile`` methods break the rules on purpose, writing raw ring bytes, to
 prove the backend survives a malicious driver VM.
+
+The per-frame ring work of ``pktgen`` traffic and of receiving (a TX harvest, the
+stamping and adding of recycled frames, an RX harvest, check and re-post) runs in
+one compiled call per batch where ``vhostpci_host._pktgen`` is built (setup.py), so
+the simulator is not the bottleneck of what it measures; ``VHOSTPCI_SIM_PURE=1``
+keeps it in Python. The Python methods are the reference: the compiled ones work on
+the same :class:`DriverQueue` state with the same rules (tests/unit/test_pktgen.py).
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib
 import os
 import struct
 import zlib
 from collections.abc import Callable
+from types import ModuleType
 from typing import cast
 
 from vhostpci_driver.addr import Xgpa
+from vhostpci_driver.errors import RingError
 from vhostpci_driver.spec.virtio import DeviceId, Feature
 from vhostpci_driver.spec.virtio_net import VIRTIO_NET_F_MAC, VIRTIO_NET_F_MRG_RXBUF
+from vhostpci_driver.virtqueue import driver as _driver
 from vhostpci_driver.virtqueue.driver import DriverQueue
 from vhostpci_driver.wire.ctrl import DeviceInfo, Op, VirtqInfo
 from vhostpci_host import netpacket
@@ -45,6 +56,22 @@ MIXED = (64, 64, 128, 256, 512, 1024, 1500, 1500, 4096, 9000, 16384, 65536)
 SEQ_PERIOD = 12288
 
 
+def _load_pktgen() -> ModuleType | None:
+    """The compiled per-frame work, or None: not built, or ``VHOSTPCI_SIM_PURE=1``."""
+    if os.environ.get("VHOSTPCI_SIM_PURE") == "1":
+        return None
+    try:
+        lib = importlib.import_module("vhostpci_host._pktgen")
+    except ImportError:
+        return None
+    lib.setup(_driver._FREE, RingError)
+    return lib
+
+
+#: ``vhostpci_host._pktgen`` when it runs (the default of every :class:`NetFrontend`), else None
+PKTGEN = _load_pktgen()
+
+
 def mixed_size(seq: int) -> int:
     return MIXED[seq % len(MIXED)]
 
@@ -63,7 +90,8 @@ class Queue:
         self.ring = DriverQueue(ram, size, self.desc, self.avail, self.used)
         self.buf_size = buf_size
         self.buf_base = ram.alloc(size * buf_size, 4096)
-        self.bufs = [ram.view(self.buf_base + i * buf_size, buf_size) for i in range(size)]
+        self.area = ram.view(self.buf_base, size * buf_size)  # every buffer, slot by slot
+        self.bufs = [self.area[i * buf_size : (i + 1) * buf_size] for i in range(size)]
         self.free = list(range(size))
         self.kick_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self.call_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
@@ -95,7 +123,13 @@ class NetFrontend:
 
     device_type = DeviceId.NET
 
-    def __init__(self, ram: GuestRam, mac: bytes, queue_size: int = 256) -> None:
+    def __init__(
+        self, ram: GuestRam, mac: bytes, queue_size: int = 256, *, compiled: bool | None = None
+    ) -> None:
+        """``compiled``: the per-frame work in ``vhostpci_host._pktgen`` (None: when it is built)."""
+        if compiled and PKTGEN is None:
+            raise RuntimeError("vhostpci_host._pktgen is not built (or VHOSTPCI_SIM_PURE=1)")
+        self._lib = PKTGEN if compiled is None or compiled else None
         self.ram = ram
         self.mac = mac
         self.device_id = int.from_bytes(mac, "big")
@@ -114,6 +148,7 @@ class NetFrontend:
         self.mergeable = False
         self._stamped: list[tuple[bytes, int] | None] = [None] * queue_size  # TX slot -> pktgen frame in it
         self._tx_addrs = [self.tx.addr(slot) for slot in range(queue_size)]
+        self._template: tuple[tuple[bytes, int], bytes] | None = None  # the compiled fill's whole frame
 
     @property
     def queues(self) -> tuple[Queue, Queue]:
@@ -175,6 +210,8 @@ class NetFrontend:
         a TX buffer gets the whole frame once; when it comes back it is reused
         with only seq, length and check stamped (16 bytes), whatever the size.
         """
+        if self._lib is not None:
+            return self._send_pktgen_compiled(dst, count, size)
         self.reclaim_tx()
         q = self.tx
         n = min(count, len(q.free))
@@ -208,7 +245,31 @@ class NetFrontend:
         q.kick()
         return n
 
+    def _send_pktgen_compiled(self, dst: bytes, count: int, size: int) -> int:
+        """:meth:`send_pktgen` in one compiled call for the batch (the reference is the Python above)."""
+        assert self._lib is not None
+        q = self.tx
+        self._lib.reclaim(q.ring, q.free)
+        n = min(count, len(q.free))
+        if n == 0:
+            return 0
+        want = (dst, size)
+        if self._template is None or self._template[0] != want:
+            self._template = (want, netpacket.NO_CSUM_HDR + netpacket.pktgen_frame(dst, self.mac, size))
+        macs = zlib.crc32(dst + self.mac)
+        n = int(self._lib.fill(q.ring, q.free, n, q.area, q.buf_base, q.buf_size, self._template[1],
+                               self._stamped, want, self.seq, macs))  # fmt: skip
+        self.seq += n
+        self.sent += n
+        self.sent_bytes += n * size
+        q.ring.publish()
+        q.kick()
+        return n
+
     def reclaim_tx(self) -> None:
+        if self._lib is not None:
+            self._lib.reclaim(self.tx.ring, self.tx.free)
+            return
         self.tx.free.extend(cast(int, slot) for slot, _ in self.tx.ring.harvest())
 
     # -- RX ------------------------------------------------------------------
@@ -220,6 +281,8 @@ class NetFrontend:
         pushed between our read of the used index and that write would
         otherwise raise no interrupt and sit there (virtio 1.2, 2.7.10).
         """
+        if self._lib is not None:
+            return self._receive_compiled()
         frames = 0
         q = self.rx
         while True:
@@ -227,6 +290,35 @@ class NetFrontend:
             if not used:
                 break
             frames += self._take(used)
+            q.ring.publish()
+            q.kick()
+        return frames
+
+    def _receive_compiled(self) -> int:
+        """:meth:`receive` with each harvest, check and re-post one compiled call (the reference: above)."""
+        assert self._lib is not None
+        q, r = self.rx, self.receiver
+        size = MRG_BUF if self.mergeable else FULL_BUF
+        frames = 0
+        while True:
+            got, received, octets, duplicates, corrupt = self._lib.receive(
+                q.ring,
+                q.area,
+                q.buf_base,
+                q.buf_size,
+                self.mergeable,
+                size,
+                netpacket.PATTERN,
+                r.seen,
+                r.take,
+            )
+            if not got:
+                break
+            r.received += received
+            r.octets += octets
+            r.duplicates += duplicates
+            r.corrupt += corrupt
+            frames += got
             q.ring.publish()
             q.kick()
         return frames

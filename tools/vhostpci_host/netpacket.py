@@ -32,6 +32,8 @@ PKTGEN_STAMP = struct.Struct("<QII")
 MIN_FRAME = 64
 MAX_FRAME = 65536
 _PATTERN = random.Random(0x76686F7374).randbytes(2 * MAX_FRAME)
+#: the payload pattern (the compiled receiver, vhostpci_host._pktgen, checks pktgen frames against it)
+PATTERN = _PATTERN
 _PREFIX = 26
 _PAYLOAD_AT = 30
 

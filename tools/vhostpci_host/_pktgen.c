@@ -1,0 +1,703 @@
+/*
+ * vhostpci_host._pktgen: the simulated driver VM's per-frame ring work, compiled.
+ *
+ * A traffic source must not be the bottleneck of what it measures (issue 16): in pure
+ * Python the simulator does about the switch's own per-frame work (a TX add and
+ * harvest, an RX harvest, check and re-post), so it cannot be three times faster than
+ * a pure switch. These functions do that work for a whole batch in one call, on the
+ * very state of a vhostpci_driver.virtqueue.driver.DriverQueue (its free stack,
+ * tokens, chains and writable lengths, its indexes) and with exactly its rules and
+ * messages, so a frontend can mix them with the pure methods freely. The pure
+ * versions stay the reference (frontend.py, netpacket.py; tests/unit/test_pktgen.py
+ * holds the two to the same bytes, state and counts):
+ *
+ *   reclaim(q, slots)   DriverQueue.harvest() of a TX queue, each token appended to `slots`;
+ *   fill(q, ...)        NetFrontend.send_pktgen's loop: recycled frames stamped with seq,
+ *                       length and check, added as one batch (DriverQueue.add_many);
+ *   receive(q, ...)     one DriverQueue.harvest() of an RX queue and NetFrontend._take:
+ *                       pktgen frames checked here (netpacket.check_pktgen: length, check,
+ *                       every payload byte) and counted in the Receiver's own sets, any
+ *                       other frame handed to Receiver.take, every buffer posted again.
+ *
+ * The used ring is written by the device side, which we do not trust: each used
+ * element and the used index are loaded once, and checked before they index anything.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <stdint.h>
+#include <string.h>
+
+#define F_WRITE 2u
+#define HDR 12
+#define PAYLOAD_AT 30
+#define STAMP_AT (HDR + 14)
+
+static PyObject *free_token; /* virtqueue.driver._FREE */
+static PyObject *ring_error; /* errors.RingError */
+
+/* -- crc32 (zlib's polynomial, as netpacket computes crc32(dst + src)) --------------------- */
+
+static uint32_t crc_table[256];
+
+static void crc_init(void)
+{
+    for (uint32_t i = 0; i < 256; i++) {
+        uint32_t c = i;
+        for (int k = 0; k < 8; k++)
+            c = c & 1 ? 0xEDB88320u ^ (c >> 1) : c >> 1;
+        crc_table[i] = c;
+    }
+}
+
+static uint32_t crc32_of(const unsigned char *p, size_t n)
+{
+    uint32_t c = 0xFFFFFFFFu;
+    while (n--)
+        c = crc_table[(c ^ *p++) & 0xFF] ^ (c >> 8);
+    return c ^ 0xFFFFFFFFu;
+}
+
+/* netpacket.pktgen_check: the low 32 bits are the same in 64-bit arithmetic */
+static uint32_t pktgen_check(uint64_t seq, uint32_t size, uint32_t macs)
+{
+    return (uint32_t)((seq ^ (seq >> 32)) * 0x9E3779B1ull) ^ size ^ macs;
+}
+
+/* -- a DriverQueue's state ------------------------------------------------------------------- */
+
+typedef struct {
+    PyObject *q;
+    Py_ssize_t size;
+    Py_buffer desc, avail, used;
+    int have_desc, have_avail, have_used;
+    PyObject *free, *tokens, *chains, *wlens; /* borrowed from q's lists, checked to be lists */
+    PyObject *free_o, *tokens_o, *chains_o, *wlens_o;
+    long avail_idx, last_used_idx;
+    int event_idx;
+} dq_t;
+
+static void dq_done(dq_t *d)
+{
+    if (d->have_desc)
+        PyBuffer_Release(&d->desc);
+    if (d->have_avail)
+        PyBuffer_Release(&d->avail);
+    if (d->have_used)
+        PyBuffer_Release(&d->used);
+    Py_XDECREF(d->free_o);
+    Py_XDECREF(d->tokens_o);
+    Py_XDECREF(d->chains_o);
+    Py_XDECREF(d->wlens_o);
+}
+
+static int get_long_attr(PyObject *o, const char *name, long *out)
+{
+    PyObject *v = PyObject_GetAttrString(o, name);
+    if (v == NULL)
+        return -1;
+    *out = PyLong_AsLong(v);
+    Py_DECREF(v);
+    return *out == -1 && PyErr_Occurred() ? -1 : 0;
+}
+
+static int get_buf_attr(PyObject *o, const char *name, Py_buffer *b, int *have, Py_ssize_t need)
+{
+    PyObject *v = PyObject_GetAttrString(o, name);
+    if (v == NULL)
+        return -1;
+    int r = PyObject_GetBuffer(v, b, PyBUF_WRITABLE);
+    Py_DECREF(v);
+    if (r < 0)
+        return -1;
+    *have = 1;
+    if (b->len < need) {
+        PyErr_Format(PyExc_ValueError, "%s: %zd bytes, need %zd", name, b->len, need);
+        return -1;
+    }
+    return 0;
+}
+
+static int get_list_attr(PyObject *o, const char *name, PyObject **out, Py_ssize_t len)
+{
+    *out = PyObject_GetAttrString(o, name);
+    if (*out == NULL)
+        return -1;
+    if (!PyList_Check(*out) || (len >= 0 && PyList_GET_SIZE(*out) != len)) {
+        PyErr_Format(PyExc_TypeError, "DriverQueue.%s is not a list of the ring's size", name);
+        return -1;
+    }
+    return 0;
+}
+
+static int dq_open(dq_t *d, PyObject *q)
+{
+    memset(d, 0, sizeof *d);
+    d->q = q;
+    long size, event_idx;
+    if (get_long_attr(q, "size", &size) < 0 || get_long_attr(q, "avail_idx", &d->avail_idx) < 0 ||
+        get_long_attr(q, "last_used_idx", &d->last_used_idx) < 0 || get_long_attr(q, "event_idx", &event_idx) < 0)
+        return -1;
+    if (size < 1 || size > 32768 || (size & (size - 1))) {
+        PyErr_SetString(PyExc_ValueError, "queue size must be a power of two <= 32768");
+        return -1;
+    }
+    d->size = size;
+    d->event_idx = event_idx != 0;
+    if (get_buf_attr(q, "_desc", &d->desc, &d->have_desc, 16 * size) < 0 ||
+        get_buf_attr(q, "_avail", &d->avail, &d->have_avail, 6 + 2 * size) < 0 ||
+        get_buf_attr(q, "_used", &d->used, &d->have_used, 6 + 8 * size) < 0)
+        return -1;
+    if (get_list_attr(q, "_free", &d->free_o, -1) < 0 || get_list_attr(q, "_tokens", &d->tokens_o, size) < 0 ||
+        get_list_attr(q, "_chains", &d->chains_o, size) < 0 || get_list_attr(q, "_wlen", &d->wlens_o, size) < 0)
+        return -1;
+    d->free = d->free_o;
+    d->tokens = d->tokens_o;
+    d->chains = d->chains_o;
+    d->wlens = d->wlens_o;
+    return 0;
+}
+
+static int set_long_attr(PyObject *o, const char *name, long v)
+{
+    PyObject *x = PyLong_FromLong(v);
+    if (x == NULL)
+        return -1;
+    int r = PyObject_SetAttrString(o, name, x);
+    Py_DECREF(x);
+    return r;
+}
+
+static void raise_ring(const char *rule, PyObject *message, PyObject *index)
+{
+    if (message == NULL)
+        return;
+    PyObject *e = PyObject_CallFunction(ring_error, "sOO", rule, message, index ? index : Py_None);
+    Py_DECREF(message);
+    if (e != NULL) {
+        PyErr_SetObject(ring_error, e);
+        Py_DECREF(e);
+    }
+}
+
+/* Harvest up to `cap` used entries (DriverQueue.harvest, rule for rule): their tokens (new
+ * references) and lengths in toks[] / lens[]; the count, or -1 with an exception set (as
+ * harvest, an entry that breaks a rule leaves the ones before it freed and last_used_idx
+ * where it was). */
+static Py_ssize_t dq_harvest(dq_t *d, PyObject **toks, uint32_t *lens, Py_ssize_t cap)
+{
+    const unsigned char *used = d->used.buf;
+    uint16_t used_idx = __atomic_load_n((const uint16_t *)(used + 2), __ATOMIC_ACQUIRE); /* read once */
+    long n = (uint16_t)(used_idx - (uint16_t)d->last_used_idx);
+    Py_ssize_t outstanding = d->size - PyList_GET_SIZE(d->free);
+    if (n > d->size || n > (long)(uint16_t)(d->avail_idx - d->last_used_idx)) {
+        raise_ring("used-idx",
+                   PyUnicode_FromFormat("device claims %ld used entries, %zd descriptors out", n, outstanding),
+                   NULL);
+        return -1;
+    }
+    if (n > cap)
+        n = (long)cap;
+    long idx = d->last_used_idx, mask = (long)d->size - 1;
+    for (long k = 0; k < n; k++) {
+        uint32_t e[2];
+        memcpy(e, used + 4 + 8 * (idx & mask), 8); /* one load of the element; only the copy is used */
+        __asm__ __volatile__("" ::: "memory");
+        uint32_t head = e[0], written = e[1];
+        if (head >= (uint32_t)d->size || PyList_GET_ITEM(d->tokens, head) == free_token) {
+            PyObject *h = PyLong_FromUnsignedLong(head);
+            if (h != NULL) {
+                raise_ring("used-id",
+                           PyUnicode_FromFormat("device returned id %lu, which is not in flight", (unsigned long)head),
+                           h);
+                Py_DECREF(h);
+            }
+            goto fail;
+        }
+        PyObject *wl = PyList_GET_ITEM(d->wlens, head);
+        long long cap_w = PyLong_AsLongLong(wl);
+        if (cap_w == -1 && PyErr_Occurred())
+            goto fail;
+        if ((long long)written > cap_w) {
+            PyObject *h = PyLong_FromUnsignedLong(head);
+            if (h != NULL) {
+                raise_ring("used-len",
+                           PyUnicode_FromFormat("device wrote %lu bytes into %S", (unsigned long)written, wl), h);
+                Py_DECREF(h);
+            }
+            goto fail;
+        }
+        PyObject *tok = PyList_GET_ITEM(d->tokens, head);
+        Py_INCREF(tok);
+        toks[k] = tok;
+        lens[k] = written;
+        Py_INCREF(free_token);
+        PyList_SetItem(d->tokens, head, free_token); /* drops the list's reference to tok */
+        PyObject *ch = PyList_GET_ITEM(d->chains, head);
+        Py_INCREF(ch);
+        PyObject *fr = PySequence_Fast(ch, "a chain must be a sequence of descriptor indexes");
+        Py_DECREF(ch);
+        if (fr == NULL) {
+            Py_DECREF(tok);
+            goto fail;
+        }
+        int bad = 0;
+        for (Py_ssize_t j = 0; j < PySequence_Fast_GET_SIZE(fr) && !bad; j++)
+            bad = PyList_Append(d->free, PySequence_Fast_GET_ITEM(fr, j)) < 0;
+        Py_DECREF(fr);
+        if (bad) {
+            Py_DECREF(tok);
+            goto fail;
+        }
+        idx = (idx + 1) & 0xFFFF;
+        continue;
+    fail:
+        for (long j = 0; j < k; j++)
+            Py_DECREF(toks[j]);
+        return -1;
+    }
+    d->last_used_idx = idx;
+    if (set_long_attr(d->q, "last_used_idx", idx) < 0) {
+        for (long j = 0; j < n; j++)
+            Py_DECREF(toks[j]);
+        return -1;
+    }
+    if (d->event_idx && n) {
+        uint16_t ev = (uint16_t)idx; /* used_event: interrupt us at the next entry */
+        memcpy((unsigned char *)d->avail.buf + 4 + 2 * d->size, &ev, 2);
+        __atomic_thread_fence(__ATOMIC_SEQ_CST); /* ...visible before the caller re-checks the used index */
+    }
+    return n;
+}
+
+/* DriverQueue.add_many(bufs, writable) for n single-buffer chains (addr[k], len, token toks[k]). */
+static int dq_add_many(dq_t *d, const uint64_t *addrs, uint32_t len, PyObject *const *toks, Py_ssize_t n,
+                       int writable, PyObject *wlen_obj)
+{
+    if (n > PyList_GET_SIZE(d->free)) {
+        raise_ring("ring-full", PyUnicode_FromFormat("%zd descriptors wanted, %zd free", n, PyList_GET_SIZE(d->free)),
+                   NULL);
+        return -1;
+    }
+    if (n == 0)
+        return 0;
+    Py_ssize_t nf = PyList_GET_SIZE(d->free);
+    uint16_t heads_small[256], *heads = heads_small;
+    if (n > 256 && (heads = PyMem_Malloc(sizeof *heads * (size_t)n)) == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    for (Py_ssize_t k = 0; k < n; k++) { /* heads = [free.pop() for _ in range(n)] */
+        long h = PyLong_AsLong(PyList_GET_ITEM(d->free, nf - 1 - k));
+        if (h < 0 || h >= d->size) {
+            if (!PyErr_Occurred())
+                PyErr_SetString(PyExc_ValueError, "free descriptor index out of range");
+            if (heads != heads_small)
+                PyMem_Free(heads);
+            return -1;
+        }
+        heads[k] = (uint16_t)h;
+    }
+    if (PyList_SetSlice(d->free, nf - n, nf, NULL) < 0)
+        goto fail;
+    unsigned char *desc = d->desc.buf;
+    uint16_t flags = writable ? F_WRITE : 0, zero = 0;
+    for (Py_ssize_t k = 0; k < n; k++) {
+        long head = heads[k];
+        unsigned char *p = desc + 16 * head;
+        memcpy(p, &addrs[k], 8);
+        memcpy(p + 8, &len, 4);
+        memcpy(p + 12, &flags, 2);
+        memcpy(p + 14, &zero, 2);
+        Py_INCREF(toks[k]);
+        PyList_SetItem(d->tokens, head, toks[k]);
+        PyObject *ch = PyList_GET_ITEM(d->chains, head);
+        /* chains[head] = (head,): the tuple already there is kept when it says so */
+        if (!(PyTuple_CheckExact(ch) && PyTuple_GET_SIZE(ch) == 1 && PyLong_CheckExact(PyTuple_GET_ITEM(ch, 0)) &&
+              PyLong_AsLong(PyTuple_GET_ITEM(ch, 0)) == head)) {
+            PyObject *hv = PyLong_FromLong(head), *t = hv ? PyTuple_Pack(1, hv) : NULL;
+            Py_XDECREF(hv);
+            if (t == NULL)
+                goto fail;
+            PyList_SetItem(d->chains, head, t);
+        }
+        Py_INCREF(wlen_obj);
+        PyList_SetItem(d->wlens, head, wlen_obj);
+    }
+    uint16_t *ring = (uint16_t *)((unsigned char *)d->avail.buf + 4);
+    long mask = (long)d->size - 1;
+    for (Py_ssize_t k = 0; k < n; k++)
+        ring[(d->avail_idx + k) & mask] = heads[k];
+    d->avail_idx = (d->avail_idx + (long)n) & 0xFFFF;
+    if (heads != heads_small)
+        PyMem_Free(heads);
+    return set_long_attr(d->q, "avail_idx", d->avail_idx);
+fail:
+    if (heads != heads_small)
+        PyMem_Free(heads);
+    return -1;
+}
+
+/* -- reclaim(q, slots) -> n ------------------------------------------------------------------- */
+
+static PyObject *pk_reclaim(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
+{
+    (void)mod;
+    if (nargs != 2 || !PyList_Check(args[1])) {
+        PyErr_SetString(PyExc_TypeError, "reclaim(queue, slots: list)");
+        return NULL;
+    }
+    dq_t d;
+    PyObject *result = NULL;
+    PyObject **toks = NULL;
+    uint32_t *lens = NULL;
+    if (dq_open(&d, args[0]) < 0)
+        goto out;
+    toks = PyMem_Malloc(sizeof *toks * (size_t)d.size);
+    lens = PyMem_Malloc(sizeof *lens * (size_t)d.size);
+    if (toks == NULL || lens == NULL) {
+        PyErr_NoMemory();
+        goto out;
+    }
+    Py_ssize_t n = dq_harvest(&d, toks, lens, d.size);
+    if (n < 0)
+        goto out;
+    int bad = 0;
+    for (Py_ssize_t k = 0; k < n; k++) {
+        if (!bad && PyList_Append(args[1], toks[k]) < 0)
+            bad = 1;
+        Py_DECREF(toks[k]);
+    }
+    if (!bad)
+        result = PyLong_FromSsize_t(n);
+out:
+    PyMem_Free(toks);
+    PyMem_Free(lens);
+    dq_done(&d);
+    return result;
+}
+
+/* -- fill(q, slots, n, bufs, buf_base, buf_size, frame, stamped, want, seq, macs) -> n -------- */
+
+static int slot_of(PyObject *tok, Py_ssize_t nslots, long *slot)
+{
+    *slot = PyLong_AsLong(tok);
+    if (*slot == -1 && PyErr_Occurred())
+        return -1;
+    if (*slot < 0 || *slot >= nslots) {
+        PyErr_Format(PyExc_IndexError, "buffer slot %ld out of range", *slot);
+        return -1;
+    }
+    return 0;
+}
+
+static PyObject *pk_fill(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
+{
+    (void)mod;
+    if (nargs != 11 || !PyList_Check(args[1]) || !PyBytes_Check(args[6]) || !PyList_Check(args[7])) {
+        PyErr_SetString(PyExc_TypeError,
+                        "fill(queue, slots: list, n, bufs, buf_base, buf_size, frame: bytes, stamped: list, want, "
+                        "seq, macs)");
+        return NULL;
+    }
+    PyObject *slots = args[1], *frame = args[6], *stamped = args[7], *want = args[8];
+    Py_ssize_t n = PyLong_AsSsize_t(args[2]);
+    unsigned long long base = PyLong_AsUnsignedLongLong(args[4]), seq = PyLong_AsUnsignedLongLong(args[9]);
+    Py_ssize_t buf_size = PyLong_AsSsize_t(args[5]);
+    unsigned long macs = PyLong_AsUnsignedLong(args[10]);
+    if (PyErr_Occurred())
+        return NULL;
+    Py_ssize_t flen = PyBytes_GET_SIZE(frame); /* header and frame */
+    if (n < 0 || n > PyList_GET_SIZE(slots) || flen < HDR + PAYLOAD_AT || flen > buf_size || flen - HDR > 0xFFFFFFFF) {
+        PyErr_SetString(PyExc_ValueError, "fill: bad count or frame");
+        return NULL;
+    }
+    uint32_t size = (uint32_t)(flen - HDR);
+    dq_t d;
+    Py_buffer b = {0};
+    int have_b = 0;
+    PyObject *result = NULL, *zero = PyLong_FromLong(0);
+    PyObject **toks = NULL;
+    uint64_t *addrs = NULL;
+    if (zero == NULL || dq_open(&d, args[0]) < 0)
+        goto out;
+    if (PyObject_GetBuffer(args[3], &b, PyBUF_WRITABLE) < 0)
+        goto out;
+    have_b = 1;
+    Py_ssize_t nslots = b.len / buf_size;
+    if (PyList_GET_SIZE(stamped) < nslots)
+        nslots = PyList_GET_SIZE(stamped);
+    toks = PyMem_Malloc(sizeof *toks * (size_t)(n ? n : 1));
+    addrs = PyMem_Malloc(sizeof *addrs * (size_t)(n ? n : 1));
+    if (toks == NULL || addrs == NULL) {
+        PyErr_NoMemory();
+        goto out;
+    }
+    Py_ssize_t got = 0;
+    for (; got < n; got++) { /* slot = free.pop(), as the pure loop takes them */
+        Py_ssize_t last = PyList_GET_SIZE(slots) - 1;
+        PyObject *tok = PyList_GET_ITEM(slots, last);
+        long slot;
+        if (slot_of(tok, nslots, &slot) < 0)
+            break;
+        Py_INCREF(tok);
+        if (PyList_SetSlice(slots, last, last + 1, NULL) < 0) {
+            Py_DECREF(tok);
+            break;
+        }
+        toks[got] = tok;
+        unsigned char *buf = (unsigned char *)b.buf + slot * buf_size;
+        int same = PyObject_RichCompareBool(PyList_GET_ITEM(stamped, slot), want, Py_EQ);
+        if (same < 0) {
+            got++;
+            break;
+        }
+        if (!same) { /* the whole frame once; afterwards only the stamp */
+            memcpy(buf, PyBytes_AS_STRING(frame), (size_t)flen);
+            Py_INCREF(want);
+            PyList_SetItem(stamped, slot, want);
+        }
+        uint64_t s = seq + (uint64_t)got;
+        uint32_t chk = pktgen_check(s, size, (uint32_t)macs);
+        memcpy(buf + STAMP_AT, &s, 8);
+        memcpy(buf + STAMP_AT + 8, &size, 4);
+        memcpy(buf + STAMP_AT + 12, &chk, 4);
+        addrs[got] = base + (uint64_t)slot * (uint64_t)buf_size;
+    }
+    if (!PyErr_Occurred() && dq_add_many(&d, addrs, (uint32_t)flen, toks, got, 0, zero) == 0)
+        result = PyLong_FromSsize_t(got);
+    for (Py_ssize_t k = 0; k < got; k++)
+        Py_DECREF(toks[k]);
+out:
+    PyMem_Free(toks);
+    PyMem_Free(addrs);
+    if (have_b)
+        PyBuffer_Release(&b);
+    Py_XDECREF(zero);
+    dq_done(&d);
+    return result;
+}
+
+/* -- receive(q, bufs, buf_base, buf_size, mergeable, post_size, pattern, seen, take) ---------- *
+ *   -> (frames, received, octets, duplicates, corrupt): one harvest; 0 frames when none was used. */
+
+typedef struct {
+    PyObject *seen; /* Receiver.seen: src bytes -> set of seq */
+    unsigned char src[6];
+    PyObject *set; /* the last sender's set (owned) */
+    long long received, octets, duplicates, corrupt;
+} counts_t;
+
+/* one frame (len bytes at f): 0 counted, -1 error */
+static int take_pktgen(counts_t *c, const unsigned char *f, size_t len, const unsigned char *pat, size_t patlen)
+{
+    uint64_t seq;
+    uint32_t size, chk;
+    memcpy(&seq, f + 14, 8);
+    memcpy(&size, f + 22, 4);
+    memcpy(&chk, f + 26, 4);
+    size_t want = size - PAYLOAD_AT < patlen ? size - PAYLOAD_AT : patlen; /* bytes.endswith(pattern[:size-30]) */
+    if (size != len || chk != pktgen_check(seq, size, crc32_of(f, 12)) || memcmp(f + len - want, pat, want) != 0) {
+        c->corrupt++;
+        return 0;
+    }
+    if (c->set == NULL || memcmp(c->src, f + 6, 6) != 0) {
+        PyObject *key = PyBytes_FromStringAndSize((const char *)f + 6, 6);
+        if (key == NULL)
+            return -1;
+        PyObject *s = PyDict_GetItemWithError(c->seen, key);
+        if (s == NULL) {
+            if (PyErr_Occurred() || (s = PySet_New(NULL)) == NULL || PyDict_SetItem(c->seen, key, s) < 0) {
+                Py_XDECREF(s);
+                Py_DECREF(key);
+                return -1;
+            }
+            Py_DECREF(s); /* the dict holds it */
+        }
+        Py_DECREF(key);
+        if (!PySet_Check(s)) {
+            PyErr_SetString(PyExc_TypeError, "Receiver.seen holds a non-set");
+            return -1;
+        }
+        Py_INCREF(s);
+        Py_XSETREF(c->set, s); /* held: the fallback's Receiver.take may change the dict */
+        memcpy(c->src, f + 6, 6);
+    }
+    PyObject *sq = PyLong_FromUnsignedLongLong(seq);
+    if (sq == NULL)
+        return -1;
+    int in = PySet_Contains(c->set, sq);
+    if (in == 0)
+        in = PySet_Add(c->set, sq) < 0 ? -1 : 0;
+    else if (in > 0)
+        c->duplicates++;
+    Py_DECREF(sq);
+    if (in < 0)
+        return -1;
+    if (in == 0) {
+        c->received++;
+        c->octets += (long long)len;
+    }
+    return 0;
+}
+
+static PyObject *pk_receive(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
+{
+    (void)mod;
+    if (nargs != 9 || !PyBytes_Check(args[6]) || !PyDict_Check(args[7])) {
+        PyErr_SetString(PyExc_TypeError,
+                        "receive(queue, bufs, buf_base, buf_size, mergeable, post_size, pattern: bytes, seen: dict, "
+                        "take)");
+        return NULL;
+    }
+    unsigned long long base = PyLong_AsUnsignedLongLong(args[2]);
+    Py_ssize_t buf_size = PyLong_AsSsize_t(args[3]);
+    int mergeable = PyObject_IsTrue(args[4]);
+    long post = PyLong_AsLong(args[5]);
+    if (PyErr_Occurred() || mergeable < 0)
+        return NULL;
+    if (buf_size <= HDR || post <= 0 || post > buf_size) {
+        PyErr_SetString(PyExc_ValueError, "receive: bad buffer sizes");
+        return NULL;
+    }
+    const unsigned char *pat = (const unsigned char *)PyBytes_AS_STRING(args[6]);
+    size_t patlen = (size_t)PyBytes_GET_SIZE(args[6]);
+    counts_t c = {args[7], {0}, NULL, 0, 0, 0, 0};
+    dq_t d;
+    Py_buffer b = {0};
+    int have_b = 0;
+    PyObject *result = NULL, *post_obj = PyLong_FromLong(post);
+    PyObject **toks = NULL;
+    uint32_t *lens = NULL;
+    uint64_t *addrs = NULL;
+    unsigned char *scratch = NULL;
+    size_t scratch_len = 0;
+    Py_ssize_t n = 0, frames = 0;
+    if (post_obj == NULL || dq_open(&d, args[0]) < 0)
+        goto out;
+    if (PyObject_GetBuffer(args[1], &b, PyBUF_SIMPLE) < 0)
+        goto out;
+    have_b = 1;
+    Py_ssize_t nslots = b.len / buf_size;
+    toks = PyMem_Malloc(sizeof *toks * (size_t)d.size);
+    lens = PyMem_Malloc(sizeof *lens * (size_t)d.size);
+    addrs = PyMem_Malloc(sizeof *addrs * (size_t)d.size);
+    if (toks == NULL || lens == NULL || addrs == NULL) {
+        PyErr_NoMemory();
+        goto out;
+    }
+    n = dq_harvest(&d, toks, lens, d.size);
+    if (n < 0) {
+        n = 0;
+        goto out;
+    }
+    /* every token is one of our slots: check them all before any buffer is read */
+    for (Py_ssize_t k = 0; k < n; k++) {
+        long slot;
+        if (slot_of(toks[k], nslots, &slot) < 0)
+            goto out;
+        addrs[k] = base + (uint64_t)slot * (uint64_t)buf_size;
+    }
+    const unsigned char *area = b.buf;
+    Py_ssize_t i = 0;
+    while (i < n) { /* NetFrontend._take: bounded by n, each step consumes at least one entry */
+        const unsigned char *buf = area + (addrs[i] - base);
+        size_t w = lens[i]; /* <= the buffer's length: harvest checked it against wlens */
+        unsigned nbufs = 1;
+        if (mergeable)
+            nbufs = (unsigned)buf[10] | (unsigned)buf[11] << 8; /* virtio 1.2, 5.1.6.4: num_buffers */
+        const unsigned char *f;
+        size_t flen;
+        Py_ssize_t used = 1;
+        if (nbufs <= 1) {
+            f = buf + HDR;
+            flen = w > HDR ? w - HDR : 0;
+        } else {
+            size_t total = w > HDR ? w - HDR : 0;
+            for (Py_ssize_t j = 1; j < (Py_ssize_t)nbufs && i + j < n; j++)
+                total += lens[i + j];
+            if (total > scratch_len) {
+                unsigned char *s2 = PyMem_Realloc(scratch, total);
+                if (s2 == NULL) {
+                    PyErr_NoMemory();
+                    goto out;
+                }
+                scratch = s2;
+                scratch_len = total;
+            }
+            size_t at = w > HDR ? w - HDR : 0;
+            if (at)
+                memcpy(scratch, buf + HDR, at);
+            for (Py_ssize_t j = 1; j < (Py_ssize_t)nbufs && i + j < n; j++) {
+                memcpy(scratch + at, area + (addrs[i + j] - base), lens[i + j]);
+                at += lens[i + j];
+                used++;
+            }
+            f = scratch;
+            flen = total;
+        }
+        if (flen >= PAYLOAD_AT && f[12] == 0x88 && f[13] == 0xB6) { /* netpacket.PKTGEN_ETHERTYPE */
+            if (take_pktgen(&c, f, flen, pat, patlen) < 0)
+                goto out;
+        } else { /* anything else: Receiver.take, the reference */
+            PyObject *fb = PyBytes_FromStringAndSize((const char *)f, (Py_ssize_t)flen);
+            PyObject *r = fb ? PyObject_CallOneArg(args[8], fb) : NULL;
+            Py_XDECREF(fb);
+            if (r == NULL)
+                goto out;
+            Py_DECREF(r);
+        }
+        frames++;
+        i += used;
+    }
+    /* every buffer posted again, one batch (addrs[k] is still slot k's address) */
+    if (dq_add_many(&d, addrs, (uint32_t)post, toks, n, 1, post_obj) < 0)
+        goto out;
+    result = Py_BuildValue("(nLLLL)", frames, c.received, c.octets, c.duplicates, c.corrupt);
+out:
+    for (Py_ssize_t k = 0; k < n; k++)
+        Py_DECREF(toks[k]);
+    Py_XDECREF(c.set);
+    PyMem_Free(toks);
+    PyMem_Free(lens);
+    PyMem_Free(addrs);
+    PyMem_Free(scratch);
+    if (have_b)
+        PyBuffer_Release(&b);
+    Py_XDECREF(post_obj);
+    dq_done(&d);
+    return result;
+}
+
+/* setup(FREE, RingError) */
+static PyObject *pk_setup(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
+{
+    (void)mod;
+    if (nargs != 2 || !PyExceptionClass_Check(args[1])) {
+        PyErr_SetString(PyExc_TypeError, "setup(FREE, RingError)");
+        return NULL;
+    }
+    Py_INCREF(args[0]);
+    Py_XSETREF(free_token, args[0]);
+    Py_INCREF(args[1]);
+    Py_XSETREF(ring_error, args[1]);
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef methods[] = {
+    {"setup", (PyCFunction)(void (*)(void))pk_setup, METH_FASTCALL, "setup(FREE, RingError)"},
+    {"reclaim", (PyCFunction)(void (*)(void))pk_reclaim, METH_FASTCALL, "harvest a TX queue into its free slots"},
+    {"fill", (PyCFunction)(void (*)(void))pk_fill, METH_FASTCALL, "stamp and add a batch of pktgen frames"},
+    {"receive", (PyCFunction)(void (*)(void))pk_receive, METH_FASTCALL, "harvest, check and re-post an RX batch"},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, "vhostpci_host._pktgen",
+    "The simulated driver VM's per-frame ring work, compiled (frontend.py holds the reference).", -1, methods,
+};
+
+PyMODINIT_FUNC PyInit__pktgen(void)
+{
+    crc_init();
+    return PyModule_Create(&module);
+}
