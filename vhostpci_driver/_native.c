@@ -123,6 +123,7 @@ typedef struct {
     PyObject *mem;
     PyObject *hit;    /* the last region hit (owned), as the table's one-entry cache */
     uint64_t hit_start, hit_size;
+    Py_ssize_t hit_index; /* the hit region's place in the table (pop_direct reports it) */
 } xlate_t;
 
 static void xlate_done(xlate_t *x) { Py_CLEAR(x->hit); }
@@ -148,17 +149,63 @@ static int region_of(xlate_t *x, uint64_t addr)
     if (lo == 0)
         return 0;
     PyObject *v = PyList_GET_ITEM(x->views, lo - 1);
-    Py_ssize_t n = PyObject_Size(v);
-    if (n < 0)
+    if (!PyMemoryView_Check(v)) {
+        PyErr_SetString(PyExc_TypeError, "region table: a region's view is not a memoryview");
         return -1;
+    }
+    const Py_buffer *vb = PyMemoryView_GET_BUFFER(v);
+    if (vb->ndim != 1 || vb->itemsize != 1 || vb->strides == NULL || vb->strides[0] != 1 || vb->suboffsets != NULL) {
+        PyErr_SetString(PyExc_TypeError, "region table: a region's view is not contiguous bytes");
+        return -1;
+    }
+    Py_ssize_t n = vb->len;
     unsigned long long s = PyLong_AsUnsignedLongLong(PyList_GET_ITEM(x->starts, lo - 1));
     if (s == (unsigned long long)-1 && PyErr_Occurred())
         return -1;
     Py_INCREF(v);
     Py_XSETREF(x->hit, v);
     x->hit_start = s;
+    x->hit_index = lo - 1;
     x->hit_size = (uint64_t)n;
     return 1;
+}
+
+/* region[off:off + len] of a region's view (1-D contiguous bytes: region_of checked it), made as
+ * memoryview slicing makes it (a view registered with the same managed buffer, so the region's
+ * memory stays alive as long as it does, then narrowed) without a slice object per buffer.
+ * The caller has checked that off + len lies inside the view. */
+static PyObject *subview(PyObject *region, Py_ssize_t off, Py_ssize_t len)
+{
+    PyObject *v = PyMemoryView_FromObject(region);
+    if (v == NULL)
+        return NULL;
+    Py_buffer *b = PyMemoryView_GET_BUFFER(v);
+    b->buf = (char *)b->buf + off;
+    b->len = len;
+    b->shape[0] = len; /* itemsize 1, stride 1: still C- and Fortran-contiguous */
+    return v;
+}
+
+/* Make x->hit the region table's region that holds len bytes at addr (the range must lie in one
+ * region, protocol.md 5.3, checked without overflowing 64 bits).  0: found; 1: not mapped, *msg
+ * is RegionTable.view's RemoteMemoryError text; -1: a Python error is set. */
+static int xlate_find(xlate_t *x, uint64_t addr, uint64_t len, PyObject **msg)
+{
+    *msg = NULL;
+    if (x->hit != NULL && addr >= x->hit_start && addr - x->hit_start <= x->hit_size &&
+        len <= x->hit_size - (addr - x->hit_start))
+        return 0;
+    int found = region_of(x, addr);
+    if (found < 0)
+        return -1;
+    if (!found || addr - x->hit_start > x->hit_size || len > x->hit_size - (addr - x->hit_start)) {
+        char text[128];
+        snprintf(text, sizeof text, "driver-VM range 0x%llx+0x%llx is not inside one mapped region",
+                 (unsigned long long)addr, (unsigned long long)len);
+        *msg = PyUnicode_FromString(text);
+        return *msg ? 1 : -1;
+    }
+    return 0;
 }
 
 /* len bytes at driver-VM address addr.  0: *out is a new memoryview (a slice of the region's
@@ -185,22 +232,10 @@ static int xlate_view(xlate_t *x, uint64_t addr, uint64_t len, PyObject **out, P
         Py_DECREF(e);
         return *msg ? 1 : -1;
     }
-    /* the range must lie in one region (protocol.md 5.3), without overflowing 64 bits */
-    if (!(x->hit != NULL && addr >= x->hit_start && addr - x->hit_start <= x->hit_size &&
-          len <= x->hit_size - (addr - x->hit_start))) {
-        int found = region_of(x, addr);
-        if (found < 0)
-            return -1;
-        if (!found || addr - x->hit_start > x->hit_size || len > x->hit_size - (addr - x->hit_start)) {
-            char text[128];
-            snprintf(text, sizeof text, "driver-VM range 0x%llx+0x%llx is not inside one mapped region",
-                     (unsigned long long)addr, (unsigned long long)len);
-            *msg = PyUnicode_FromString(text);
-            return *msg ? 1 : -1;
-        }
-    }
-    Py_ssize_t off = (Py_ssize_t)(addr - x->hit_start);
-    *out = PySequence_GetSlice(x->hit, off, off + (Py_ssize_t)len);
+    int t = xlate_find(x, addr, len, msg);
+    if (t != 0)
+        return t;
+    *out = subview(x->hit, (Py_ssize_t)(addr - x->hit_start), (Py_ssize_t)len);
     return *out ? 0 : -1;
 }
 
@@ -246,8 +281,31 @@ static int as_size(PyObject *o, Py_ssize_t *out)
 
 /* -- chains -------------------------------------------------------------------------------- */
 
+/* One int object per batch for a length seen before in it (a ring's buffers are mostly of
+ * one size): ints are immutable, so sharing one is what `x = y` does in Python. */
+typedef struct {
+    uint64_t value;
+    PyObject *obj; /* owned */
+} len_cache_t;
+
+static PyObject *len_int(len_cache_t *c, uint64_t v)
+{
+    if (v < 256)
+        return PyLong_FromUnsignedLongLong(v); /* CPython's own small ints */
+    if (c->obj == NULL || c->value != v) {
+        PyObject *o = PyLong_FromUnsignedLongLong(v);
+        if (o == NULL)
+            return NULL;
+        Py_XSETREF(c->obj, o);
+        c->value = v;
+    }
+    Py_INCREF(c->obj);
+    return c->obj;
+}
+
 /* Chain(head, readable, writable, rlen, wlen): a tuple subclass, built as tuple.__new__ does. */
-static PyObject *new_chain(long head, PyObject *readable, PyObject *writable, uint64_t rlen, uint64_t wlen)
+static PyObject *new_chain(len_cache_t *lc, long head, PyObject *readable, PyObject *writable, uint64_t rlen,
+                           uint64_t wlen)
 {
     PyObject *c = chain_type->tp_alloc(chain_type, 5);
     if (c == NULL) {
@@ -257,8 +315,8 @@ static PyObject *new_chain(long head, PyObject *readable, PyObject *writable, ui
     }
     PyTuple_SET_ITEM(c, 1, readable);
     PyTuple_SET_ITEM(c, 2, writable);
-    PyObject *h = PyLong_FromLong(head), *r = PyLong_FromUnsignedLongLong(rlen),
-             *w = PyLong_FromUnsignedLongLong(wlen);
+    PyObject *h = PyLong_FromLong(head);
+    PyObject *r = len_int(lc, rlen), *w = len_int(lc, wlen);
     if (h == NULL || r == NULL || w == NULL) {
         Py_XDECREF(h);
         Py_XDECREF(r);
@@ -277,6 +335,7 @@ typedef struct {
     Py_ssize_t size;
     long max_chain_len;
     xlate_t x;
+    len_cache_t lens;
 } ring_t;
 
 /* Outcome of walking one chain: *chain set (0), a broken rule (*err set, 1), or an error (-1). */
@@ -382,7 +441,7 @@ static int walk(ring_t *r, long head, desc_t first, PyObject **chain, PyObject *
             goto out;
         }
         if (!(d.flags & F_NEXT)) {
-            *chain = new_chain(head, readable, writable, rlen, wlen);
+            *chain = new_chain(&r->lens, head, readable, writable, rlen, wlen);
             readable = writable = NULL;
             ret = *chain ? WALK_OK : WALK_ERROR;
             goto out;
@@ -438,7 +497,7 @@ static PyObject *native_pop(PyObject *mod, PyObject *const *args, Py_ssize_t nar
         PyBuffer_Release(&a);
         return NULL;
     }
-    ring_t r = {d.buf, size, max_chain_len, {NULL, NULL, args[5], NULL, 0, 0}};
+    ring_t r = {d.buf, size, max_chain_len, {NULL, NULL, args[5], NULL, 0, 0, 0}, {0, NULL}};
     if (args[3] != Py_None) {
         if (!PyList_Check(args[3]) || !PyList_Check(args[4])) {
             PyErr_SetString(PyExc_TypeError, "starts and views must be lists");
@@ -510,9 +569,9 @@ static PyObject *native_pop(PyObject *mod, PyObject *const *args, Py_ssize_t nar
             }
             PyList_SET_ITEM(one, 0, buf);
             if (first.flags & F_WRITE)
-                chain = new_chain(head, none, one, 0, first.len);
+                chain = new_chain(&r.lens, head, none, one, 0, first.len);
             else
-                chain = new_chain(head, one, none, first.len, 0);
+                chain = new_chain(&r.lens, head, one, none, first.len, 0);
             if (chain == NULL)
                 break;
         }
@@ -532,10 +591,42 @@ fail:
     Py_XDECREF(out);
     Py_XDECREF(err);
     xlate_done(&r.x);
+    Py_XDECREF(r.lens.obj);
     PyBuffer_Release(&d);
     PyBuffer_Release(&a);
     PyBuffer_Release(&f);
     return result;
+}
+
+/* Store m checked (id, len) pairs as used elements after last_used_idx; returns the new used index. */
+static long store_used(unsigned char *used, Py_ssize_t size, long last, const uint32_t *words, Py_ssize_t m)
+{
+    /* virtio 1.2, 2.7.8: the elements first, then the index that publishes them */
+    for (Py_ssize_t k = 0; k < m; k++) {
+        unsigned char *elem = used + 4 + 8 * ((last + k) & (long)(size - 1));
+        memcpy(elem, &words[2 * k], 8);
+    }
+    uint16_t idx = (uint16_t)(last + m);
+    /* One 16-bit store, ordered after the elements (virtio_wmb): a guest may read the index at
+     * any moment, and must never see a half-written one (no zero-fill-then-write). */
+    __atomic_store_n((uint16_t *)(used + 2), idx, __ATOMIC_RELEASE);
+    return idx;
+}
+
+/* The used-id and used-len rules for one entry (DeviceQueue.push_batch): NULL when it may be
+ * stored (and it is no longer in flight), else (rule, message, index), or NULL with an error set. */
+static PyObject *check_used(int64_t *inflight, Py_ssize_t size, long long h, long long w, int *ok)
+{
+    *ok = 0;
+    if (h < 0 || h >= size || inflight[h] < 0)
+        return rule_error_i("used-id", PyUnicode_FromFormat("head %lld is not in flight", h), h);
+    if (w < 0 || w > inflight[h])
+        return rule_error_i(
+            "used-len",
+            PyUnicode_FromFormat("%lld bytes written, chain has %lld writable", w, (long long)inflight[h]), h);
+    inflight[h] = -1;
+    *ok = 1;
+    return NULL;
 }
 
 /* push(used, inflight, entries, size, last_used_idx) -> the new used index, or (rule, message, index).
@@ -620,23 +711,189 @@ static PyObject *native_push(PyObject *mod, PyObject *const *args, Py_ssize_t na
         result = PyLong_FromLong(last & 0xFFFF);
         goto out;
     }
-    /* virtio 1.2, 2.7.8: the elements first, then the index that publishes them */
-    unsigned char *used = u.buf;
-    for (k = 0; k < m; k++) {
-        unsigned char *elem = used + 4 + 8 * ((last + k) & (long)(size - 1));
-        memcpy(elem, &words[2 * k], 8);
-    }
-    uint16_t idx = (uint16_t)(last + m);
-    /* One 16-bit store, ordered after the elements (virtio_wmb): a guest may read the index at
-     * any moment, and must never see a half-written one (no zero-fill-then-write). */
-    __atomic_store_n((uint16_t *)(used + 2), idx, __ATOMIC_RELEASE);
-    result = PyLong_FromLong(idx);
+    result = PyLong_FromLong(store_used(u.buf, size, last, words, m));
 out:
     if (words != small)
         PyMem_Free(words);
     PyBuffer_Release(&u);
     PyBuffer_Release(&f);
     Py_DECREF(seq);
+    return result;
+}
+
+/* pop_direct(desc, avail, inflight, starts, views, size, last_avail_idx, max_chains, out) -> (n, err):
+ * DeviceQueue.pop_direct, the batch without an object per chain. out is an array('Q'): chain k
+ * is head | writable << 16 | len << 32, the region's index, the offset in the region's view. */
+static PyObject *native_pop_direct(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
+{
+    (void)mod;
+    if (nargs != 9 || !PyList_Check(args[3]) || !PyList_Check(args[4])) {
+        PyErr_SetString(PyExc_TypeError, "pop_direct takes 9 arguments, starts and views lists");
+        return NULL;
+    }
+    Py_ssize_t size;
+    if (as_size(args[5], &size) < 0)
+        return NULL;
+    long last = PyLong_AsLong(args[6]);
+    Py_ssize_t max_chains = PyLong_AsSsize_t(args[7]);
+    if (PyErr_Occurred())
+        return NULL;
+    Py_buffer d, a, f, o;
+    if (get_buffer(args[0], &d, 0, 16 * size, "descriptor table") < 0)
+        return NULL;
+    if (get_buffer(args[1], &a, 0, 6 + 2 * size, "avail ring") < 0) {
+        PyBuffer_Release(&d);
+        return NULL;
+    }
+    if (get_inflight(args[2], &f, size) < 0) {
+        PyBuffer_Release(&d);
+        PyBuffer_Release(&a);
+        return NULL;
+    }
+    if (PyObject_GetBuffer(args[8], &o, PyBUF_WRITABLE | PyBUF_FORMAT) < 0) {
+        PyBuffer_Release(&d);
+        PyBuffer_Release(&a);
+        PyBuffer_Release(&f);
+        return NULL;
+    }
+    xlate_t x = {args[3], args[4], NULL, NULL, 0, 0, 0};
+    PyObject *err = NULL, *result = NULL, *msg = NULL;
+    long popped = 0;
+    int64_t *inflight = f.buf;
+    uint64_t *out = o.buf;
+    const unsigned char *avail = a.buf, *table = d.buf;
+    if (o.itemsize != 8 || o.format == NULL || strcmp(o.format, "Q") != 0) {
+        PyErr_SetString(PyExc_TypeError, "pop_direct: out must be an array('Q')");
+        goto fail;
+    }
+    uint16_t idx = load16_acquire(avail + 2);
+    long n = (uint16_t)(idx - (uint16_t)last);
+    if (n > size) {
+        err = rule_error("avail-idx",
+                         PyUnicode_FromFormat("avail idx moved %ld entries past ours, ring holds %zd", n, size),
+                         NULL);
+        if (err == NULL)
+            goto fail;
+        goto done;
+    }
+    if (max_chains < n)
+        n = (long)max_chains;
+    if (n < 0)
+        n = 0;
+    if (o.len / 8 < 3 * (Py_ssize_t)n) {
+        PyErr_Format(PyExc_ValueError, "pop_direct: %zd words cannot describe %ld chains", o.len / 8, n);
+        goto fail;
+    }
+    long start = last & (long)(size - 1);
+    for (long k = 0; k < n; k++) {
+        /* each avail entry read once, in order (the ring may wrap): nothing is re-read later */
+        long head = load16(avail + 4 + 2 * ((start + k) & (long)(size - 1)));
+        BARRIER();
+        if (head >= size) {
+            err = rule_error_i("desc-index", PyUnicode_FromFormat("head %ld >= queue size %zd", head, size), head);
+            break;
+        }
+        if (inflight[head] >= 0) {
+            err = rule_error_i("desc-in-flight", PyUnicode_FromFormat("head %ld is already in flight", head), head);
+            break;
+        }
+        desc_t one = read_desc(table + 16 * head); /* read once; only the copy is used */
+        if (one.flags & (F_NEXT | F_INDIRECT))
+            break; /* not popped: pop_batch walks it */
+        int t = xlate_find(&x, one.addr, one.len, &msg);
+        if (t < 0)
+            break;
+        if (t > 0) {
+            err = rule_error_i("desc-addr", msg, head);
+            msg = NULL;
+            break;
+        }
+        int writable = (one.flags & F_WRITE) != 0;
+        out[3 * popped] = (uint64_t)head | (uint64_t)writable << 16 | (uint64_t)one.len << 32;
+        out[3 * popped + 1] = (uint64_t)x.hit_index;
+        out[3 * popped + 2] = one.addr - x.hit_start;
+        inflight[head] = writable ? (int64_t)one.len : 0;
+        popped++;
+    }
+    if (err == NULL && PyErr_Occurred())
+        err = fetch_exception(); /* the wrapper raises it after keeping what was popped */
+done:
+    result = Py_BuildValue("(lO)", popped, err ? err : Py_None);
+fail:
+    Py_XDECREF(err);
+    Py_XDECREF(msg);
+    xlate_done(&x);
+    PyBuffer_Release(&d);
+    PyBuffer_Release(&a);
+    PyBuffer_Release(&f);
+    PyBuffer_Release(&o);
+    return result;
+}
+
+/* push_direct(used, inflight, words, n, size, last_used_idx) -> the new used index, or (rule,
+ * message, index): DeviceQueue.push_direct, entry k being words[2k] (head), words[2k + 1] (len). */
+static PyObject *native_push_direct(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
+{
+    (void)mod;
+    if (nargs != 6) {
+        PyErr_SetString(PyExc_TypeError, "push_direct takes 6 arguments");
+        return NULL;
+    }
+    Py_ssize_t size, n = PyLong_AsSsize_t(args[3]);
+    if (n == -1 && PyErr_Occurred())
+        return NULL;
+    if (as_size(args[4], &size) < 0)
+        return NULL;
+    long last = PyLong_AsLong(args[5]);
+    if (last == -1 && PyErr_Occurred())
+        return NULL;
+    Py_buffer u, f, w;
+    PyObject *result = NULL;
+    if (get_buffer(args[0], &u, 1, 6 + 8 * size, "used ring") < 0)
+        return NULL;
+    if (get_inflight(args[1], &f, size) < 0) {
+        PyBuffer_Release(&u);
+        return NULL;
+    }
+    if (PyObject_GetBuffer(args[2], &w, PyBUF_FORMAT) < 0) {
+        PyBuffer_Release(&u);
+        PyBuffer_Release(&f);
+        return NULL;
+    }
+    const uint32_t *words = w.buf;
+    if (w.itemsize != 4 || w.format == NULL || strcmp(w.format, "I") != 0) {
+        PyErr_SetString(PyExc_TypeError, "push_direct: the entries must be an array('I')");
+        goto out;
+    }
+    if (n < 0 || n > w.len / 8) {
+        PyErr_Format(PyExc_ValueError, "push_direct: %zd words cannot hold %zd used entries", w.len / 4, n);
+        goto out;
+    }
+    uint32_t small[128], *checked = small;
+    Py_ssize_t m = n > size ? size + 1 : n; /* at most `size` in flight: entry size + 1 fails at the latest */
+    if (2 * m > (Py_ssize_t)(sizeof small / sizeof *small) &&
+        (checked = PyMem_Malloc(sizeof *checked * 2 * (size_t)m)) == NULL) {
+        PyErr_NoMemory();
+        goto out;
+    }
+    Py_ssize_t k;
+    for (k = 0; k < m; k++) {
+        uint32_t h = words[2 * k], len = words[2 * k + 1]; /* ours (the app's), read once all the same */
+        int ok;
+        result = check_used(f.buf, size, h, len, &ok);
+        if (!ok)
+            break;
+        checked[2 * k] = h;
+        checked[2 * k + 1] = len;
+    }
+    if (k == m)
+        result = PyLong_FromLong(m ? store_used(u.buf, size, last, checked, m) : (last & 0xFFFF));
+    if (checked != small)
+        PyMem_Free(checked);
+out:
+    PyBuffer_Release(&u);
+    PyBuffer_Release(&f);
+    PyBuffer_Release(&w);
     return result;
 }
 
@@ -694,6 +951,10 @@ static PyMethodDef methods[] = {
     {"setup", (PyCFunction)(void (*)(void))native_setup, METH_FASTCALL, "setup(Chain, RemoteMemoryError)"},
     {"pop", (PyCFunction)(void (*)(void))native_pop, METH_FASTCALL, "pop a batch of chains"},
     {"push", (PyCFunction)(void (*)(void))native_push, METH_FASTCALL, "push a batch of used elements"},
+    {"pop_direct", (PyCFunction)(void (*)(void))native_pop_direct, METH_FASTCALL,
+     "pop a run of direct single-descriptor chains into an array"},
+    {"push_direct", (PyCFunction)(void (*)(void))native_push_direct, METH_FASTCALL,
+     "push used elements given as an array of words"},
     {"need_notify", (PyCFunction)(void (*)(void))native_need_notify, METH_FASTCALL, "the event-index decision"},
     {"forward_unicast", (PyCFunction)(void (*)(void))native_forward_unicast, METH_FASTCALL,
      "place a run of unicast frames into their ports' RX buffers"},

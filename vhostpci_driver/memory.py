@@ -211,6 +211,24 @@ class RegionTable:
                 return view[addr - start : addr - start + length]
         raise RemoteMemoryError(f"driver-VM range {addr:#x}+{length:#x} is not inside one mapped region")
 
+    def locate(self, addr: int, length: int) -> tuple[int, int]:
+        """Where :meth:`view` would slice: ``(region index, offset in that region's view)``.
+
+        For the ring's array batch (DeviceQueue.pop_direct), which describes buffers
+        without an object per buffer; the index holds until the table next changes.
+        Raises as :meth:`view` does, with the same message.
+        """
+        i = bisect.bisect_right(self._starts, addr) - 1
+        if i >= 0 and length >= 0:
+            start = self._starts[i]
+            if addr + length <= start + self._regions[i].size:
+                return i, addr - start
+        raise RemoteMemoryError(f"driver-VM range {addr:#x}+{length:#x} is not inside one mapped region")
+
+    def region_view(self, index: int) -> memoryview:
+        """The whole view of region ``index`` (as :meth:`locate` numbers them)."""
+        return self._views[index]
+
     def native_regions(self) -> tuple[list[int], list[memoryview]]:
         """The live lists behind :meth:`view` (sorted xgpa, one view per region), for the compiled
         ring walker (virtqueue/native.py), which bisects them exactly as :meth:`view` does.

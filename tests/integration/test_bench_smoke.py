@@ -40,14 +40,17 @@ def _paths(result: dict[str, Any]) -> list[str]:
 def test_bench_quick_ring_batch_prints_its_row() -> None:
     result = _bench("ring-batch")
     rows = {r["name"]: r for r in result["benchmarks"]}
-    # both paths in one run when the extension is built, the native one against the pure one
-    assert set(rows) == {f"ring-batch {p}" for p in _paths(result)}
+    # both paths in one run when the extension is built, each with both batch APIs (arrays, chains),
+    # the native rows against their pure twins, the pure ones against the CPython floor
+    assert set(rows) == {f"ring-batch {p}{api}" for p in _paths(result) for api in ("", " chains")}
     for row in rows.values():
         assert row["unit"].startswith("us") and row["ratio"] > 0 and row["baseline"] > 0
-    assert rows["ring-batch pure"]["baseline_name"] == "cpython-floor x 32"
-    if "ring-batch native" in rows:
-        assert rows["ring-batch native"]["baseline_name"] == "ring-batch pure"
-        assert rows["ring-batch native"]["baseline"] == rows["ring-batch pure"]["figure"]
+    for api in ("", " chains"):
+        assert rows[f"ring-batch pure{api}"]["baseline_name"] == "cpython-floor x 32"
+        if "native" in _paths(result):
+            native, pure = rows[f"ring-batch native{api}"], rows[f"ring-batch pure{api}"]
+            assert native["baseline_name"] == f"ring-batch pure{api}"
+            assert native["baseline"] == pure["figure"]
 
 
 def test_bench_quick_net_row_runs_every_path() -> None:

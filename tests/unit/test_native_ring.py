@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ctypes
 import struct
+from array import array
 from collections.abc import Callable
 from operator import methodcaller
 from typing import Any
@@ -91,6 +92,9 @@ class Twin:
             except RingError as e:
                 got.append(("RingError", e.rule, e.index, str(e), q.broken is e))
                 results.append(None)
+            except (TypeError, ValueError) as e:
+                got.append((type(e).__name__, str(e)))
+                results.append(None)
             else:
                 got.append(("ok", summary(m, r)))
                 results.append(r)
@@ -143,6 +147,52 @@ def test_random_rings_same_chains_used_entries_and_errors(
         used = [(c.head, c.writable_len) for c in chains]
         t.do(lambda q: q.push_batch(used))
         t.do(lambda q: q.need_notify())
+
+
+def direct(q: DeviceQueue, n: int) -> tuple[int, list[int]]:
+    """pop_direct into a fresh array: the count and the words (regions and offsets are the same
+    numbers in both copies of memory, whose region tables are alike)."""
+    out = array("Q", bytes(24 * max(n, 0)))
+    got = q.pop_direct(out, n)
+    return got, list(out[: 3 * got])
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    st.binary(min_size=16 * 8, max_size=16 * 8),
+    st.lists(st.integers(0, 12), min_size=8, max_size=8),
+    st.integers(0, 0xFFFF),
+    st.integers(0, 0xFFFF),
+    st.integers(-1, 9),
+    st.booleans(),
+    st.integers(0, 3),
+)
+def test_random_rings_same_direct_batch(
+    table_bytes: bytes, heads: list[int], avail_idx: int, last_avail: int, n: int, plain: bool, lie: int
+) -> None:
+    """pop_direct / push_direct alike on random rings: the words, the stop at a chain, every error."""
+    t = Twin(8, plain=plain, last_avail_idx=last_avail)
+    d, a, _, _ = layout(8)
+    raw = bytearray(table_bytes)
+    for i in range(8):
+        if raw[16 * i] & 1:
+            struct.pack_into("<Q", raw, 16 * i, BUFS + (raw[16 * i + 1] << 8))
+            struct.pack_into("<I", raw, 16 * i + 8, raw[16 * i + 9] << 4)
+        elif raw[16 * i] & 2:
+            struct.pack_into("<Q", raw, 16 * i, RING + MEM - (raw[16 * i + 1] << 4))
+    t.write(RING + d, bytes(raw))
+    t.write(RING + a + 2, struct.pack("<H", avail_idx) + struct.pack("<8H", *heads))
+    t.start()
+    got = t.do(lambda q: direct(q, n))
+    if isinstance(got, tuple) and got[0]:
+        words = got[1]
+        used = array("I")
+        for k in range(got[0]):  # what each chain can take, and sometimes more or a wrong head
+            head, length = words[3 * k] & 0xFFFF, words[3 * k] >> 32 if words[3 * k] >> 16 & 1 else 0
+            used += array("I", [head ^ (lie == 3 and k == 1), length + (lie == 2 and k == 0)])
+        t.do(lambda q: q.push_direct(used, got[0] - (lie == 1)))
+        t.do(lambda q: q.need_notify())
+    t.do(lambda q: q.pop_batch(8))
 
 
 @settings(max_examples=100, deadline=None)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import struct
+from array import array
 
 import pytest
 from hypothesis import given, settings
@@ -431,3 +432,62 @@ def test_an_indirect_table_of_the_ring_size_is_taken_and_one_more_entry_is_not(
         assert (len(c.readable), c.readable_len) == (entries, 8 * entries)
     else:
         broken_with(dev, "indirect-len")
+
+
+# -- the batch described in arrays (pop_direct / push_direct) ---------------------------------------
+
+
+def _direct(dev: DeviceQueue, table: RegionTable, n: int) -> list[tuple[int, bool, memoryview]]:
+    out = array("Q", bytes(24 * n))
+    got = dev.pop_direct(out, n)
+    res = []
+    for k in range(got):
+        w, region, off = out[3 * k : 3 * k + 3]
+        length = w >> 32
+        res.append((w & 0xFFFF, bool(w >> 16 & 1), table.region_view(region)[off : off + length]))
+    return res
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_pop_direct_describes_what_pop_batch_pops_and_stops_at_a_chain(impl: type[DeviceQueue]) -> None:
+    m, drv, dev = pair(impl, 16)
+    for i in range(5):
+        drv.add((), ((buf(i), 100 + i),), i)  # writable, direct
+    drv.add(((buf(8), 16),), ((buf(9), 16),), "chained")  # NEXT: not a direct chain
+    drv.add(((buf(10), 30),), (), 6)
+    drv.publish()
+    for i in range(5):
+        m.view(buf(i), 4)[:] = bytes([i]) * 4
+    got = _direct(dev, m.table, 16)
+    heads = [h for h, _, _ in got]  # the driver's descriptors, in avail order
+    want = [(True, 100 + i, bytes([i]) * 4) for i in range(5)]
+    assert [(w, len(v), bytes(v[:4])) for _, w, v in got] == want
+    v0 = dev.mem.view(buf(0), 100)  # the same bytes pop_batch would have viewed
+    v0[:1] = b"\x7f"
+    assert got[0][2][0] == 0x7F
+    assert dev.in_flight() == 5 and dev.pending() == 2  # the chained one waits for pop_batch
+    (chained,) = dev.pop_batch(1)
+    assert chained.readable_len == 16 and chained.writable_len == 16
+    rest = _direct(dev, m.table, 16)
+    assert [(w, bytes(v)) for _, w, v in rest] == [(False, bytes(30))]
+    used = array("I", [x for h, _, v in got for x in (h, len(v))])
+    dev.push_direct(used, len(got))
+    assert drv.harvest() == [(i, 100 + i) for i in range(5)] and len(set(heads)) == 5
+    with pytest.raises(RingError) as e:
+        dev.push_direct(array("I", [got[0][0], 1]), 1)  # pushed already: not in flight
+    assert e.value.rule == "used-id"
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_pop_direct_keeps_every_rule(impl: type[DeviceQueue]) -> None:
+    _, drv, dev = pair(impl, 8)
+    drv.add((), ((RING + MEM - 8, 64),), 0)  # past the end of memory
+    drv.publish()
+    with pytest.raises(RingError) as e:
+        dev.pop_direct(array("Q", bytes(24 * 8)), 8)
+    assert e.value.rule == "desc-addr" and dev.broken is e.value
+    with pytest.raises(TypeError):
+        pair(impl, 8)[2].pop_direct([0] * 24, 8)  # type: ignore[arg-type]
+    _, _, short = pair(impl, 8)
+    with pytest.raises(ValueError):
+        short.push_direct(array("I", [0]), 1)

@@ -206,6 +206,69 @@ class DeviceQueue:
             self.last_avail_idx = (self.last_avail_idx + popped) & 0xFFFF
         return out
 
+    def pop_direct(self, out: array[int], max_chains: int = 32) -> int:
+        """Pop up to ``max_chains`` chains of one direct descriptor, described in ``out``; returns how many.
+
+        The batch form without an object per chain, for a consumer that works on
+        offsets (the compiled walker fills the same array in one call): ``out`` is an
+        ``array('Q')`` of at least ``3 * max_chains`` items, and chain ``k`` is
+        ``out[3k] = head | writable << 16 | length << 32``, ``out[3k + 1]`` the index of
+        the region holding its buffer and ``out[3k + 2]`` the buffer's offset in that
+        region's view (``RegionTable.locate`` / ``region_view``; valid until the region
+        table changes). It stops before the first chain that is not one direct
+        descriptor (NEXT or INDIRECT), which stays available for :meth:`pop_batch`.
+        Every rule, error and index is :meth:`pop_batch`'s. The memory must be the
+        region table (:class:`~vhostpci_driver.memory.RegionTable`).
+        """
+        locate = getattr(self.mem, "locate", None)
+        if locate is None:
+            raise TypeError("pop_direct needs the region table as the queue's memory")
+        if not (isinstance(out, array) and out.typecode == "Q"):
+            raise TypeError("pop_direct: out must be an array('Q')")
+        n = max(0, min(self.pending(), max_chains))
+        if len(out) < 3 * n:
+            raise ValueError(f"pop_direct: {len(out)} words cannot describe {n} chains")
+        if not n:
+            return 0
+        size, inflight, table, unpack = self.size, self._inflight, self._desc, DESC.unpack_from
+        start = self.last_avail_idx & (size - 1)
+        ring = self._avail[2 + start : 2 + min(size, start + n)].tolist()
+        if len(ring) < n:  # the batch wraps around the end of the ring
+            ring += self._avail[2 : 2 + n - len(ring)].tolist()
+        popped = 0
+        try:
+            for head in ring:
+                if head >= size:
+                    raise self._break("desc-index", f"head {head} >= queue size {size}", head)
+                if inflight[head] >= 0:
+                    raise self._break("desc-in-flight", f"head {head} is already in flight", head)
+                addr, length, flags, _next = unpack(table, head << 4)  # read once; only the copy is used
+                if flags & _CHAINED:
+                    break  # not popped: pop_batch walks it
+                try:
+                    region, off = locate(addr, length)
+                except RemoteMemoryError as e:
+                    raise self._break("desc-addr", str(e), head) from None
+                writable = flags & VIRTQ_DESC_F_WRITE
+                k = 3 * popped
+                out[k] = head | (1 << 16 if writable else 0) | length << 32
+                out[k + 1] = region
+                out[k + 2] = off
+                inflight[head] = length if writable else 0
+                popped += 1
+        finally:
+            self.last_avail_idx = (self.last_avail_idx + popped) & 0xFFFF
+        return popped
+
+    def push_direct(self, used: array[int], n: int) -> None:
+        """:meth:`push_batch` of ``n`` entries given as words: ``used[2k]`` the head, ``used[2k + 1]``
+        the bytes written (an ``array('I')``, as :meth:`pop_direct` is the batch without objects)."""
+        if not (isinstance(used, array) and used.typecode == "I"):
+            raise TypeError("push_direct: the entries must be an array('I')")
+        if not 0 <= n <= len(used) // 2:
+            raise ValueError(f"push_direct: {len(used)} words cannot hold {n} used entries")
+        self.push_batch(list(zip(used[0 : 2 * n : 2], used[1 : 2 * n : 2], strict=True)))
+
     def _walk(self, head: int, first: tuple[int, int, int, int]) -> Chain:
         """A chain of several descriptors, or an indirect one; ``first`` is the head, already read."""
         unpack, view = DESC.unpack_from, self.mem.view

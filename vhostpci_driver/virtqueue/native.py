@@ -5,7 +5,8 @@ optional: without it, or with ``VHOSTPCI_PURE=1`` in the environment, every
 frontend queue is the pure-Python
 :class:`~vhostpci_driver.virtqueue.device.DeviceQueue`, which stays the reference.
 :class:`NativeDeviceQueue` is that class with its per-batch calls (``pop_batch``,
-``push_batch``, ``need_notify``) done in C under the same rules, names and indexes;
+``push_batch``, ``pop_direct``, ``push_direct``, ``need_notify``) done in C under the
+same rules, names and indexes;
 everything else (state, errors, ``discard``, notifications) is the reference's own
 code, so the two cannot drift apart there.
 ``VHOSTPCI_NATIVE_LIB=path`` loads the extension from a file instead (the
@@ -74,6 +75,7 @@ class NativeDeviceQueue(DeviceQueue):
         if native_regions is not None:
             self._starts, self._views = native_regions()
         self._pop, self._push, self._need = LIB.pop, LIB.push, LIB.need_notify
+        self._pop_direct, self._push_direct = LIB.pop_direct, LIB.push_direct
 
     def pop_batch(self, max_chains: int = 32) -> list[Chain]:
         if self.broken:
@@ -97,6 +99,37 @@ class NativeDeviceQueue(DeviceQueue):
         if not used:
             return
         idx = self._push(self._used, self._inflight, used, self.size, self.last_used_idx)
+        if isinstance(idx, tuple):
+            raise self._break(*idx)
+        self.last_used_idx = idx
+        self._pushed_since_signal = True
+
+    def pop_direct(self, out: array[int], max_chains: int = 32) -> int:
+        if self._starts is None or self._views is None:
+            raise TypeError("pop_direct needs the region table as the queue's memory")
+        if self.broken:
+            raise self.broken
+        n: int
+        n, err = self._pop_direct(
+            self._desc, self._avail, self._inflight, self._starts, self._views, self.size,
+            self.last_avail_idx, max_chains, out,
+        )  # fmt: skip
+        if n:
+            self.last_avail_idx = (self.last_avail_idx + n) & 0xFFFF
+        if err is not None:
+            if isinstance(err, tuple):
+                raise self._break(*err)
+            raise err
+        return n
+
+    def push_direct(self, used: array[int], n: int) -> None:
+        if not 0 <= n <= len(used) // 2:
+            raise ValueError(f"push_direct: {len(used)} words cannot hold {n} used entries")
+        if self.broken:
+            raise self.broken
+        if not n:
+            return
+        idx = self._push_direct(self._used, self._inflight, used, n, self.size, self.last_used_idx)
         if isinstance(idx, tuple):
             raise self._break(*idx)
         self.last_used_idx = idx

@@ -7,7 +7,9 @@ seeds are that target's. Two copies of the same memory are built; the pure
 other, in lockstep. After every operation the two must agree exactly: the chains
 (heads, lengths, every view's place and length in memory), the used entries and
 indexes written, the error (type, rule, index, message), the in-flight table,
-and every byte of memory. Bit 5 of the header's cfg byte translates through a
+and every byte of memory. An operation byte with its top bit set pops or pushes
+through the array batch (``pop_direct`` / ``push_direct``) instead of the chain
+API. Bit 5 of the header's cfg byte translates through a
 ``GuestMemory`` that is not the region table, so the C path's call-back into
 Python is covered as well as its own bisection of the table.
 """
@@ -15,6 +17,7 @@ Python is covered as well as its own bisection of the table.
 from __future__ import annotations
 
 import ctypes
+from array import array
 from collections.abc import Callable
 from functools import partial
 from operator import methodcaller
@@ -167,8 +170,16 @@ def fuzz_ring_diff(data: bytes) -> None:
     for _ in range(MAX_OPS):
         if not inp.remaining():
             return
-        op = inp.u8() % 5
-        if op == OP_POP:
+        op = inp.u8()
+        direct = bool(op & 0x80)  # the batch described in arrays (pop_direct / push_direct)
+        op %= 5
+        if op == OP_POP and direct:
+            n = inp.u8() % 65
+            got = twin.do("pop_direct", partial(_pop_direct, n=n))
+            if isinstance(got, tuple):
+                last_batch = _as_chains(got[1])
+                flight += last_batch
+        elif op == OP_POP:
             n = inp.u8()
             chains = twin.do("pop_batch", methodcaller("pop_batch", n))
             if isinstance(chains, list):
@@ -176,7 +187,11 @@ def fuzz_ring_diff(data: bytes) -> None:
                 last_batch = chains
         elif op == OP_PUSH:
             used = _pick_used(inp, flight)
-            twin.do("push_batch", methodcaller("push_batch", used))
+            if direct:
+                words = array("I", [x & 0xFFFFFFFF for entry in used for x in entry])
+                twin.do("push_direct", methodcaller("push_direct", words, len(used)))
+            else:
+                twin.do("push_batch", methodcaller("push_batch", used))
             pushed = {head for head, _ in used}
             flight = [c for c in flight if c.head not in pushed]
             last_batch = [] if pushed & {c.head for c in last_batch} else last_batch
@@ -195,6 +210,23 @@ def fuzz_ring_diff(data: bytes) -> None:
                 twin.do("discard", methodcaller("discard", gone))
                 flight = [c for c in flight if c not in gone]
                 last_batch = last_batch[:-k]
+
+
+def _pop_direct(q: DeviceQueue, n: int) -> tuple[int, list[int]]:
+    """pop_direct into a fresh array: the count and the words (the two copies' region tables are
+    alike, so region indexes and offsets compare as they are)."""
+    out = array("Q", bytes(24 * n))
+    got = q.pop_direct(out, n)
+    return got, list(out[: 3 * got])
+
+
+def _as_chains(words: list[int]) -> list[Chain]:
+    """The pure queue's direct batch as chains for the bookkeeping (heads and writable bytes only)."""
+    out = []
+    for k in range(0, len(words), 3):
+        w = words[k]
+        out.append(Chain(w & 0xFFFF, [], [], 0, w >> 32 if w >> 16 & 1 else 0))
+    return out
 
 
 _NOTIFY_OPS: tuple[Callable[[DeviceQueue], object], ...] = (
