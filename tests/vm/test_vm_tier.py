@@ -90,17 +90,23 @@ def test_vfio_noiommu_mode_in_a_real_vm() -> None:
     assert _traffic_ok(out.stderr)
 
 
-@on_the_host
-def test_two_stock_qemu_driver_vms_ping6_and_tcp_through_our_switch() -> None:
-    """Issue 18 item 5, the lighter configuration: the toolkit on the host over vfio-user."""
+def _host_script(script: str, *args: str, timeout: float) -> subprocess.CompletedProcess[str]:
+    """Run one of tools/vm's host-side scenarios (stock QEMU driver VMs, the toolkit on the host)."""
     if not os.environ.get("VHOSTPCI_VM"):
         pytest.skip("the VM tier runs with VHOSTPCI_VM=1 (after tools/vm/prepare); .ci/run does that")
     out = subprocess.run(
-        [sys.executable, str(REPO / "tools/vm/driver_vms.py"), "--bytes", str(4 << 20), "--timeout", "600"],
-        capture_output=True, text=True, timeout=900, check=False,
+        [sys.executable, str(REPO / "tools/vm" / script), *args],
+        capture_output=True, text=True, timeout=timeout, check=False,
     )  # fmt: skip
     print(out.stdout[-8000:])
     print(out.stderr[-4000:])
+    return out
+
+
+@on_the_host
+def test_two_stock_qemu_driver_vms_ping6_and_tcp_through_our_switch() -> None:
+    """Issue 18 item 5, the lighter configuration: the toolkit on the host over vfio-user."""
+    out = _host_script("driver_vms.py", "--bytes", str(4 << 20), "--timeout", "600", timeout=900)
     assert out.returncode == 0, "the driver VMs did not ping or transfer (output above)"
     result = json.loads(out.stdout.split("driver-vms: ", 1)[1].splitlines()[0])
     assert result["sha256_match"] and result["guest_status"] == [0, 0]
@@ -156,3 +162,34 @@ def test_two_stock_qemu_driver_vms_through_our_switch_in_a_device_vm() -> None:
     assert nbytes < final[a]["tx_bytes"] < nbytes * 1.1  # the payload plus its headers (about 6%)
     for mac in (a, b):  # the samples came while traffic ran: never ahead of the final counters
         assert all(result["switch"][mac][k] <= final[mac][k] for k in ("tx_frames", "rx_frames"))
+
+
+@on_the_host
+def test_stock_qemu_driver_vms_through_sigkill_restart_and_reboot() -> None:
+    """Issue 18 item 5's transfer and faults, the lighter configuration (tools/vm/driver_faults.py).
+
+    64 MiB a -> b with matching sha256; the switch's port counters equal to the guests' own
+    (port tx_frames == guest tx_packets, port rx_frames == guest rx_packets, at a quiescent
+    moment); a's QEMU SIGKILLed mid-transfer: the toolkit sees its frontend, then its memory,
+    removed within 3 heartbeats, b untouched; a's QEMU again with the same UUID: the same
+    device serves it, ping6 and a transfer; a rebooted from inside: stop, start, ping6 and a
+    transfer. The whole run is bounded (about 8 minutes under TCG on 2 loaded cores).
+    """
+    out = _host_script("driver_faults.py", "--bytes", str(64 << 20), "--timeout", "840", timeout=960)
+    assert out.returncode == 0, "a step failed (output above)"
+    result = json.loads(out.stdout.rsplit("driver-faults: ", 1)[1].splitlines()[0])
+    assert result["transfer"]["bytes"] == 64 << 20 and result["transfer"]["sha256_match"]
+    for name, row in result["counters"].items():
+        assert row["agree"], (name, row)
+    kill = result["kill"]
+    assert kill["frontend_before_memory"] and kill["within_heartbeats"], kill
+    assert kill["seconds_to_memory_removed"] <= 3 * result["heartbeat_s"], kill
+    assert kill["a_port_gone"] and kill["b_port_kept"] and kill["b_frontends"] == 1 and kill["b_qemu_running"]
+    assert kill["b_events_after_kill"] == [], "b's device saw something of a's fault"
+    received, end = kill["b_received"]
+    assert 4 << 20 <= received < 1 << 30 and end == "TimeoutError", "the kill was not mid-transfer"
+    assert result["restart"]["same_device"] and result["restart"]["transfer"]["sha256_match"]
+    reboot = result["reboot"]
+    assert reboot["memory_kept"] and reboot["qemu_kept"] and reboot["transfer"]["sha256_match"]
+    assert result["b_same_boot"], "b rebooted or its QEMU went"
+    assert "FrontendRemoved" not in result["b_events_since_boot"]

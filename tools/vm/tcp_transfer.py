@@ -4,7 +4,8 @@
     python3 tcp_transfer.py client --peer ADDR%IF --bytes N [--port P] [--timeout S]
 
 The client sends N pseudo-random bytes (a fixed seed) and prints their sha256
-and the throughput; the server takes exactly N bytes and prints theirs. Every
+and the throughput; the server takes exactly N bytes and prints theirs (or, when
+the peer stops short, how many came and why it ended: ``end=TimeoutError``). Every
 step has a timeout: nothing waits forever, nothing sends more than N.
 """
 
@@ -40,14 +41,19 @@ def main() -> int:
         conn.settimeout(max(1.0, deadline - time.monotonic()))
         got = 0
         t0 = time.monotonic()
-        while got < a.bytes:
-            data = conn.recv(min(CHUNK, a.bytes - got))
-            if not data:
-                break
-            h.update(data)
-            got += len(data)
+        why = "complete"
+        try:
+            while got < a.bytes:
+                data = conn.recv(min(CHUNK, a.bytes - got))
+                if not data:
+                    why = "closed"
+                    break
+                h.update(data)
+                got += len(data)
+        except OSError as e:  # the timeout, or a reset: say how far it got (a peer killed mid-transfer)
+            why = type(e).__name__
         dt = time.monotonic() - t0
-        print(f"tcp-server bytes={got} sha256={h.hexdigest()} seconds={dt:.2f}", flush=True)
+        print(f"tcp-server bytes={got} sha256={h.hexdigest()} seconds={dt:.2f} end={why}", flush=True)
         return 0 if got == a.bytes else 1
     rng = random.Random(0x5EED)
     addr, _, ifname = a.peer.partition("%")
