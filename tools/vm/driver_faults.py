@@ -55,7 +55,7 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path[:0] = [str(REPO), str(REPO / "tools"), str(Path(__file__).resolve().parent)]
 
 import chroot  # noqa: E402  (tools/vm, beside this file)
-from driver_vms import VMS, _debian_kernel, link_local  # noqa: E402
+from driver_vms import VMS, _debian_kernel, driver_vm_qemu_opts, link_local, start_doors  # noqa: E402
 
 from vhostpci_driver.apps.net import NetBackend, net_policy  # noqa: E402
 from vhostpci_driver.device import VhostPciDevice  # noqa: E402
@@ -69,7 +69,7 @@ from vhostpci_driver.events import (  # noqa: E402
     RemoteUp,
 )
 from vhostpci_driver.service import Service  # noqa: E402
-from vhostpci_host.harness import HostServer, JsonProcess, host_command  # noqa: E402
+from vhostpci_host.harness import HostServer, JsonProcess  # noqa: E402
 
 ROOT = chroot.ROOT
 HEARTBEAT = 1.0  # the server's ping interval (s)
@@ -128,7 +128,7 @@ class Guest:
         self.name, self.mac, self.reboot = name, mac, reboot
         self.gdir = f"/var/tmp/vpfault-{name}"  # the same path in the chroot and in the guest
         self.dir = ROOT / self.gdir.lstrip("/")
-        self.sock = "/" + str((run_dir / f"{name}.vu").relative_to(ROOT))
+        self.door = run_dir / f"{name}.vu"
         self.proc: subprocess.Popen[bytes] | None = None
         self.started = 0.0
         self.boot_id: str | None = None
@@ -138,18 +138,12 @@ class Guest:
 
     def start(self, life: float) -> None:
         (self.dir / "qemu.pid").unlink(missing_ok=True)
-        qemu = (
-            "-object memory-backend-memfd,id=mem,size=512M,share=on -machine memory-backend=mem "
-            f"-chardev socket,id=vu0,path={self.sock} -netdev vhost-user,id=net0,chardev=vu0 "
-            f"-device virtio-net-pci,netdev=net0,mac={self.mac},disable-legacy=on "
-            f"-pidfile {self.gdir}/qemu.pid"
+        qemu = f"{driver_vm_qemu_opts(self.door, self.mac)} -pidfile {self.gdir}/qemu.pid"
+        argv = chroot.vng(
+            "/boot/vmlinuz-" + _debian_kernel(), cpus=1, memory="512M", qemu_opts=qemu, out=self.gdir,
+            command=f"sh /project/tools/vm/guest_agent.sh {self.gdir} {self.mac} {int(life)}",
+            extra=("--qemu=/project/tools/vm/qemu-allow-reboot",) if self.reboot else (),
         )
-        argv = ["chroot", str(ROOT), "vng", "--disable-kvm", "--force-9p", "--cpus", "1", "--memory", "512M",
-                "--run", "/boot/vmlinuz-" + _debian_kernel(), "--user", "root", f"--qemu-opts={qemu}",
-                f"--rwdir={self.gdir}={self.gdir}"]  # fmt: skip
-        if self.reboot:
-            argv.append("--qemu=/project/tools/vm/qemu-allow-reboot")
-        argv += ["--exec", f"sh /project/tools/vm/guest_agent.sh {self.gdir} {self.mac} {int(life)}"]
         self.started = time.monotonic()
         self.proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
@@ -282,14 +276,7 @@ class Run:
     def start(self) -> None:
         self.server = HostServer(self.run_dir, ping_interval=HEARTBEAT, ping_misses=MISSES,
                                  extra=("--gone-grace", str(GONE_GRACE)))  # fmt: skip
-        for name, mac, u in VMS:
-            door = JsonProcess(
-                host_command("vhost-user", "--socket", str(self.run_dir / f"{name}.vu"), "--server",
-                             str(self.server.socket), "--uuid", str(u), "--mac", mac, "--json"),
-                f"vhost-user-{name}",
-            )  # fmt: skip
-            self.doors.append(door)
-            door.read_event("listening")
+        self.doors = start_doors(self.server, self.run_dir)
         self.t0 = time.monotonic()
         for name, mac, _ in VMS:
             g = Guest(name, mac, self.run_dir, reboot=name == "a")

@@ -105,6 +105,17 @@ def start_doors(server: HostServer, run_dir: Path) -> list[JsonProcess]:
     return doors
 
 
+def driver_vm_qemu_opts(door: Path, mac: str) -> str:
+    """QEMU's options for a driver VM on the front door listening at ``door`` (a path in the chroot):
+    512 MiB of memfd-shared RAM and ``virtio-net-pci`` on a ``vhost-user`` netdev (docs/host.md)."""
+    sock = "/" + str(door.relative_to(ROOT))
+    return (
+        "-object memory-backend-memfd,id=mem,size=512M,share=on -machine memory-backend=mem "
+        f"-chardev socket,id=vu0,path={sock} -netdev vhost-user,id=net0,chardev=vu0 "
+        f"-device virtio-net-pci,netdev=net0,mac={mac},disable-legacy=on"
+    )
+
+
 def start_driver_vms(run_dir: Path, nbytes: int, ping_tries: int = 90) -> list[subprocess.Popen[bytes]]:
     """Boot both driver VMs (b serves the TCP transfer, a sends it), each on its front door's socket."""
     guests: list[subprocess.Popen[bytes]] = []
@@ -112,12 +123,7 @@ def start_driver_vms(run_dir: Path, nbytes: int, ping_tries: int = 90) -> list[s
         out = f"/var/tmp/vpout-{name}"
         shutil.rmtree(ROOT / out.lstrip("/"), ignore_errors=True)
         (ROOT / out.lstrip("/")).mkdir(parents=True)
-        sock = "/" + str((run_dir / f"{name}.vu").relative_to(ROOT))
-        qemu = (
-            "-object memory-backend-memfd,id=mem,size=512M,share=on -machine memory-backend=mem "
-            f"-chardev socket,id=vu0,path={sock} -netdev vhost-user,id=net0,chardev=vu0 "
-            f"-device virtio-net-pci,netdev=net0,mac={mac},disable-legacy=on"
-        )
+        qemu = driver_vm_qemu_opts(run_dir / f"{name}.vu", mac)
         role = "server" if name == "b" else "client"
         script = guest_script(mac, peer, role, nbytes, out, ping_tries)
         argv = chroot.vng("/boot/vmlinuz-" + _debian_kernel(), cpus=1, memory="512M", qemu_opts=qemu,
