@@ -90,9 +90,37 @@ static void dq_done(dq_t *d)
     Py_XDECREF(d->wlens_o);
 }
 
+/* An attribute's name as an interned str, made once per name (a call's fixed cost is most of a
+ * small batch's: a str built per attribute per call was a fifth of it). `name` is a literal. */
+static PyObject *attr_name(const char *name)
+{
+    static struct {
+        const char *c;
+        PyObject *s;
+    } names[16];
+    for (size_t i = 0; i < sizeof names / sizeof *names; i++) {
+        if (names[i].c == name)
+            return names[i].s;
+        if (names[i].c == NULL) {
+            if ((names[i].s = PyUnicode_InternFromString(name)) == NULL)
+                return NULL;
+            names[i].c = name;
+            return names[i].s;
+        }
+    }
+    PyErr_SetString(PyExc_SystemError, "_pktgen: more attribute names than its table holds");
+    return NULL;
+}
+
+static PyObject *get_attr(PyObject *o, const char *name)
+{
+    PyObject *n = attr_name(name);
+    return n ? PyObject_GetAttr(o, n) : NULL;
+}
+
 static int get_long_attr(PyObject *o, const char *name, long *out)
 {
-    PyObject *v = PyObject_GetAttrString(o, name);
+    PyObject *v = get_attr(o, name);
     if (v == NULL)
         return -1;
     *out = PyLong_AsLong(v);
@@ -102,7 +130,7 @@ static int get_long_attr(PyObject *o, const char *name, long *out)
 
 static int get_buf_attr(PyObject *o, const char *name, Py_buffer *b, int *have, Py_ssize_t need)
 {
-    PyObject *v = PyObject_GetAttrString(o, name);
+    PyObject *v = get_attr(o, name);
     if (v == NULL)
         return -1;
     int r = PyObject_GetBuffer(v, b, PyBUF_WRITABLE);
@@ -119,7 +147,7 @@ static int get_buf_attr(PyObject *o, const char *name, Py_buffer *b, int *have, 
 
 static int get_list_attr(PyObject *o, const char *name, PyObject **out, Py_ssize_t len)
 {
-    *out = PyObject_GetAttrString(o, name);
+    *out = get_attr(o, name);
     if (*out == NULL)
         return -1;
     if (!PyList_Check(*out) || (len >= 0 && PyList_GET_SIZE(*out) != len)) {
@@ -159,10 +187,12 @@ static int dq_open(dq_t *d, PyObject *q)
 
 static int set_long_attr(PyObject *o, const char *name, long v)
 {
-    PyObject *x = PyLong_FromLong(v);
-    if (x == NULL)
+    PyObject *x = PyLong_FromLong(v), *n = attr_name(name);
+    if (x == NULL || n == NULL) {
+        Py_XDECREF(x);
         return -1;
-    int r = PyObject_SetAttrString(o, name, x);
+    }
+    int r = PyObject_SetAttr(o, n, x);
     Py_DECREF(x);
     return r;
 }
@@ -255,6 +285,8 @@ static Py_ssize_t dq_harvest(dq_t *d, PyObject **toks, uint32_t *lens, Py_ssize_
             Py_DECREF(toks[j]);
         return -1;
     }
+    if (n == 0)
+        return 0; /* nothing moved: no store (most calls of a quiet ring) */
     d->last_used_idx = idx;
     if (set_long_attr(d->q, "last_used_idx", idx) < 0) {
         for (long j = 0; j < n; j++)
@@ -337,6 +369,44 @@ fail:
     return -1;
 }
 
+/* Per-call arrays of a batch: on the stack up to a ring of 256, else allocated. */
+#define SMALL_BATCH 256
+typedef struct {
+    PyObject *toks_s[SMALL_BATCH];
+    uint32_t lens_s[SMALL_BATCH];
+    uint64_t addrs_s[SMALL_BATCH];
+    PyObject **toks;
+    uint32_t *lens;
+    uint64_t *addrs;
+} work_t;
+
+static int work_init(work_t *w, Py_ssize_t n)
+{
+    if (n <= SMALL_BATCH) {
+        w->toks = w->toks_s;
+        w->lens = w->lens_s;
+        w->addrs = w->addrs_s;
+        return 0;
+    }
+    w->toks = PyMem_Malloc(sizeof *w->toks * (size_t)n);
+    w->lens = PyMem_Malloc(sizeof *w->lens * (size_t)n);
+    w->addrs = PyMem_Malloc(sizeof *w->addrs * (size_t)n);
+    if (w->toks == NULL || w->lens == NULL || w->addrs == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    return 0;
+}
+
+static void work_done(work_t *w)
+{
+    if (w->toks != NULL && w->toks != w->toks_s) {
+        PyMem_Free(w->toks);
+        PyMem_Free(w->lens);
+        PyMem_Free(w->addrs);
+    }
+}
+
 /* -- reclaim(q, slots) -> n ------------------------------------------------------------------- */
 
 static PyObject *pk_reclaim(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
@@ -346,19 +416,13 @@ static PyObject *pk_reclaim(PyObject *mod, PyObject *const *args, Py_ssize_t nar
         PyErr_SetString(PyExc_TypeError, "reclaim(queue, slots: list)");
         return NULL;
     }
-    dq_t d;
+    dq_t d = {0}; /* dq_done is safe on it whatever fails first */
     PyObject *result = NULL;
-    PyObject **toks = NULL;
-    uint32_t *lens = NULL;
-    if (dq_open(&d, args[0]) < 0)
+    work_t w = {.toks = NULL};
+    if (dq_open(&d, args[0]) < 0 || work_init(&w, d.size) < 0)
         goto out;
-    toks = PyMem_Malloc(sizeof *toks * (size_t)d.size);
-    lens = PyMem_Malloc(sizeof *lens * (size_t)d.size);
-    if (toks == NULL || lens == NULL) {
-        PyErr_NoMemory();
-        goto out;
-    }
-    Py_ssize_t n = dq_harvest(&d, toks, lens, d.size);
+    PyObject **toks = w.toks;
+    Py_ssize_t n = dq_harvest(&d, toks, w.lens, d.size);
     if (n < 0)
         goto out;
     int bad = 0;
@@ -370,8 +434,7 @@ static PyObject *pk_reclaim(PyObject *mod, PyObject *const *args, Py_ssize_t nar
     if (!bad)
         result = PyLong_FromSsize_t(n);
 out:
-    PyMem_Free(toks);
-    PyMem_Free(lens);
+    work_done(&w);
     dq_done(&d);
     return result;
 }
@@ -412,26 +475,21 @@ static PyObject *pk_fill(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
         return NULL;
     }
     uint32_t size = (uint32_t)(flen - HDR);
-    dq_t d;
+    dq_t d = {0}; /* dq_done is safe on it whatever fails first */
     Py_buffer b = {0};
     int have_b = 0;
     PyObject *result = NULL, *zero = PyLong_FromLong(0);
-    PyObject **toks = NULL;
-    uint64_t *addrs = NULL;
-    if (zero == NULL || dq_open(&d, args[0]) < 0)
+    work_t w = {.toks = NULL};
+    if (zero == NULL || dq_open(&d, args[0]) < 0 || work_init(&w, n) < 0)
         goto out;
+    PyObject **toks = w.toks;
+    uint64_t *addrs = w.addrs;
     if (PyObject_GetBuffer(args[3], &b, PyBUF_WRITABLE) < 0)
         goto out;
     have_b = 1;
     Py_ssize_t nslots = b.len / buf_size;
     if (PyList_GET_SIZE(stamped) < nslots)
         nslots = PyList_GET_SIZE(stamped);
-    toks = PyMem_Malloc(sizeof *toks * (size_t)(n ? n : 1));
-    addrs = PyMem_Malloc(sizeof *addrs * (size_t)(n ? n : 1));
-    if (toks == NULL || addrs == NULL) {
-        PyErr_NoMemory();
-        goto out;
-    }
     Py_ssize_t got = 0;
     for (; got < n; got++) { /* slot = free.pop(), as the pure loop takes them */
         Py_ssize_t last = PyList_GET_SIZE(slots) - 1;
@@ -468,8 +526,7 @@ static PyObject *pk_fill(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
     for (Py_ssize_t k = 0; k < got; k++)
         Py_DECREF(toks[k]);
 out:
-    PyMem_Free(toks);
-    PyMem_Free(addrs);
+    work_done(&w);
     if (have_b)
         PyBuffer_Release(&b);
     Py_XDECREF(zero);
@@ -562,10 +619,11 @@ static PyObject *pk_receive(PyObject *mod, PyObject *const *args, Py_ssize_t nar
     const unsigned char *pat = (const unsigned char *)PyBytes_AS_STRING(args[6]);
     size_t patlen = (size_t)PyBytes_GET_SIZE(args[6]);
     counts_t c = {args[7], {0}, NULL, 0, 0, 0, 0};
-    dq_t d;
+    dq_t d = {0}; /* dq_done is safe on it whatever fails first */
     Py_buffer b = {0};
     int have_b = 0;
     PyObject *result = NULL, *post_obj = PyLong_FromLong(post);
+    work_t w = {.toks = NULL};
     PyObject **toks = NULL;
     uint32_t *lens = NULL;
     uint64_t *addrs = NULL;
@@ -578,13 +636,11 @@ static PyObject *pk_receive(PyObject *mod, PyObject *const *args, Py_ssize_t nar
         goto out;
     have_b = 1;
     Py_ssize_t nslots = b.len / buf_size;
-    toks = PyMem_Malloc(sizeof *toks * (size_t)d.size);
-    lens = PyMem_Malloc(sizeof *lens * (size_t)d.size);
-    addrs = PyMem_Malloc(sizeof *addrs * (size_t)d.size);
-    if (toks == NULL || lens == NULL || addrs == NULL) {
-        PyErr_NoMemory();
+    if (work_init(&w, d.size) < 0)
         goto out;
-    }
+    toks = w.toks;
+    lens = w.lens;
+    addrs = w.addrs;
     n = dq_harvest(&d, toks, lens, d.size);
     if (n < 0) {
         n = 0;
@@ -657,9 +713,7 @@ out:
     for (Py_ssize_t k = 0; k < n; k++)
         Py_DECREF(toks[k]);
     Py_XDECREF(c.set);
-    PyMem_Free(toks);
-    PyMem_Free(lens);
-    PyMem_Free(addrs);
+    work_done(&w);
     PyMem_Free(scratch);
     if (have_b)
         PyBuffer_Release(&b);
