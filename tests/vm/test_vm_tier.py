@@ -173,7 +173,8 @@ def test_stock_qemu_driver_vms_through_sigkill_restart_and_reboot() -> None:
     moment); a's QEMU SIGKILLed mid-transfer: the toolkit sees its frontend, then its memory,
     removed within 3 heartbeats, b untouched; a's QEMU again with the same UUID: the same
     device serves it, ping6 and a transfer; a rebooted from inside: stop, start, ping6 and a
-    transfer. The whole run is bounded (about 8 minutes under TCG on 2 loaded cores).
+    transfer; b's front door frozen: the heartbeat removes b (3 pings unanswered), a untouched.
+    The whole run is bounded (about 7 minutes under TCG on 2 loaded cores).
     """
     out = _host_script("driver_faults.py", "--bytes", str(64 << 20), "--timeout", "840", timeout=960)
     assert out.returncode == 0, "a step failed (output above)"
@@ -194,3 +195,8 @@ def test_stock_qemu_driver_vms_through_sigkill_restart_and_reboot() -> None:
     assert reboot["memory_kept"] and reboot["qemu_kept"] and reboot["transfer"]["sha256_match"]
     assert result["b_same_boot"], "b rebooted or its QEMU went"
     assert "FrontendRemoved" not in result["b_events_since_boot"]
+    # A driver VM that goes silent without closing (its front door frozen): the heartbeat removes it.
+    silent, beat, misses = result["silent"], result["heartbeat_s"], result["misses"]
+    assert silent["frontend_before_memory"] and silent["a_events"] == [] and silent["a_port_kept"], silent
+    # (misses - 1) to (misses + 1) intervals, and a second for the server's tick and our service loop.
+    assert (misses - 1) * beat <= silent["seconds_to_memory_removed"] <= (misses + 1) * beat + 1.0, silent

@@ -28,7 +28,9 @@ files in a 9p directory), so it decides when each step happens and times it:
 6. a reboots from inside (``busybox reboot -f``; QEMU runs through
    tools/vm/qemu-allow-reboot, which drops the ``-no-reboot`` virtme-ng always
    passes): the toolkit sees the stop and the start, then ping6 and a transfer
-   (the time from the reboot to the first answered ping).
+   (the time from the reboot to the first answered ping);
+7. b's front door frozen (SIGSTOP): its connection stays open and silent, so only
+   the heartbeat finds b gone (the removal timed from the freeze).
 
 Every step has a timeout; no tap, bridge or user-mode networking anywhere.
 The last line is ``driver-faults: {json}`` with every figure.
@@ -445,7 +447,37 @@ class Run:
         alive = b.proc is not None and b.proc.poll() is None
         r["b_same_boot"] = alive and (b.dir / "ready").read_text().split()[0] == b.boot_id
         r["b_events_since_boot"] = sorted({k for _, k in self.timeline.since("b", self.t0)})
+        r["silent"] = self.silent_front_door()
         self.step("done")
+
+    def silent_front_door(self) -> dict[str, Any]:
+        """b's front door frozen (SIGSTOP): its server connection stays open and says nothing.
+
+        Only the heartbeat can find such a driver VM gone: the server sends a PING every
+        interval and drops the connection when ``MISSES`` are unanswered, so the removal
+        comes (MISSES - 1) to (MISSES + 1) intervals after the freeze (a ping may be just
+        due, or just answered). Once thawed, the front door finds its server connection
+        closed and drops its QEMU connection too (it would start afresh on the next one).
+        """
+        self.step("b's front door frozen: the heartbeat finds b gone")
+        door = self.doors[1]
+        frozen = time.monotonic()
+        os.kill(door.pid, signal.SIGSTOP)
+        try:
+            bound = (MISSES + 1) * HEARTBEAT
+            fe_gone = self.timeline.wait("b", "FrontendRemoved", frozen, self.left(bound + 10))
+            mem_gone = self.timeline.wait("b", "MemoryRemoved", frozen, self.left(10))
+        finally:
+            os.kill(door.pid, signal.SIGCONT)
+        dropped = door.read_event("dropped", timeout=self.left(20))
+        return {
+            "seconds_to_frontend_removed": round(fe_gone - frozen, 3),
+            "seconds_to_memory_removed": round(mem_gone - frozen, 3),
+            "frontend_before_memory": fe_gone <= mem_gone,
+            "door_dropped": dropped.get("why"),
+            "a_events": [k for _, k in self.timeline.since("a", frozen)],
+            "a_port_kept": bytes.fromhex(self.macs["a"].replace(":", "")) in self.backend.ports,
+        }
 
 
 def main() -> int:
