@@ -76,11 +76,12 @@ RX_BATCH = 64  # RX buffers popped at once (kept in the port until filled)
 def _pop_rx(port: Port) -> list[Chain]:
     """A batch of the receive buffers ``port``'s driver posted, each checked before anything is written."""
     bufs = port.rx.pop_batch(RX_BATCH)
+    least = NET_HDR if port.mergeable else 0  # one test per buffer on the way through
     for buf in bufs:
-        if buf[1]:
-            # virtio 1.2, 5.1.6.3: receiveq buffers are device-writable; a readable one is not ours to fill.
-            raise RingError("net-rx-readable", "a receive buffer has device-readable descriptors", buf[0])
-        if port.mergeable and buf[4] < NET_HDR:
+        if buf[1] or buf[4] < least:
+            if buf[1]:
+                # virtio 1.2, 5.1.6.3: receiveq buffers are device-writable; a readable one is not ours.
+                raise RingError("net-rx-readable", "a receive buffer has device-readable descriptors", buf[0])
             # virtio 1.2, 5.1.6.3.1: with VIRTIO_NET_F_MRG_RXBUF each buffer MUST hold at least the header.
             raise RingError(
                 "net-rx-short", f"a receive buffer of {buf[4]} bytes < the {NET_HDR}-byte header", buf[0]
