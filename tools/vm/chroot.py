@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 from pathlib import Path
 
@@ -61,3 +62,31 @@ def vng(kernel: str, *, cpus: int, memory: str, qemu_opts: str, out: str, comman
         f"--qemu-opts={qemu_opts}",  # "=": the value starts with "-"
         f"--rwdir={out}={out}", "--exec", command,
     ]  # fmt: skip
+
+
+def stop_vm(vm: subprocess.Popen[bytes]) -> None:
+    """Kill a VM a script started that is still running, with its descendants: killing vng alone
+    leaves its QEMU running (and holding the guest's sockets and memory)."""
+    if vm.poll() is not None:
+        return
+    for pid in [vm.pid, *_descendants(vm.pid)]:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    vm.wait(10)
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (Linux's /proc/PID/task/TID/children), children first."""
+    found: list[int] = []
+    todo = [pid]
+    while todo:
+        for task in Path(f"/proc/{todo.pop()}/task").glob("*"):
+            try:
+                kids = [int(k) for k in (task / "children").read_text().split()]
+            except OSError:  # gone meanwhile
+                continue
+            found += kids
+            todo += kids
+    return found

@@ -26,10 +26,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -197,7 +195,7 @@ def main() -> int:
         if control is not None:
             control.sock.close()
         for vm in ([device_vm] if device_vm is not None else []) + guests:
-            _stop(vm)
+            chroot.stop_vm(vm)
         for door in doors:
             door.stop()
         if server is not None:
@@ -211,34 +209,3 @@ def _show_logs() -> None:
         text = path.read_text(errors="replace")[-4000:] if path.exists() else "(none)\n"
         sys.stdout.write(f"--- {name} ---\n{text}")
     sys.stdout.flush()
-
-
-def _stop(vm: subprocess.Popen[bytes]) -> None:
-    """Kill a VM this script started that is still running, with its descendants (vng's QEMU)."""
-    if vm.poll() is not None:
-        return
-    for pid in [vm.pid, *_descendants(vm.pid)]:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    vm.wait(10)
-
-
-def _descendants(pid: int) -> list[int]:
-    """Every process below ``pid`` (Linux's /proc/PID/task/TID/children), children first."""
-    found: list[int] = []
-    todo = [pid]
-    while todo:
-        for task in Path(f"/proc/{todo.pop()}/task").glob("*"):
-            try:
-                kids = [int(k) for k in (task / "children").read_text().split()]
-            except OSError:  # gone meanwhile
-                continue
-            found += kids
-            todo += kids
-    return found
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -197,16 +197,8 @@ class Guest:
         return self.wait(self.run(script), timeout)
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            try:
-                os.kill(self.qemu_pid(1.0), signal.SIGKILL)
-            except (StepError, ProcessLookupError):
-                self.proc.kill()
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        if self.proc is not None:
+            chroot.stop_vm(self.proc)
 
 
 def ping_wait(peer: str, tries: int = 200) -> str:

@@ -205,9 +205,7 @@ def main() -> int:
         for dev in devices:
             dev.close()
         for g in guests:
-            if g.poll() is None:
-                g.kill()
-                g.wait(10)
+            chroot.stop_vm(g)
         for door in doors:
             door.stop()
         if server is not None:

@@ -78,7 +78,7 @@ def main() -> int:
     if not (ROOT / ".vhostpci-ready").exists():
         fail(f"no prepared VM cache at {ROOT}: run tools/vm/prepare", 3)
     run_dir, mounted = chroot.enter(REPO, "vp")
-    server = vm = controller = None
+    server = vm = controller = guest_vm = None
     try:
         server = HostServer(run_dir, ping_interval=2.0, ping_misses=30)
         vm = DriverVmProcess(server.socket, [MAC], vm_uuid=VM_UUID, memory="128M")
@@ -116,14 +116,15 @@ def main() -> int:
         controller = HotplugController(server, run_dir, "/" + str(run_dir.relative_to(ROOT)))
         threading.Thread(target=controller.serve, args=(args.timeout,), daemon=True).start()
         started = time.monotonic()
+        guest_vm = subprocess.Popen(argv)
         try:
-            out = subprocess.run(argv, timeout=args.timeout, check=False)
+            rc = guest_vm.wait(timeout=args.timeout)
         except subprocess.TimeoutExpired:
             _show_guest_log(out_dir)
             fail(f"the guest did not finish within {args.timeout}s")
         _show_guest_log(out_dir)
         print(
-            f"vm-run: guest finished with status {out.returncode} in {time.monotonic() - started:.1f}s",
+            f"vm-run: guest finished with status {rc} in {time.monotonic() - started:.1f}s",
             file=sys.stderr,
         )
         try:
@@ -134,7 +135,7 @@ def main() -> int:
             print(f"vm-run: no traffic report: {e}", file=sys.stderr)
         for line in controller.log:
             print(f"vm-run: hot-plug control: {line}", file=sys.stderr)
-        return out.returncode
+        return rc
     finally:
         if controller is not None:
             controller.close()
@@ -143,7 +144,8 @@ def main() -> int:
         if server is not None:
             print("vm-run: host server log (tail):\n" + server.stderr_tail(25), file=sys.stderr)
             server.stop()
-        subprocess.run(["pkill", "-f", "qemu-system-x86_64.*vhostpci0"], check=False)
+        if guest_vm is not None:
+            chroot.stop_vm(guest_vm)
         chroot.leave(mounted)
 
 
