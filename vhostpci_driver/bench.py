@@ -533,6 +533,7 @@ def _bring_up(workdir: Path, reps: int) -> Row:
     from vhostpci_driver.events import FeaturesNegotiated  # noqa: PLC0415
     from vhostpci_host.harness import HostServer, Rig  # noqa: PLC0415
 
+    (workdir / "bring-up").mkdir()  # serve --socket wants the socket's directory to exist
     rig = Rig(HostServer(workdir / "bring-up"))
     try:
         vm = rig.add_vm("52:54:00:00:00:01", vm_uuid=uuid.uuid4(), memory="64M")

@@ -10,7 +10,12 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 from typing import Any
+
+import pytest
+
+from vhostpci_host.harness import HostServer, ProcessError
 
 ROW_FIELDS = {"name", "figure", "unit", "baseline_name", "baseline", "ratio", "target", "met", "limited_by"}
 
@@ -67,3 +72,16 @@ def test_bench_quick_net_row_runs_every_path() -> None:
         # the traffic source's own ceiling, against this path's figure from the same run
         assert sim["baseline_name"] == f"net-switch-64 {p}" and sim["baseline"] == row["figure"]
         assert (row["limited_by"] == "simulator") == (sim["figure"] < 3 * row["figure"])
+
+
+def test_bench_quick_bring_up_prints_its_row() -> None:
+    # the row's host server once got a socket directory that did not exist (serve refuses that)
+    (row,) = _bench("bring-up")["benchmarks"]
+    assert row["name"] == "bring-up" and row["unit"].startswith("ms") and row["met"] in (True, False)
+
+
+def test_a_host_server_that_cannot_start_says_why(tmp_path: Path) -> None:
+    # Its --json error line has no "event": the harness must report the server's own words,
+    # not fail on the missing key (KeyError 'event' was all the bench said).
+    with pytest.raises(ProcessError, match="does not exist"):
+        HostServer(tmp_path / "missing")

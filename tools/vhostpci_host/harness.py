@@ -76,7 +76,7 @@ class JsonProcess:
         for i, ev in enumerate(self.pending):
             if want is None or ev.get("event") == want:
                 return self.pending.pop(i)
-            if want is not None and ev.get("event") == self.instead_of.get(want):
+            if want in self.instead_of and ev.get("event") == self.instead_of[want]:
                 raise ProcessError(f"{self.name}: {ev['event']} instead of {want}: {ev}")
         deadline = time.monotonic() + timeout
         fd = self._stdout().fileno()
@@ -86,7 +86,8 @@ class JsonProcess:
                 ev = cast(dict[str, Any], json.loads(line))
                 if want is None or ev.get("event") == want:
                     return ev
-                if want is not None and ev.get("event") == self.instead_of.get(want):
+                # (a line with no event, such as a --json error, matched a want with no "instead")
+                if want in self.instead_of and ev.get("event") == self.instead_of[want]:
                     raise ProcessError(f"{self.name}: {ev['event']} instead of {want}: {ev}")
                 self.pending.append(ev)
             left = deadline - time.monotonic()
