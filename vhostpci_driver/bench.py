@@ -14,6 +14,7 @@ queue classes in this process, the net rows run each path in a child process
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import platform
@@ -29,7 +30,7 @@ import tempfile
 import time
 import uuid
 from array import array
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -308,96 +309,83 @@ BENCHMARKS = (
 
 
 def run_bench(
-    quick: bool, only: str | None = None, progress: Callable[[str], None] | None = None
+    quick: bool, only: Collection[str] | None = None, progress: Callable[[str], None] | None = None
 ) -> dict[str, Any]:
+    """Every benchmark (or those named in ``only``); returns the machine, the rows, and what failed.
+
+    Each benchmark runs on its own: one that fails (a host-side process that did not
+    start, a driver that never acked) is recorded under ``failed`` with its error and
+    the others still run, so a long run never loses what it measured to one row.
+    """
     say = progress or (lambda _m: None)
     rows: list[Row] = []
+    failed: list[dict[str, str]] = []
 
     def want(name: str) -> bool:
-        return only is None or name == only
+        return only is None or name in only
+
+    def attempt(name: str, measure: Callable[[], list[Row]]) -> None:
+        say(name)
+        try:
+            rows.extend(measure())
+        except Exception as e:  # any failure of one benchmark; the run goes on (docstring)
+            failed.append({"name": name, "error": f"{type(e).__name__}: {e}".strip()})
+            say(f"{name} FAILED: {type(e).__name__}: {e}")
 
     reps = 3 if quick else 7
     if want("ring-batch"):
-        say("ring-batch")
-        rows += ring_batch(2000 if quick else 20000)
+        attempt("ring-batch", lambda: ring_batch(2000 if quick else 20000))
     if want("cpython-floor"):
-        say("cpython-floor")
-        rows.append(cpython_floor(200 if quick else 2000))
+        attempt("cpython-floor", lambda: [cpython_floor(200 if quick else 2000)])
     workdir = Path(tempfile.mkdtemp(prefix="vhostpci-bench-", dir="/tmp"))
     try:
         if want("ack-round-trip") or want("controlq-storm"):
-            say("control plane")
-            with _one_cpu():
-                rig = _ControlRig(workdir)
-                try:
-                    n = 300 if quick else 3000
-                    ours, base = [], []
-                    for _ in range(reps):  # interleaved with the baseline
-                        ours += [rig.round_trip() for _ in range(n // reps)]
-                        base += eventfd_pingpong(n // reps)
-                    p50, p99, b50, b99 = _pct(ours, 50), _pct(ours, 99), _pct(base, 50), _pct(base, 99)
-                    if want("ack-round-trip"):
-                        base_name = "eventfd ping-pong"
-                        rows.append(
-                            Row(
-                                "ack-round-trip p50",
-                                round(p50, 1),
-                                "us",
-                                f"{base_name} p50",
-                                round(b50, 1),
-                                round(p50 / b50, 1),
-                                "<= 3x",
-                                p50 <= 3 * b50,
-                            )
-                        )
-                        rows.append(
-                            Row(
-                                "ack-round-trip p99",
-                                round(p99, 1),
-                                "us",
-                                f"{base_name} p99",
-                                round(b99, 1),
-                                round(p99 / b99, 1),
-                                "<= 10x",
-                                p99 <= 10 * b99,
-                            )
-                        )
-                    if want("controlq-storm"):
-                        rates = [rig.storm(2000 if quick else 10000) for _ in range(reps)]
-                        med = statistics.median(rates)
-                        rows.append(
-                            Row(
-                                "controlq-storm",
-                                round(med),
-                                "msgs/s",
-                                None,
-                                None,
-                                None,
-                                ">= 50000",
-                                med >= 50000,
-                                spread=round(max(rates) - min(rates)),
-                            )
-                        )
-                finally:
-                    rig.close()
+            attempt("control plane", lambda: _control_plane(workdir, quick, reps, want))
         for size, name in ((64, "net-switch-64"), (1500, "net-switch-1500"), (65536, "net-switch-64k")):
-            if not want(name):
-                continue
-            say(name)
-            rows += _net_rows(name, size, quick, reps)
+            if want(name):
+                attempt(name, functools.partial(_net_rows, name, size, quick, reps))
         if want("notify-interrupt"):
-            say("notify-interrupt")
-            with _one_cpu():
-                rows.append(_notify_interrupt(workdir, 300 if quick else 3000, reps))
+
+            def notify() -> list[Row]:
+                with _one_cpu():
+                    return [_notify_interrupt(workdir, 300 if quick else 3000, reps)]
+
+            attempt("notify-interrupt", notify)
         if want("bring-up"):
-            say("bring-up")
-            rows.append(_bring_up(workdir, reps))
+            attempt("bring-up", lambda: [_bring_up(workdir, reps)])
         if want("memory"):
-            say("memory")
-            rows.append(_memory(workdir))
+            attempt("memory", lambda: [_memory(workdir)])
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
-    return {"machine": _machine(), "benchmarks": [asdict(r) for r in rows]}
+    return {"machine": _machine(), "benchmarks": [asdict(r) for r in rows], "failed": failed}
+
+
+def _control_plane(workdir: Path, quick: bool, reps: int, want: Callable[[str], bool]) -> list[Row]:
+    """The ack round trip (against an eventfd ping-pong, interleaved) and the controlq storm."""
+    rows: list[Row] = []
+    with _one_cpu():
+        rig = _ControlRig(workdir)
+        try:
+            n = 300 if quick else 3000
+            ours, base = [], []
+            for _ in range(reps):  # interleaved with the baseline
+                ours += [rig.round_trip() for _ in range(n // reps)]
+                base += eventfd_pingpong(n // reps)
+            p50, p99, b50, b99 = _pct(ours, 50), _pct(ours, 99), _pct(base, 50), _pct(base, 99)
+            if want("ack-round-trip"):
+                base_name = "eventfd ping-pong"
+                rows.append(Row("ack-round-trip p50", round(p50, 1), "us", f"{base_name} p50", round(b50, 1),
+                                round(p50 / b50, 1), "<= 3x", p50 <= 3 * b50))  # fmt: skip
+                rows.append(Row("ack-round-trip p99", round(p99, 1), "us", f"{base_name} p99", round(b99, 1),
+                                round(p99 / b99, 1), "<= 10x", p99 <= 10 * b99))  # fmt: skip
+            if want("controlq-storm"):
+                rates = [rig.storm(2000 if quick else 10000) for _ in range(reps)]
+                med = statistics.median(rates)
+                rows.append(Row("controlq-storm", round(med), "msgs/s", None, None, None, ">= 50000",
+                                med >= 50000, spread=round(max(rates) - min(rates))))  # fmt: skip
+        finally:
+            rig.close()
+    return rows
 
 
 def _net_sample(size: int, count: int) -> dict[str, Any]:

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from vhostpci_driver import __version__
-from vhostpci_driver.command import Failure, Group, emit, exit_for, stop_on_signals
+from vhostpci_driver.command import EXIT_FAILURE, Failure, Group, emit, exit_for, stop_on_signals
 from vhostpci_driver.errors import VhostPciError
 from vhostpci_driver.params import DeviceAddress, FrameSize, Integer
 
@@ -682,20 +682,28 @@ def install_udev(prefix: Path) -> None:
 
 @main.command()
 @click.option("--quick", is_flag=True, help="Fewer repetitions (about 5 s).")
-@click.option("--only", type=click.Choice(BENCHMARKS), default=None, help="One benchmark.")
+@click.option("--only", type=click.Choice(BENCHMARKS), multiple=True,
+              help="Only this benchmark (repeatable).")  # fmt: skip
 @click.option("--json", "as_json", is_flag=True, help="One JSON object: machine and rows (docs/cli.md).")
-def bench(quick: bool, only: str | None, as_json: bool) -> None:
-    """Measure the control and data plane against baselines taken in the same run (never fails a build)."""
+def bench(quick: bool, only: tuple[str, ...], as_json: bool) -> None:
+    """Measure the control and data plane against baselines taken in the same run (never fails a build).
+
+    A benchmark that cannot run is listed with its error and the others still run; the
+    exit status is then 1.
+    """
     from vhostpci_driver.bench import run_bench
     from vhostpci_driver.report import table
     from vhostpci_host.harness import ProcessError
 
     with stop_on_signals(), _host_side_failures(ProcessError):
         result = run_bench(
-            quick, only, progress=None if as_json else lambda m: click.echo(f"... {m}", err=True)
+            quick, only or None, progress=None if as_json else lambda m: click.echo(f"... {m}", err=True)
         )
+    failed = ", ".join(f["name"] for f in result["failed"])
     if as_json:
         emit(result)
+        if failed:
+            sys.exit(EXIT_FAILURE)
         return
     rows = []
     for r in result["benchmarks"]:
@@ -708,3 +716,7 @@ def bench(quick: bool, only: str | None, as_json: bool) -> None:
         ))  # fmt: skip
     for line in table(("BENCHMARK", "FIGURE", "BASELINE", "RATIO", "TARGET", "", "UNIT"), rows):
         click.echo(line)
+    for f in result["failed"]:
+        click.echo(f"{f['name']}: could not run: {f['error']}", err=True)
+    if failed:
+        raise Failure(f"benchmarks that could not run: {failed} (the rows above were measured)")
