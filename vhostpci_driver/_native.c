@@ -99,6 +99,27 @@ static PyObject *rule_error_i(const char *rule, PyObject *message, long long ind
     return t;
 }
 
+/* How many chains to pop now: the driver's avail idx (read once, with acquire: the
+ * entries it covers are read after it, virtio 1.2, 2.7.13.3) less ours, at most
+ * max_chains (none if that is negative). An idx more than a ring ahead breaks the "avail-idx" rule: returns -1
+ * with *err the rule error (or NULL with a Python error set). */
+static long avail_pending(const unsigned char *avail, long last, Py_ssize_t size, Py_ssize_t max_chains,
+                          PyObject **err)
+{
+    uint16_t idx = load16_acquire(avail + 2);
+    long n = (uint16_t)(idx - (uint16_t)last);
+    if (n > size) {
+        *err = rule_error("avail-idx",
+                          PyUnicode_FromFormat("avail idx moved %ld entries past ours, ring holds %zd", n, size),
+                          NULL);
+        return -1;
+    }
+    if (max_chains < 0)
+        max_chains = 0;
+    return max_chains < n ? (long)max_chains : n;
+}
+
+
 static PyObject *fetch_exception(void)
 {
 #if PY_VERSION_HEX >= 0x030C0000
@@ -511,19 +532,13 @@ static PyObject *native_pop(PyObject *mod, PyObject *const *args, Py_ssize_t nar
     out = PyList_New(0);
     if (out == NULL)
         goto fail;
-    uint16_t idx = load16_acquire(avail + 2);
-    long n = (uint16_t)(idx - (uint16_t)last);
-    if (n > size) {
-        err = rule_error("avail-idx",
-                         PyUnicode_FromFormat("avail idx moved %ld entries past ours, ring holds %zd", n, size),
-                         NULL);
+    long n = avail_pending(avail, last, size, max_chains, &err);
+    if (n < 0) {
         if (err == NULL)
             goto fail;
         goto done;
     }
-    if (max_chains < n)
-        n = (long)max_chains;
-    if (n <= 0)
+    if (n == 0)
         goto done;
     if (n > 64 && (heads = PyMem_Malloc(sizeof *heads * (size_t)n)) == NULL) {
         PyErr_NoMemory();
@@ -766,20 +781,12 @@ static PyObject *native_pop_direct(PyObject *mod, PyObject *const *args, Py_ssiz
         PyErr_SetString(PyExc_TypeError, "pop_direct: out must be an array('Q')");
         goto fail;
     }
-    uint16_t idx = load16_acquire(avail + 2);
-    long n = (uint16_t)(idx - (uint16_t)last);
-    if (n > size) {
-        err = rule_error("avail-idx",
-                         PyUnicode_FromFormat("avail idx moved %ld entries past ours, ring holds %zd", n, size),
-                         NULL);
+    long n = avail_pending(avail, last, size, max_chains, &err);
+    if (n < 0) {
         if (err == NULL)
             goto fail;
         goto done;
     }
-    if (max_chains < n)
-        n = (long)max_chains;
-    if (n < 0)
-        n = 0;
     if (o.len / 8 < 3 * (Py_ssize_t)n) {
         PyErr_Format(PyExc_ValueError, "pop_direct: %zd words cannot describe %ld chains", o.len / 8, n);
         goto fail;

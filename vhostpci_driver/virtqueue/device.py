@@ -175,10 +175,7 @@ class DeviceQueue:
             return out
         size, inflight, table = self.size, self._inflight, self._desc
         unpack, view, append = DESC.unpack_from, self.mem.view, out.append
-        start = self.last_avail_idx & (size - 1)
-        ring = self._avail[2 + start : 2 + min(size, start + n)].tolist()
-        if len(ring) < n:  # the batch wraps around the end of the ring
-            ring += self._avail[2 : 2 + n - len(ring)].tolist()
+        ring = self._next_heads(n)
         popped = 0
         try:
             for head in ring:
@@ -206,6 +203,15 @@ class DeviceQueue:
             self.last_avail_idx = (self.last_avail_idx + popped) & 0xFFFF
         return out
 
+    def _next_heads(self, n: int) -> list[int]:
+        """The next ``n`` available heads from ``last_avail_idx`` on, in one read each (virtio 1.2, 2.7.6)."""
+        size = self.size
+        start = self.last_avail_idx & (size - 1)
+        ring = self._avail[2 + start : 2 + min(size, start + n)].tolist()
+        if len(ring) < n:  # the batch wraps around the end of the ring
+            ring += self._avail[2 : 2 + n - len(ring)].tolist()
+        return ring
+
     def pop_direct(self, out: array[int], max_chains: int = 32) -> int:
         """Pop up to ``max_chains`` chains of one direct descriptor, described in ``out``; returns how many.
 
@@ -231,10 +237,7 @@ class DeviceQueue:
         if not n:
             return 0
         size, inflight, table, unpack = self.size, self._inflight, self._desc, DESC.unpack_from
-        start = self.last_avail_idx & (size - 1)
-        ring = self._avail[2 + start : 2 + min(size, start + n)].tolist()
-        if len(ring) < n:  # the batch wraps around the end of the ring
-            ring += self._avail[2 : 2 + n - len(ring)].tolist()
+        ring = self._next_heads(n)
         popped = 0
         try:
             for head in ring:
