@@ -94,11 +94,11 @@ def test_a_benchmark_that_cannot_run_is_listed_and_the_others_still_measured() -
     def few_fds() -> None:  # the host side's server cannot open its sockets; ring-batch needs none
         resource.setrlimit(resource.RLIMIT_NOFILE, (24, 24))
 
+    argv = [sys.executable, "-m", "vhostpci_driver", "bench", "--quick"]
+    argv += ["--only", "ring-batch", "--only", "bring-up"]
     out = subprocess.run(
-        [sys.executable, "-m", "vhostpci_driver", "bench", "--quick", "--json",
-         "--only", "ring-batch", "--only", "bring-up"],
-        capture_output=True, text=True, timeout=300, check=False, preexec_fn=few_fds,
-    )  # fmt: skip
+        [*argv, "--json"], capture_output=True, text=True, timeout=300, check=False, preexec_fn=few_fds
+    )
     assert out.returncode == 1, out.stderr
     result = json.loads(out.stdout)
     assert result["schema"] == 1
@@ -106,10 +106,7 @@ def test_a_benchmark_that_cannot_run_is_listed_and_the_others_still_measured() -
     assert not any(r["name"] == "bring-up" for r in result["benchmarks"])
     (failed,) = result["failed"]
     assert failed["name"] == "bring-up" and "Too many open files" in failed["error"]
-    human = subprocess.run(
-        [sys.executable, "-m", "vhostpci_driver", "bench", "--quick", "--only", "ring-batch", "--only", "bring-up"],
-        capture_output=True, text=True, timeout=300, check=False, preexec_fn=few_fds,
-    )  # fmt: skip
+    human = subprocess.run(argv, capture_output=True, text=True, timeout=300, check=False, preexec_fn=few_fds)
     assert human.returncode == 1
     assert "ring-batch pure" in human.stdout and "bring-up: could not run: OSError" in human.stderr
     assert "Traceback" not in human.stderr
