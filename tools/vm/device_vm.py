@@ -209,3 +209,7 @@ def _show_logs() -> None:
         text = path.read_text(errors="replace")[-4000:] if path.exists() else "(none)\n"
         sys.stdout.write(f"--- {name} ---\n{text}")
     sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
