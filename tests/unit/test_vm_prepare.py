@@ -84,3 +84,13 @@ def test_the_environment_overrides_and_no_archive_is_an_error(tmp_path: Path) ->
     (tmp_path / "sources.list").write_text("deb https://vendor.example/apt cloud-sdk-bookworm main\n")
     out = mirror(tmp_path)
     assert out.returncode == 1 and out.stdout == "" and "set VHOSTPCI_VM_MIRROR" in out.stderr
+
+
+@pytest.mark.parametrize("script", ["run.py", "driver_vms.py", "device_vm.py", "driver_faults.py"])
+def test_the_vm_scripts_answer_help(script: str) -> None:
+    """Each VM script runs as a program (device_vm.py once lost its __main__ and did nothing, exit 0)."""
+    import sys  # noqa: PLC0415
+
+    argv = [sys.executable, str(VM / script), "--help"]
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
+    assert out.returncode == 0 and out.stdout.startswith("usage: "), (script, out.stdout, out.stderr)
