@@ -197,7 +197,15 @@ def main() -> int:
             "switch": switch,
         }
         print("driver-vms: " + json.dumps(result, default=str))
-        return 0 if rcs == [0, 0] and result["sha256_match"] else 1
+        ok = rcs == [0, 0] and result["sha256_match"]
+        if not ok:  # what the host side and the toolkit saw, for the guests' story above
+            events = [type(ev).__name__ + (f" {ev.message}" if hasattr(ev, "message") else "")
+                      for ev in service.events]  # fmt: skip
+            print(f"driver-vms: toolkit events: {events}")
+            for door in doors:
+                print(f"--- {door.name} (tail) ---\n{door.stderr_tail(30)}")
+            print(f"--- vhost-pci server (tail) ---\n{server.stderr_tail(60)}")
+        return 0 if ok else 1
     finally:
         if service is not None and thread is not None:
             service.stop.set()
