@@ -16,10 +16,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.conftest import MAC_A, MAC_B, UUIDS, wait_for
+from tests.integration.conftest import MAC_A, MAC_B, PING_INTERVAL, PING_MISSES, UUIDS, wait_for
 from tests.integration.test_host_side import settled_fds
 from tests.integration.test_peer_limits import RawPeer
+from vhostpci_driver.apps.net import net_policy
+from vhostpci_driver.device import VhostPciDevice
 from vhostpci_driver.errors import FailReason
+from vhostpci_driver.service import Service
 from vhostpci_driver.wire.ctrl import AckResult
 from vhostpci_driver.wire.sock import SockAck
 from vhostpci_host.harness import DriverVmProcess, HostServer, Rig
@@ -212,3 +215,87 @@ def test_a_uuid_belongs_to_the_uid_that_claimed_it(short_dir: Path) -> None:
         assert not [e for e in server.pending if e.get("event") == "remote-down"]
     finally:
         rig.close()
+
+
+def test_without_takeover_a_returning_driver_vm_gets_a_new_device(short_dir: Path) -> None:
+    """``serve --no-takeover`` (docs/host.md "Lifecycle"): a killed driver VM's device is freed once our
+    driver acked its teardown, so its old vfio-user client sees the socket close and is let go; the
+    same UUID coming back gets a new device on a fresh socket that a new client serves; the other
+    driver VM never notices, and no fd is left behind in the server or in the toolkit."""
+    server = HostServer(short_dir, ping_interval=PING_INTERVAL, ping_misses=PING_MISSES,
+                        extra=("--no-takeover",))  # fmt: skip
+    rig = Rig(server)
+    service = rig.service = Service([], rig.backend)
+    service.watching = True  # as ``vhostpci run --watch``: a function that goes is let go alone
+
+    def serve(vm: DriverVmProcess, path: str) -> VhostPciDevice:
+        dev = VhostPciDevice(f"vfio-user:{path}", policies={1: net_policy})
+        rig.stop_service()  # the service is single-threaded: add while its thread is stopped
+        service.add(f"vfio-user:{path}", dev)
+        rig.start_service()
+        vm.read_event("ready", 20)
+        return dev
+
+    try:
+        a = rig.add_vm(MAC_A, vm_uuid=UUIDS[0], memory="64M")
+        b = rig.add_vm(MAC_B, vm_uuid=UUIDS[1], memory="64M")
+        dev_a = serve(a, server.device_socket(a.uuid))
+        dev_b = serve(b, server.device_socket(b.uuid))
+        forwards(a, b, MAC_B)
+        server_base = toolkit_base = -1
+        for round_ in range(ROUNDS):
+            thread = rig.thread
+            a.stop(signal.SIGKILL)
+            rig.vms.remove(a)
+            assert server.read_event("remote-down", 10)["uuid"] == str(UUIDS[0])
+            freed = server.read_event("device-freed", 10)
+            assert freed["uuid"] == str(UUIDS[0]) and "teardown acked" in freed["why"], freed
+            # The old client saw its socket close: the service let that device go, and b's stays.
+            wait_for(lambda old=dev_a: old not in service.devices, 10, "the old device let go")
+            assert not (short_dir / "devices" / f"{UUIDS[0]}.sock").exists()
+            assert dev_b in service.devices and dev_b.failed is None
+            assert rig.thread is thread and thread is not None
+            thread.join(1.0)  # returns early if letting the old device go raised in the service
+            assert thread.is_alive(), "the service died letting the old device go"
+            a = rig.add_vm(MAC_A, vm_uuid=UUIDS[0], memory="64M")
+            ev = server.read_event("device", 20)  # a new device: the ABSENT -> UP path
+            assert ev["uuid"] == str(UUIDS[0]), ev
+            dev_a = serve(a, ev["socket"])
+            forwards(a, b, MAC_B)
+            forwards(b, a, MAC_A)
+            server_now, toolkit_now = settled_fds(server.pid), settled_fds(os.getpid())
+            if round_ == 0:
+                server_base, toolkit_base = server_now, toolkit_now
+            assert (server_now, toolkit_now) == (server_base, toolkit_base), f"round {round_}"
+        assert not [e for e in b.pending if e.get("event") in ("server-gone", "ack-failed")], b.pending
+    finally:
+        rig.stop_service()
+        service.close()
+        rig.close()
+
+
+def test_without_takeover_a_device_whose_teardown_is_not_acked_is_freed_on_comeback(short_dir: Path) -> None:
+    """``--no-takeover`` with nobody serving the device (its teardown DELs unacked): the same UUID
+    coming back frees the old device first and gets a new one, on a fresh socket."""
+    server = HostServer(short_dir, ping_interval=0.2, extra=("--no-takeover", "--gone-grace", "2"))
+    try:
+        base = settled_fds(server.pid)
+        for _ in range(ROUNDS):
+            peer = RawPeer(server.socket, memory=8 * M)
+            peer.memory(4 * M)
+            first = server.read_event("device", 10)
+            u = peer.uuid
+            peer.close()
+            server.read_event("remote-down", 10)
+            back = RawPeer(server.socket, memory=8 * M)
+            back.uuid = u
+            back.memory(4 * M)
+            freed = server.read_event("device-freed", 10)
+            assert freed["uuid"] == str(u) and "came back" in freed["why"], freed
+            again = server.read_event("device", 10)
+            assert again["uuid"] == str(u) and again["socket"] == first["socket"], again
+            back.close()
+            assert server.read_event("device-freed", 10)["uuid"] == str(u)  # at the grace
+            assert settled_fds(server.pid) == base
+    finally:
+        server.stop()

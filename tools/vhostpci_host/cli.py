@@ -169,6 +169,14 @@ def main(debug: bool) -> None:
     help="Seconds a gone driver VM's device waits for it to come back with its UUID before it is freed.",
 )
 @click.option(
+    "--no-takeover",
+    "no_takeover",
+    is_flag=True,
+    help="Free a gone driver VM's device as soon as the device VM acked its teardown, so one coming "
+    "back with its UUID gets a new device (a new vfio-user socket) instead of taking the old one over. "
+    "Needed when the device VM's vfio-user client maps BAR 2 once, as QEMU's vfio-user-pci does.",
+)
+@click.option(
     "--trust-driver-memory",
     is_flag=True,
     help="Accept memory fds that cannot be sealed against shrinking (a truncation then SIGBUSes; "
@@ -193,6 +201,7 @@ def serve(
     limits: tuple[str, ...],
     partial_timeout: float,
     gone_grace: float,
+    no_takeover: bool,
     trust_driver_memory: bool,
     direct_doorbells: bool,
     json_status: bool,
@@ -215,6 +224,7 @@ def serve(
         peer_limits=peer_limits,
         partial_timeout=partial_timeout,
         gone_grace=gone_grace,
+        takeover=not no_takeover,
         trust_driver_memory=trust_driver_memory,
         direct_doorbells=direct_doorbells,
         json_status=json_status,

@@ -69,6 +69,10 @@ class ServerConfig:
     #: doorbells handed as the driver VMs' call eventfds (docs/host.md): a driver VM that makes its
     #: call eventfd blocking and full could then stall the device VM's driver (docs/security.md)
     direct_doorbells: bool = False
+    #: a returning driver VM takes its gone device over (protocol.md 7.5, GONE -> UP); False frees
+    #: a gone device once its teardown is acked, so a comeback gets a new device (``--no-takeover``:
+    #: for a device VM whose vfio-user client maps BAR 2 once, as QEMU's vfio-user-pci does)
+    takeover: bool = True
 
 
 @dataclass
@@ -202,6 +206,10 @@ class VhostPciServer(SelectorLoop):
         for other, u in list(self.clients.items()):
             if u == msg.vm_uuid and other is not ch:
                 self._drop_client(other, "replaced by a new connection of the same UUID")
+        if dev is not None and not self.config.takeover:
+            # Its client may hold the old memory mapped for good: the comeback gets a new device.
+            self._free_device(msg.vm_uuid, "its driver VM came back (no takeover)")
+            dev = None
         if dev is None:
             if not (isinstance(msg.body, SockMemoryInfo) and msg.body.op == Op.ADD):
                 self._answer_fail(ch, msg, FailReason.NOT_FOUND)
@@ -338,8 +346,13 @@ class VhostPciServer(SelectorLoop):
                 self._drop_client(ch, f"send failed: {e}")
         now = time.monotonic()
         for vm, dev in list(self.devices.items()):
-            if dev.session.gone and now - dev.session.gone_since > self.config.gone_grace:
+            if not dev.session.gone:
+                continue
+            if now - dev.session.gone_since > self.config.gone_grace:
                 self._free_device(vm, f"gone for {self.config.gone_grace:g}s")
+            elif not self.config.takeover and dev.session.outstanding() == 0:
+                # The device VM let go of the frontends and the memory: nothing waits for the device.
+                self._free_device(vm, "gone, teardown acked (no takeover)")
 
     def serve_forever(self) -> None:
         """Run until SIGTERM/SIGINT/SIGHUP; then close every device and socket."""

@@ -33,6 +33,14 @@ MAX_FDS_IN = 253  # SCM_MAX_FD: the most one message can bring, and what VERSION
 IO_FDS_ARGSZ = w.REGION_IO_FDS.size + 128 * w.SUB_REGION_IO_FD.size  # first guess; the reply says if short
 
 
+class _PeerClosedError(TransportError):
+    """The server closed the socket: the function is gone for good."""
+
+
+#: send errors that mean the server closed its end
+_PEER_CLOSED = frozenset({errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN})
+
+
 def _recv_exact(sock: socket.socket, n: int) -> tuple[bytes, list[int]]:
     """Exactly ``n`` bytes (and the fds that came with them), or TransportError."""
     buf = bytearray()
@@ -49,7 +57,7 @@ def _recv_exact(sock: socket.socket, n: int) -> tuple[bytes, list[int]]:
         if not data:
             for fd in fds:
                 os.close(fd)
-            raise TransportError("the vfio-user server closed the connection", "vfio-user socket")
+            raise _PeerClosedError("the vfio-user server closed the connection", "vfio-user socket")
         for level, kind, payload in anc:
             if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
                 fds += list(struct.unpack(f"{len(payload) // 4}i", payload[: len(payload) // 4 * 4]))
@@ -94,6 +102,8 @@ class VfioUserFunction(PciFunction):
         self.address = f"vfio-user:{path}"
         self.path = path
         self._closed = False
+        #: the server closed the socket (its host went away): nothing it held is there any more
+        self._peer_gone = False
         self._next_id = 0
         self._regions: dict[int, _Region] = {}
         self._maps: list[mmap.mmap] = []
@@ -145,10 +155,15 @@ class VfioUserFunction(PciFunction):
         try:
             self.sock.sendmsg([data], anc)
         except OSError as e:
+            self._peer_gone = self._peer_gone or e.errno in _PEER_CLOSED
             raise TransportError(f"send failed: {e}", cmd.name) from None
         if no_reply:
             return b"", []
-        raw, fds_in = _recv_exact(self.sock, w.HEADER_SIZE)
+        try:
+            raw, fds_in = _recv_exact(self.sock, w.HEADER_SIZE)
+        except _PeerClosedError:
+            self._peer_gone = True
+            raise
         try:
             hdr = w.decode_header(raw)
             if not hdr.is_reply or hdr.msg_id != msg_id or hdr.command != cmd:
@@ -397,6 +412,11 @@ class VfioUserFunction(PciFunction):
         self._dma[iova] = size
 
     def dma_unmap(self, iova: Iova, size: int) -> None:
+        if self._peer_gone:
+            # The server dropped every DMA region with the connection (vfio-user.rst, "VFIO_USER_DMA_MAP":
+            # the server must not access a client's memory once it disconnected): nothing to undo.
+            self._dma.pop(iova, None)
+            return
         self._request(Command.DMA_UNMAP, w.DMA_UNMAP.pack(w.DMA_UNMAP.size, 0, iova, size))
         self._dma.pop(iova, None)
 
