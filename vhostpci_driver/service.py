@@ -25,7 +25,17 @@ from typing import Protocol
 
 from vhostpci_driver.device import VhostPciDevice
 from vhostpci_driver.errors import VhostPciError
-from vhostpci_driver.events import DeviceErrorEvent, Event
+from vhostpci_driver.events import (
+    DeviceErrorEvent,
+    Event,
+    FeaturesNegotiated,
+    FrontendAdded,
+    FrontendRemoved,
+    MemoryAdded,
+    MemoryRemoved,
+    RemoteDown,
+    RemoteUp,
+)
 from vhostpci_driver.frontends import Frontend
 from vhostpci_driver.status import StatusServer
 from vhostpci_driver.wire.ctrl import FrontendKey
@@ -248,6 +258,10 @@ class Service:
         self.events.append(ev)
         if isinstance(ev, DeviceErrorEvent):
             log.warning("%s: %s", ev.where, ev.message)
+        elif (what := lifecycle(ev)) is not None:
+            # A driver VM's comings and goings, one line each: what an operator (and the VM tier,
+            # timing a fault's recovery from the run's log) reads to follow it.
+            log.info("%s: %s", dev.function.address, what)
         if self.app is None:
             return
         try:
@@ -293,6 +307,21 @@ class Service:
         """Serve until :attr:`stop` is set or every device failed (one failed device stops only itself)."""
         while not self.stop.is_set() and self.error is None:
             self.run_once(tick)
+
+
+def lifecycle(ev: Event) -> str | None:
+    """One line for a driver VM's lifecycle event (protocol.md 7.5), None for the others."""
+    if isinstance(ev, RemoteUp | RemoteDown):
+        return f"driver VM {ev.uuid} {'up' if isinstance(ev, RemoteUp) else 'down'}"
+    if isinstance(ev, MemoryAdded | MemoryRemoved):
+        size = sum(r.size for r in ev.regions)
+        verb = "added" if isinstance(ev, MemoryAdded) else "removed"
+        return f"memory {verb}: {len(ev.regions)} region(s), {size >> 20} MiB"
+    if isinstance(ev, FrontendAdded | FrontendRemoved):
+        return f"frontend {ev.key} {'added' if isinstance(ev, FrontendAdded) else 'removed'}"
+    if isinstance(ev, FeaturesNegotiated):
+        return f"frontend {ev.key} started: features {ev.accepted:#x} of {ev.offered:#x} accepted"
+    return None
 
 
 def _readable(fd: int | None) -> bool:
