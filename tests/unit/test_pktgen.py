@@ -143,6 +143,12 @@ def _run(side: Side, step: tuple[Any, ...]) -> Any:
             case ("hostile", which, kind, value):
                 side.hostile(which, kind, value)
                 return fe.receive() if which == 0 else fe.reclaim_tx()
+            case ("irq", which, after):  # interrupt moderation: where later harvests put used_event
+                ring = fe.queues[which].ring
+                if after == 0:
+                    ring.disable_interrupts()
+                    return None
+                return ring.enable_interrupts(after)
     except (RingError, IndexError, ValueError) as e:
         return (type(e).__name__, getattr(e, "rule", None), str(e))
     raise AssertionError(step)
@@ -160,6 +166,7 @@ steps = st.one_of(
     st.tuples(
         st.just("hostile"), st.integers(0, 1), st.sampled_from(["id", "len", "idx"]), st.integers(0, 40)
     ),
+    st.tuples(st.just("irq"), st.integers(0, 1), st.integers(0, QSIZE)),
 )
 
 

@@ -73,6 +73,7 @@ typedef struct {
     PyObject *free, *tokens, *chains, *wlens; /* borrowed from q's lists, checked to be lists */
     PyObject *free_o, *tokens_o, *chains_o, *wlens_o;
     long avail_idx, last_used_idx;
+    long irq_after; /* DriverQueue._irq_after: used_event is kept this far past last_used_idx, less one */
     int event_idx;
 } dq_t;
 
@@ -163,7 +164,8 @@ static int dq_open(dq_t *d, PyObject *q)
     d->q = q;
     long size, event_idx;
     if (get_long_attr(q, "size", &size) < 0 || get_long_attr(q, "avail_idx", &d->avail_idx) < 0 ||
-        get_long_attr(q, "last_used_idx", &d->last_used_idx) < 0 || get_long_attr(q, "event_idx", &event_idx) < 0)
+        get_long_attr(q, "last_used_idx", &d->last_used_idx) < 0 || get_long_attr(q, "event_idx", &event_idx) < 0 ||
+        get_long_attr(q, "_irq_after", &d->irq_after) < 0)
         return -1;
     if (size < 1 || size > 32768 || (size & (size - 1))) {
         PyErr_SetString(PyExc_ValueError, "queue size must be a power of two <= 32768");
@@ -294,7 +296,9 @@ static Py_ssize_t dq_harvest(dq_t *d, PyObject **toks, uint32_t *lens, Py_ssize_
         return -1;
     }
     if (d->event_idx && n) {
-        uint16_t ev = (uint16_t)idx; /* used_event: interrupt us at the next entry */
+        /* used_event: interrupt us when the entry at idx + after - 1 is used (after 0: the entry
+         * before idx, 65536 away: disabled), as DriverQueue.harvest */
+        uint16_t ev = (uint16_t)(idx + d->irq_after - 1);
         memcpy((unsigned char *)d->avail.buf + 4 + 2 * d->size, &ev, 2);
         __atomic_thread_fence(__ATOMIC_SEQ_CST); /* ...visible before the caller re-checks the used index */
     }

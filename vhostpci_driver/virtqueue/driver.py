@@ -62,6 +62,9 @@ class DriverQueue:
         self.avail_idx = 0  # shadow of what we made available (published or not)
         self.last_used_idx = 0
         self._kicked_idx = 0
+        #: interrupt when this many more used entries are pushed (0: no interrupt). With EVENT_IDX
+        #: every harvest moves used_event to last_used_idx + this - 1 (virtio 1.2, 2.7.10)
+        self._irq_after = 1
 
     @staticmethod
     def layout(size: int) -> tuple[int, int, int, int]:
@@ -171,7 +174,9 @@ class DriverQueue:
             idx = (idx + 1) & 0xFFFF
         self.last_used_idx = idx
         if self.event_idx and n:
-            self._avail[2 + self.size] = idx  # used_event: interrupt us at the next entry
+            # used_event: interrupt us when the entry at idx + after - 1 is used (the next one by
+            # default); disabled (after 0), the entry before idx, 65536 entries away (2.7.10)
+            self._avail[2 + self.size] = (idx + self._irq_after - 1) & 0xFFFF
             full_barrier()  # ...and make it visible before the caller re-checks the used index
         return out
 
@@ -186,16 +191,44 @@ class DriverQueue:
             "free": len(self._free),
         }
 
+    def in_flight(self) -> int:
+        """Chains made available and not harvested yet (what the device may still use)."""
+        return (self.avail_idx - self.last_used_idx) & 0xFFFF
+
     def disable_interrupts(self) -> None:
-        """Hint the device not to interrupt (polling); with EVENT_IDX we simply stop moving used_event."""
-        if not self.event_idx:
+        """Ask the device not to interrupt until :meth:`enable_interrupts` (virtio 1.2, 2.7.10).
+
+        Without EVENT_IDX this is the avail ring's NO_INTERRUPT flag, a hint. With it,
+        used_event is put on the entry before ``last_used_idx``, which the device reaches
+        only after 65536 more entries; every harvest keeps it there, so no interrupt
+        comes however many entries are used meanwhile.
+        """
+        self._irq_after = 0
+        if self.event_idx:
+            self._avail[2 + self.size] = (self.last_used_idx - 1) & 0xFFFF
+        else:
             self._avail[0] = VIRTQ_AVAIL_F_NO_INTERRUPT
 
-    def enable_interrupts(self) -> bool:
-        """Ask for interrupts again; True when used entries arrived meanwhile (harvest before sleeping)."""
+    def enable_interrupts(self, after: int = 1) -> bool:
+        """Ask for an interrupt once ``after`` more entries are used; True if that many are there already.
+
+        Interrupt moderation (virtio 1.2, 2.7.10): with EVENT_IDX used_event is set
+        ``after - 1`` entries past ``last_used_idx``, so the device signals once for
+        ``after`` completions instead of once per batch it pushes (Linux's
+        ``virtqueue_enable_cb_delayed`` asks for 3/4 of what is in flight); every later
+        harvest keeps it that far ahead. Without EVENT_IDX only "at the next entry" can
+        be said. ``after`` must not exceed what is in flight, or only a harvest of the
+        caller's own will find the entries. When True, the entries may have been used
+        before the device saw the new used_event (no interrupt may come): harvest before
+        sleeping.
+        """
+        if not 1 <= after <= self.size:
+            raise ValueError(f"interrupt after {after} entries: must be 1..{self.size}")
+        self._irq_after = after
         if self.event_idx:
-            self._avail[2 + self.size] = self.last_used_idx
+            self._avail[2 + self.size] = (self.last_used_idx + after - 1) & 0xFFFF
         else:
             self._avail[0] = 0
-        full_barrier()
-        return self.pending_used() > 0
+            after = 1
+        full_barrier()  # used_event (or the flag) visible before the used index is looked at again
+        return self.pending_used() >= after
