@@ -388,15 +388,25 @@ def _control_plane(workdir: Path, quick: bool, reps: int, want: Callable[[str], 
     return rows
 
 
+#: The simulated driver VMs' rings in the net rows: QEMU's virtio-net allows 1024
+#: (rx_queue_size, tx_queue_size). With interrupt moderation (frontend.NetFrontend.arm) a
+#: simulator's wake-up, kick and call each cover up to half or 3/4 of a ring: at 256 their
+#: fixed cost was most of the traffic source's CPU per frame.
+NET_QUEUE_SIZE = 1024
+
+
 def _net_sample(size: int, count: int) -> dict[str, Any]:
     """One run of two simulated driver VMs sending pktgen frames to each other through the switch.
+
+    Their rings are :data:`NET_QUEUE_SIZE` entries, so each needs 256 MiB of RAM (a
+    full-frame buffer per entry, both rings; memfd pages, only those written are used).
 
     Run in a child process per data path (:func:`_net_rows`): the path is chosen once
     per process (virtqueue/native.py), so the child says which one it ran.
     """
     from vhostpci_driver.demo import run_demo  # noqa: PLC0415
 
-    r = run_demo(2, count, str(size), pktgen=True)
+    r = run_demo(2, count, str(size), pktgen=True, queue_size=NET_QUEUE_SIZE, memory="256M")
     return {"path": native.PATH, "received": r.received, "elapsed": r.elapsed,
             "simulator_cpu": r.simulator_cpu, "switch_cpu": r.switch_cpu,
             "lost": r.sent - r.received, "corrupt": r.corrupt}  # fmt: skip

@@ -63,8 +63,14 @@ def run_demo(
     timeout: float = 300.0,
     progress: Callable[[int, int], None] | None = None,
     pktgen: bool = False,
+    queue_size: int = 256,
+    memory: str = "64M",
 ) -> DemoResult:
-    """Run the demo; ``progress(received, total)`` is called as frames arrive."""
+    """Run the demo; ``progress(received, total)`` is called as frames arrive.
+
+    ``queue_size`` and ``memory`` are each simulated driver VM's: its rings' size and
+    its RAM (which holds a full-frame buffer per ring entry, both rings).
+    """
     from vhostpci_host.harness import HostServer, Rig  # noqa: PLC0415  (host side, on demand)
 
     if frontends < 1:
@@ -81,7 +87,7 @@ def run_demo(
         server = HostServer(workdir, extra=("--limit", f"max_connections_per_uid={max(8, frontends)}"))
         rig = Rig(server, backend=NetBackend("switch" if frontends > 1 else "loopback"))
         for i in range(frontends):  # one by one: a signal in between still stops those started
-            rig.add_vm(mac(i), memory="64M")
+            rig.add_vm(mac(i), memory=memory, queue_size=queue_size)
         rig.serve(ready_timeout=30)
         vms, devices = rig.vms, rig.devices
         serving = rig.thread.native_id if rig.thread is not None else None
