@@ -14,6 +14,7 @@ import pytest
 from vhostpci_driver.errors import RingError
 from vhostpci_driver.spec.virtio_net import VIRTIO_NET_F_MRG_RXBUF
 from vhostpci_driver.virtqueue.device import DeviceQueue
+from vhostpci_host import frontend as fe_mod
 from vhostpci_host import netpacket
 from vhostpci_host.frontend import MRG_BUF, NET_FEATURES, NetFrontend, mixed_size
 from vhostpci_host.guestram import GuestRam
@@ -108,3 +109,60 @@ def test_guest_ram_regions_share_one_memfd() -> None:
     ram.view(4 << 30, 4)[:] = b"high"
     assert os.pread(ram.fd, 4, 4 << 20) == b"high"
     ram.close()
+
+
+@pytest.mark.parametrize(
+    "compiled",
+    [False, pytest.param(True, marks=pytest.mark.skipif(fe_mod.PKTGEN is None, reason="_pktgen not built"))],
+)
+def test_interrupt_moderation_calls_once_per_half_ring_rx_and_three_quarters_tx(compiled: bool) -> None:
+    """NetFrontend.arm: the device side (the reference DeviceQueue) signals exactly when it asked.
+
+    RX while frames keep coming: once half the posted buffers are used, not per push;
+    at the next frame once a turn found none. TX while sending: once 3/4 of what is in
+    flight is back; none when there is nothing more to send.
+    """
+    size = 64
+    ram = GuestRam(64 << 20)
+    fe = NetFrontend(ram, A, queue_size=size, compiled=compiled)
+    fe.negotiated(NET_FEATURES & ~(1 << VIRTIO_NET_F_MRG_RXBUF))
+    fe.start()
+    rx, tx = backend(ram, fe)
+    try:
+
+        def deliver(n: int) -> list[bool]:
+            """Move n frames TX -> RX one at a time; the RX call decision after each push."""
+            calls = []
+            for _ in range(n):
+                chain = tx.pop()
+                assert chain is not None
+                (buf,) = rx.pop_batch(1)
+                data = chain.read_all()
+                buf.writable[0][: len(data)] = data
+                rx.push(buf.head, len(data))
+                tx.push(chain.head, 0)
+                calls.append(rx.need_notify())
+            return calls
+
+        assert fe.send_pktgen(A, size, 64) == size  # TX full
+        assert deliver(1) == [True]  # idle: the first frame interrupts
+        assert fe.receive() == 1
+        assert not fe.arm(sending=True, receiving=True)
+        half = size // 2
+        # RX: one call for half the ring, whatever the pushes; TX: at 3/4 of the 64 in flight
+        # (not harvested yet: the first frame's TX buffer too)
+        assert deliver(half) == [False] * (half - 1) + [True]
+        assert not tx.need_notify()  # 33 of 64 back: fewer than 48
+        deliver(14)
+        assert not tx.need_notify()
+        deliver(1)
+        assert tx.need_notify()  # the 48th
+        assert fe.receive() == half + 15
+        fe.reclaim_tx()
+        assert not fe.arm(sending=False, receiving=False)  # a turn with no frame: the next one calls
+        assert deliver(1) == [True]
+        assert not tx.need_notify()  # nothing more to send: no TX interrupt
+        assert fe.arm(sending=False, receiving=False)  # the frame is there already: serve it
+    finally:
+        fe.close()
+        ram.close()

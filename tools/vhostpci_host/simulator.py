@@ -49,7 +49,7 @@ from vhostpci_driver.wire.sock import (
 )
 from vhostpci_host import netpacket
 from vhostpci_host.channel import Channel, PeerClosedError
-from vhostpci_host.frontend import NetFrontend, Queue, mixed_size
+from vhostpci_host.frontend import COALESCE_S, NetFrontend, Queue, mixed_size
 from vhostpci_host.guestram import GuestRam
 
 log = logging.getLogger(__name__)
@@ -278,21 +278,27 @@ class DriverVm:
                 self.sends.remove(s)
         return queued
 
-    def turn(self) -> bool:
-        """The guest drivers' work: fill the TX rings, serve every RX ring, arm interrupts; True: more now.
+    def turn(self) -> float:
+        """The guest drivers' work: fill the TX rings, serve every RX ring, arm interrupts.
 
-        RX is harvested on every turn, so while a frontend sends, its RX interrupt is
-        needed only for half a ring (NetFrontend.arm): the driver takes as few
+        Returns how long the loop may sleep: 0 when work is there already, the
+        coalescing time while frames keep coming (NetFrontend.arm asked for an RX
+        interrupt only at half a ring), else a safety net's. The driver takes as few
         interrupts, and the device as few kicks, as the rings allow.
         """
         self.turns += 1
         self.pump_sends()
         sending = {id(s.frontend) for s in self.sends}
-        busy = False
+        busy = coalescing = False
         for fe in self.frontends:
-            fe.receive()
-            busy |= fe.arm(id(fe) in sending)
-        return busy
+            receiving = fe.receive() > 0
+            busy |= fe.arm(id(fe) in sending, receiving)
+            coalescing |= receiving
+        if busy:
+            return 0.0
+        if coalescing:
+            return COALESCE_S
+        return 0.05 if self.sends else 0.5
 
     def run(self) -> int:
         self.sel.register(self.channel.sock, selectors.EVENT_READ, "socket")
@@ -311,10 +317,9 @@ class DriverVm:
         self.connect()
         try:
             while self.running:
-                busy = self.turn() if self.ready else False
-                # Nothing to do until an interrupt (NetFrontend.arm chose which): sleep, rather than
-                # spin: a spinning source would count its own wait as work. The timeout is a safety net.
-                timeout = 0.0 if busy else 0.05 if self.sends else 0.5
+                # Nothing to do until an interrupt (NetFrontend.arm chose which) or the timeout: sleep,
+                # rather than spin: a spinning source would count its own wait as work.
+                timeout = self.turn() if self.ready else 0.5
                 for key, _ in self.sel.select(timeout):
                     self._dispatch(key.data)
                 self.channel.flush()
