@@ -373,6 +373,18 @@ fail:
     return -1;
 }
 
+/* How many RX buffers ahead receive asks for (the device wrote them from another CPU: a first
+ * load is a cache miss, most of the loop's time when not overlapped). A prefetch is a hint: it
+ * never faults and no value is used; every address is a checked slot's. */
+#define PREFETCH 8
+
+/* a buffer's header and a short frame: two lines */
+static inline void prefetch_frame(const unsigned char *p)
+{
+    __builtin_prefetch(p);
+    __builtin_prefetch(p + 64);
+}
+
 /* Per-call arrays of a batch: on the stack up to a ring of 256, else allocated. */
 #define SMALL_BATCH 256
 typedef struct {
@@ -658,8 +670,13 @@ static PyObject *pk_receive(PyObject *mod, PyObject *const *args, Py_ssize_t nar
         addrs[k] = base + (uint64_t)slot * (uint64_t)buf_size;
     }
     const unsigned char *area = b.buf;
+    /* the device wrote these buffers: each asked for PREFETCH ahead of its check */
+    for (Py_ssize_t k = 0; k < n && k < PREFETCH; k++)
+        prefetch_frame(area + (addrs[k] - base));
     Py_ssize_t i = 0;
     while (i < n) { /* NetFrontend._take: bounded by n, each step consumes at least one entry */
+        if (i + PREFETCH < n)
+            prefetch_frame(area + (addrs[i + PREFETCH] - base));
         const unsigned char *buf = area + (addrs[i] - base);
         size_t w = lens[i]; /* <= the buffer's length: harvest checked it against wlens */
         unsigned nbufs = 1;
