@@ -365,6 +365,10 @@ class DeviceQueue:
         idx = (self.last_used_idx + len(used)) & 0xFFFF
         # x86 keeps stores in order (TSO): the entries are visible before the index.
         self._used16[1] = idx
+        self._pushed(idx)
+
+    def _pushed(self, idx: int) -> None:
+        """The used index is ``idx`` now (stored): what :meth:`need_notify` has not signalled yet."""
         self.last_used_idx = idx
         self._pushed_since_signal = True
 
@@ -375,6 +379,10 @@ class DeviceQueue:
         self._pushed_since_signal = False
         old, new = self._signalled, self.last_used_idx
         self._signalled = new
+        return self._wants_signal(old, new)
+
+    def _wants_signal(self, old: int, new: int) -> bool:
+        """The event-index rule for the used index moved from ``old`` to ``new`` (virtio 1.2, 2.7.10)."""
         full_barrier()  # our used-idx store before the driver's flags / used_event load (virtio 1.2, 2.7.10)
         if self.event_idx:
             return need_event(self._avail[2 + self.size], new, old)

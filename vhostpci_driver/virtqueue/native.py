@@ -5,7 +5,7 @@ optional: without it, or with ``VHOSTPCI_PURE=1`` in the environment, every
 frontend queue is the pure-Python
 :class:`~vhostpci_driver.virtqueue.device.DeviceQueue`, which stays the reference.
 :class:`NativeDeviceQueue` is that class with its per-batch calls (``pop_batch``,
-``push_batch``, ``pop_direct``, ``push_direct``, ``need_notify``) done in C under the
+``push_batch``, ``pop_direct``, ``push_direct``, and ``need_notify``'s rule) done in C under the
 same rules, names and indexes;
 everything else (state, errors, ``discard``, notifications) is the reference's own
 code, so the two cannot drift apart there.
@@ -101,8 +101,7 @@ class NativeDeviceQueue(DeviceQueue):
         idx = self._push(self._used, self._inflight, used, self.size, self.last_used_idx)
         if isinstance(idx, tuple):
             raise self._break(*idx)
-        self.last_used_idx = idx
-        self._pushed_since_signal = True
+        self._pushed(idx)
 
     def pop_direct(self, out: array[int], max_chains: int = 32) -> int:
         if self._starts is None or self._views is None:
@@ -132,15 +131,9 @@ class NativeDeviceQueue(DeviceQueue):
         idx = self._push_direct(self._used, self._inflight, used, n, self.size, self.last_used_idx)
         if isinstance(idx, tuple):
             raise self._break(*idx)
-        self.last_used_idx = idx
-        self._pushed_since_signal = True
+        self._pushed(idx)
 
-    def need_notify(self) -> bool:
-        if not self._pushed_since_signal:
-            return False
-        self._pushed_since_signal = False
-        old, new = self._signalled, self.last_used_idx
-        self._signalled = new
+    def _wants_signal(self, old: int, new: int) -> bool:
         return bool(self._need(self._avail, self.size, self.event_idx, old, new))
 
 
