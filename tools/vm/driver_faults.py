@@ -99,14 +99,15 @@ class Timeline:
 
     def watch(self, name: str, dev: VhostPciDevice) -> None:
         def seen(ev: object) -> None:
-            self._add(name, type(ev).__name__)
+            self.add(name, type(ev).__name__)
 
         for kind in self.KINDS:
             dev.on(kind, seen)
 
-    def _add(self, name: str, kind: str) -> None:
+    def add(self, name: str, kind: str, at: float | None = None) -> None:
+        """``kind`` seen for ``name`` now, or at ``at`` (monotonic) when it was seen earlier."""
         with self._lock:
-            self.rows.append((time.monotonic(), name, kind))
+            self.rows.append((time.monotonic() if at is None else at, name, kind))
 
     def since(self, name: str, t: float) -> list[tuple[float, str]]:
         with self._lock:
@@ -267,15 +268,20 @@ class Run:
 
     # -- set-up --------------------------------------------------------------------------
 
-    def start(self) -> None:
+    def start_host(self, *extra: str) -> None:
+        """The server (with ``extra`` options), the front doors, and both driver VMs booting."""
         self.server = HostServer(self.run_dir, ping_interval=HEARTBEAT, ping_misses=MISSES,
-                                 extra=("--gone-grace", str(GONE_GRACE)))  # fmt: skip
+                                 extra=("--gone-grace", str(GONE_GRACE), *extra))  # fmt: skip
         self.doors = start_doors(self.server, self.run_dir)
         self.t0 = time.monotonic()
         for name, mac, _ in VMS:
             g = Guest(name, mac, self.run_dir, reboot=name == "a")
             g.start(self.args.timeout)
             self.guests[name] = g
+
+    def start(self) -> None:
+        self.start_host()
+        assert self.server is not None
         # The devices appear when each guest's driver starts its NIC (its memory table arrives).
         for name, _, u in VMS:
             dev = VhostPciDevice(
@@ -293,6 +299,10 @@ class Run:
             self.thread.join(10)
         for dev in self.devices.values():
             dev.close()
+        self.close_host()
+
+    def close_host(self) -> None:
+        """Stop what :meth:`start_host` started: the driver VMs, then the front doors, then the server."""
         for g in self.guests.values():
             g.stop()
         for door in self.doors:
@@ -359,18 +369,27 @@ class Run:
 
     # -- the scenario ---------------------------------------------------------------------
 
-    def scenario(self) -> None:
-        a, b = self.guests["a"], self.guests["b"]
+    def first_transfer(self) -> None:
+        """Steps 1 to 3: both boot, ping6 both ways, the transfer, the counters."""
         r = self.result
         self.step("booting both driver VMs")
-        r["seconds_to_agent"] = {g.name: round(g.wait_ready(self.left(400)) - self.t0, 1) for g in (a, b)}
+        r["seconds_to_agent"] = {g.name: round(g.wait_ready(self.left(400)) - self.t0, 1)
+                                 for g in self.guests.values()}  # fmt: skip
+        self.before_ping()
         self.step("ping6 both ways")
-        firsts = {name: self.first_ping(name, self.t0) for name in ("a", "b")}
-        r["seconds_to_first_ping"] = firsts
+        r["seconds_to_first_ping"] = {name: self.first_ping(name, self.t0) for name in ("a", "b")}
         self.step(f"transfer of {self.args.bytes} bytes a -> b")
         r["transfer"] = self.transfer(self.args.bytes, 5201)
         self.step("counters")
         r["counters"] = self.counters()
+
+    def before_ping(self) -> None:
+        """What must be up before the first ping is worth timing (here the toolkit serves from the start)."""
+
+    def scenario(self) -> None:
+        a, b = self.guests["a"], self.guests["b"]
+        r = self.result
+        self.first_transfer()
 
         self.step("SIGKILL of a's QEMU mid-transfer")
         base = self.switch()[self.macs["a"]]["tx_bytes"]
@@ -418,20 +437,7 @@ class Run:
         }
         r["restart"]["transfer"] = self.transfer(self.args.after_bytes, 5203)
 
-        self.step("a reboots from inside")
-        rebooted = time.monotonic()
-        a.run("busybox reboot -f")
-        down = self.timeline.wait("a", "FrontendRemoved", rebooted, self.left(120))
-        up = self.timeline.wait("a", "FeaturesNegotiated", down, self.left(400))
-        agent = a.wait_ready(self.left(400))
-        r["reboot"] = {
-            "seconds_to_frontend_removed": round(down - rebooted, 1),
-            "seconds_to_frontend_up": round(up - rebooted, 1),
-            "seconds_to_agent": round(agent - rebooted, 1),
-            "memory_kept": "MemoryRemoved" not in [k for _, k in self.timeline.since("a", rebooted)],
-            "qemu_kept": a.proc is not None and a.proc.poll() is None,
-            "seconds_to_first_ping": self.first_ping("a", rebooted),
-        }
+        r["reboot"] = self.reboot()
         r["reboot"]["transfer"] = self.transfer(self.args.after_bytes, 5204)
         _, out, _ = b.wait(srv, self.left(60))  # long over: it was given 90 s
         got = re.search(r"bytes=(\d+) .* end=(\w+)", out)
@@ -441,6 +447,28 @@ class Run:
         r["b_events_since_boot"] = sorted({k for _, k in self.timeline.since("b", self.t0)})
         r["silent"] = self.silent_front_door()
         self.step("done")
+
+    def wait_event(self, name: str, kind: str, after: float, timeout: float) -> float:
+        """When the toolkit first saw ``kind`` for driver VM ``name`` after ``after``."""
+        return self.timeline.wait(name, kind, after, timeout)
+
+    def reboot(self) -> dict[str, Any]:
+        """Step 6: ``reboot -f`` inside a: its frontend leaves and comes back, its memory and QEMU stay."""
+        a = self.guests["a"]
+        self.step("a reboots from inside")
+        rebooted = time.monotonic()
+        a.run("busybox reboot -f")
+        down = self.wait_event("a", "FrontendRemoved", rebooted, self.left(120))
+        up = self.wait_event("a", "FeaturesNegotiated", down, self.left(400))
+        agent = a.wait_ready(self.left(400))
+        return {
+            "seconds_to_frontend_removed": round(down - rebooted, 1),
+            "seconds_to_frontend_up": round(up - rebooted, 1),
+            "seconds_to_agent": round(agent - rebooted, 1),
+            "memory_kept": "MemoryRemoved" not in [k for _, k in self.timeline.since("a", rebooted)],
+            "qemu_kept": a.proc is not None and a.proc.poll() is None,
+            "seconds_to_first_ping": self.first_ping("a", rebooted),
+        }
 
     def silent_front_door(self) -> dict[str, Any]:
         """b's front door frozen (SIGSTOP): its server connection stays open and says nothing.
