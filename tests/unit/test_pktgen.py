@@ -3,7 +3,8 @@
 Two simulated guest RAMs with the same layout, one frontend each (compiled and pure),
 driven by the same hypothesis-drawn steps: pktgen and ordinary sends, a device side
 that delivers frames to RX (whole, split over mergeable buffers, cut short, corrupted,
-duplicated, with a lying num_buffers) and returns TX, and hostile used rings. After
+duplicated, reordered, with a lying num_buffers) and returns TX, a sender that restarts
+(a new sequence base), and hostile used rings. After
 every step the two guest RAMs are the same bytes, the two rings' states (free stack,
 tokens, chains, lengths, indexes) are the same, and so are the receivers' counts and
 any error (type, rule, message).
@@ -74,7 +75,9 @@ class Side:
             fe.seq,
             fe.sent,
             fe.sent_bytes,
-            (r.received, r.octets, r.duplicates, r.corrupt, r.seen),
+            (r.received, r.octets, r.duplicates, r.corrupt),
+            # how each SeqSet holds its numbers, not only which: both saw the same frames in order
+            {src: (q.lo, q.hi, q.rest) for src, q in r.seen.items()},
         )
 
     def deliver(self, k: int, how: str, at: int) -> None:
@@ -82,7 +85,8 @@ class Side:
         rx, tx = self.dev
         frames = tx.pop_batch(k)
         used_rx: list[tuple[int, int]] = []
-        for c in frames:
+        # "reverse": out of order, so the receivers' SeqSets hold numbers beside their runs
+        for c in reversed(frames) if how == "reverse" else frames:
             data = bytearray(c.read_all())
             if how == "corrupt" and len(data) > HDR:
                 data[HDR + at % (len(data) - HDR)] ^= 0x40
@@ -137,6 +141,9 @@ def _run(side: Side, step: tuple[Any, ...]) -> Any:
                 return fe.send_pktgen(PEER, n, size)
             case ("send", n):
                 return fe.send(PEER, n, lambda seq: mixed_size(seq) % 3000 + 64)
+            case ("rebase", k):  # the sender restarted: a new incarnation numbers from a new base
+                fe.seq += 12288 * k
+                return None
             case ("deliver", k, how, at):
                 side.deliver(k, how, at)
                 return (fe.receive(), fe.reclaim_tx())
@@ -160,13 +167,14 @@ steps = st.one_of(
     st.tuples(
         st.just("deliver"),
         st.integers(0, QSIZE),
-        st.sampled_from(["whole", "whole", "corrupt", "short", "duplicate", "lie"]),
+        st.sampled_from(["whole", "whole", "corrupt", "short", "duplicate", "lie", "reverse"]),
         st.integers(0, 1 << 16),
     ),
     st.tuples(
         st.just("hostile"), st.integers(0, 1), st.sampled_from(["id", "len", "idx"]), st.integers(0, 40)
     ),
     st.tuples(st.just("irq"), st.integers(0, 1), st.integers(0, QSIZE)),
+    st.tuples(st.just("rebase"), st.integers(-2, 2)),
 )
 
 
@@ -201,3 +209,17 @@ def test_compiled_source_checks_every_pktgen_byte() -> None:
     finally:
         side.fe.close()
         side.ram.close()
+
+
+@given(
+    st.integers(0, (1 << 64) - 64), st.lists(st.integers(-8, 40) | st.integers(1 << 40, 1 << 41), max_size=80)
+)
+def test_a_seqset_holds_what_a_set_holds(base: int, offsets: list[int]) -> None:
+    """netpacket.SeqSet (a run and the rest) counts as a set of ints would, in any order."""
+    seqs, ref = netpacket.SeqSet(), set()
+    for off in offsets:
+        seq = max(0, base + off)
+        assert seqs.add(seq) == (seq not in ref)
+        ref.add(seq)
+        assert len(seqs) == len(ref) and set(seqs) == ref and seq in seqs
+        assert not seqs.rest & set(range(seqs.lo, seqs.hi)) and {seqs.lo - 1, seqs.hi}.isdisjoint(seqs.rest)

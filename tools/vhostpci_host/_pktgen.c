@@ -16,7 +16,7 @@
  *                       length and check, added as one batch (DriverQueue.add_many);
  *   receive(q, ...)     one DriverQueue.harvest() of an RX queue and NetFrontend._take:
  *                       pktgen frames checked here (netpacket.check_pktgen: length, check,
- *                       every payload byte) and counted in the Receiver's own sets, any
+ *                       every payload byte) and counted in the Receiver's own SeqSets, any
  *                       other frame handed to Receiver.take, every buffer posted again.
  *
  * The used ring is written by the device side, which we do not trust: each used
@@ -34,6 +34,7 @@
 
 static PyObject *free_token; /* virtqueue.driver._FREE */
 static PyObject *ring_error; /* errors.RingError */
+static PyObject *seqset_type; /* netpacket.SeqSet */
 
 /* -- crc32 (zlib's polynomial, as netpacket computes crc32(dst + src)) --------------------- */
 
@@ -506,36 +507,46 @@ static PyObject *pk_fill(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
     Py_ssize_t nslots = b.len / buf_size;
     if (PyList_GET_SIZE(stamped) < nslots)
         nslots = PyList_GET_SIZE(stamped);
-    Py_ssize_t got = 0;
-    for (; got < n; got++) { /* slot = free.pop(), as the pure loop takes them */
-        Py_ssize_t last = PyList_GET_SIZE(slots) - 1;
-        PyObject *tok = PyList_GET_ITEM(slots, last);
+    /* slot = free.pop(), as the pure loop takes them: each checked, then all taken in one slice
+     * (a slice per frame had been a sixth of the simulator's time) */
+    Py_ssize_t nfree = PyList_GET_SIZE(slots), got = 0;
+    for (; got < n; got++) {
+        PyObject *tok = PyList_GET_ITEM(slots, nfree - 1 - got);
         long slot;
         if (slot_of(tok, nslots, &slot) < 0)
             break;
         Py_INCREF(tok);
-        if (PyList_SetSlice(slots, last, last + 1, NULL) < 0) {
-            Py_DECREF(tok);
-            break;
-        }
         toks[got] = tok;
-        unsigned char *buf = (unsigned char *)b.buf + slot * buf_size;
+        addrs[got] = (uint64_t)slot;
+    }
+    if (got && PyList_SetSlice(slots, nfree - got, nfree, NULL) < 0) {
+        for (Py_ssize_t k = 0; k < got; k++)
+            Py_DECREF(toks[k]);
+        goto out;
+    }
+    unsigned char *area = b.buf;
+    for (Py_ssize_t k = 0; k < got && k < PREFETCH; k++)
+        __builtin_prefetch(area + addrs[k] * (uint64_t)buf_size + STAMP_AT, 1);
+    for (Py_ssize_t k = 0; k < got; k++) {
+        /* the switch read these lines last, from its CPU: asked for, to write, ahead of the stamp */
+        if (k + PREFETCH < got)
+            __builtin_prefetch(area + addrs[k + PREFETCH] * (uint64_t)buf_size + STAMP_AT, 1);
+        long slot = (long)addrs[k];
+        unsigned char *buf = area + slot * buf_size;
         int same = PyObject_RichCompareBool(PyList_GET_ITEM(stamped, slot), want, Py_EQ);
-        if (same < 0) {
-            got++;
+        if (same < 0)
             break;
-        }
         if (!same) { /* the whole frame once; afterwards only the stamp */
             memcpy(buf, PyBytes_AS_STRING(frame), (size_t)flen);
             Py_INCREF(want);
             PyList_SetItem(stamped, slot, want);
         }
-        uint64_t s = seq + (uint64_t)got;
+        uint64_t s = seq + (uint64_t)k;
         uint32_t chk = pktgen_check(s, size, (uint32_t)macs);
         memcpy(buf + STAMP_AT, &s, 8);
         memcpy(buf + STAMP_AT + 8, &size, 4);
         memcpy(buf + STAMP_AT + 12, &chk, 4);
-        addrs[got] = base + (uint64_t)slot * (uint64_t)buf_size;
+        addrs[k] = base + (uint64_t)slot * (uint64_t)buf_size;
     }
     if (!PyErr_Occurred() && dq_add_many(&d, addrs, (uint32_t)flen, toks, got, 0, zero) == 0)
         result = PyLong_FromSsize_t(got);
@@ -554,11 +565,79 @@ out:
  *   -> (frames, received, octets, duplicates, corrupt): one harvest; 0 frames when none was used. */
 
 typedef struct {
-    PyObject *seen; /* Receiver.seen: src bytes -> set of seq */
+    PyObject *seen; /* Receiver.seen: src bytes -> netpacket.SeqSet */
     unsigned char src[6];
-    PyObject *set; /* the last sender's set (owned) */
+    PyObject *set; /* the last sender's SeqSet (owned) */
+    uint64_t lo, hi; /* its run [lo, hi), cached while `fast` */
+    int fast; /* the run is not empty, its rest is empty and hi + 1 fits: the run is ours to extend */
+    int dirty; /* lo, hi changed here and not stored yet */
     long long received, octets, duplicates, corrupt;
 } counts_t;
+
+/* The sender's SeqSet's run, read once per sender (and after each SeqSet.add). */
+static int seq_load(counts_t *c)
+{
+    c->fast = 0;
+    PyObject *lo = get_attr(c->set, "lo"), *hi = lo ? get_attr(c->set, "hi") : NULL;
+    PyObject *rest = hi ? get_attr(c->set, "rest") : NULL;
+    int r = -1;
+    if (rest != NULL && PyAnySet_Check(rest)) {
+        c->lo = PyLong_AsUnsignedLongLong(lo);
+        c->hi = c->lo == (uint64_t)-1 && PyErr_Occurred() ? 0 : PyLong_AsUnsignedLongLong(hi);
+        if (PyErr_Occurred()) { /* negative or past 64 bits: SeqSet.add takes every frame */
+            if (!PyErr_ExceptionMatches(PyExc_OverflowError))
+                goto out;
+            PyErr_Clear();
+        } else {
+            c->fast = c->lo < c->hi && c->hi < UINT64_MAX && PySet_GET_SIZE(rest) == 0;
+        }
+        r = 0;
+    } else if (rest != NULL) {
+        PyErr_SetString(PyExc_TypeError, "SeqSet.rest is not a set");
+    }
+out:
+    Py_XDECREF(lo);
+    Py_XDECREF(hi);
+    Py_XDECREF(rest);
+    return r;
+}
+
+/* What the fast path moved, back into the SeqSet: before any Python sees it. */
+static int seq_store(counts_t *c)
+{
+    if (!c->dirty)
+        return 0;
+    c->dirty = 0;
+    PyObject *hi = PyLong_FromUnsignedLongLong(c->hi), *n = attr_name("hi");
+    int r = hi != NULL && n != NULL ? PyObject_SetAttr(c->set, n, hi) : -1;
+    Py_XDECREF(hi);
+    return r; /* lo never moves on the fast path: only hi */
+}
+
+/* SeqSet.add(seq) on the sender's set, as the reference does it: 1 new, 0 seen, -1 error */
+static int seq_add(counts_t *c, uint64_t seq)
+{
+    if (c->fast) { /* SeqSet.add, the two cases of a non-empty run with nothing in `rest` */
+        if (c->lo <= seq && seq < c->hi)
+            return 0;
+        if (seq == c->hi) {
+            c->hi++;
+            c->dirty = 1;
+            c->fast = c->hi < UINT64_MAX;
+            return 1;
+        }
+    }
+    if (seq_store(c) < 0)
+        return -1;
+    PyObject *sq = PyLong_FromUnsignedLongLong(seq), *n = attr_name("add");
+    PyObject *r = sq != NULL && n != NULL ? PyObject_CallMethodOneArg(c->set, n, sq) : NULL;
+    Py_XDECREF(sq);
+    if (r == NULL)
+        return -1;
+    int fresh = PyObject_IsTrue(r);
+    Py_DECREF(r);
+    return fresh < 0 || seq_load(c) < 0 ? -1 : fresh;
+}
 
 /* one frame (len bytes at f): 0 counted, -1 error */
 static int take_pktgen(counts_t *c, const unsigned char *f, size_t len, const unsigned char *pat, size_t patlen)
@@ -574,12 +653,15 @@ static int take_pktgen(counts_t *c, const unsigned char *f, size_t len, const un
         return 0;
     }
     if (c->set == NULL || memcmp(c->src, f + 6, 6) != 0) {
+        if (c->set != NULL && seq_store(c) < 0)
+            return -1;
         PyObject *key = PyBytes_FromStringAndSize((const char *)f + 6, 6);
         if (key == NULL)
             return -1;
         PyObject *s = PyDict_GetItemWithError(c->seen, key);
         if (s == NULL) {
-            if (PyErr_Occurred() || (s = PySet_New(NULL)) == NULL || PyDict_SetItem(c->seen, key, s) < 0) {
+            if (PyErr_Occurred() || (s = PyObject_CallNoArgs(seqset_type)) == NULL ||
+                PyDict_SetItem(c->seen, key, s) < 0) {
                 Py_XDECREF(s);
                 Py_DECREF(key);
                 return -1;
@@ -587,28 +669,24 @@ static int take_pktgen(counts_t *c, const unsigned char *f, size_t len, const un
             Py_DECREF(s); /* the dict holds it */
         }
         Py_DECREF(key);
-        if (!PySet_Check(s)) {
-            PyErr_SetString(PyExc_TypeError, "Receiver.seen holds a non-set");
+        if (!Py_IS_TYPE(s, (PyTypeObject *)seqset_type)) {
+            PyErr_SetString(PyExc_TypeError, "Receiver.seen holds something other than a SeqSet");
             return -1;
         }
         Py_INCREF(s);
         Py_XSETREF(c->set, s); /* held: the fallback's Receiver.take may change the dict */
         memcpy(c->src, f + 6, 6);
+        if (seq_load(c) < 0)
+            return -1;
     }
-    PyObject *sq = PyLong_FromUnsignedLongLong(seq);
-    if (sq == NULL)
+    int fresh = seq_add(c, seq);
+    if (fresh < 0)
         return -1;
-    int in = PySet_Contains(c->set, sq);
-    if (in == 0)
-        in = PySet_Add(c->set, sq) < 0 ? -1 : 0;
-    else if (in > 0)
-        c->duplicates++;
-    Py_DECREF(sq);
-    if (in < 0)
-        return -1;
-    if (in == 0) {
+    if (fresh) {
         c->received++;
         c->octets += (long long)len;
+    } else {
+        c->duplicates++;
     }
     return 0;
 }
@@ -634,7 +712,7 @@ static PyObject *pk_receive(PyObject *mod, PyObject *const *args, Py_ssize_t nar
     }
     const unsigned char *pat = (const unsigned char *)PyBytes_AS_STRING(args[6]);
     size_t patlen = (size_t)PyBytes_GET_SIZE(args[6]);
-    counts_t c = {args[7], {0}, NULL, 0, 0, 0, 0};
+    counts_t c = {.seen = args[7]};
     dq_t d = {0}; /* dq_done is safe on it whatever fails first */
     Py_buffer b = {0};
     int have_b = 0;
@@ -715,13 +793,17 @@ static PyObject *pk_receive(PyObject *mod, PyObject *const *args, Py_ssize_t nar
         if (flen >= PAYLOAD_AT && f[12] == 0x88 && f[13] == 0xB6) { /* netpacket.PKTGEN_ETHERTYPE */
             if (take_pktgen(&c, f, flen, pat, patlen) < 0)
                 goto out;
-        } else { /* anything else: Receiver.take, the reference */
+        } else { /* anything else: Receiver.take, the reference (it sees the run stored) */
+            if (c.set != NULL && seq_store(&c) < 0)
+                goto out;
             PyObject *fb = PyBytes_FromStringAndSize((const char *)f, (Py_ssize_t)flen);
             PyObject *r = fb ? PyObject_CallOneArg(args[8], fb) : NULL;
             Py_XDECREF(fb);
             if (r == NULL)
                 goto out;
             Py_DECREF(r);
+            if (c.set != NULL && seq_load(&c) < 0) /* take may have added to this sender's set */
+                goto out;
         }
         frames++;
         i += used;
@@ -729,8 +811,17 @@ static PyObject *pk_receive(PyObject *mod, PyObject *const *args, Py_ssize_t nar
     /* every buffer posted again, one batch (addrs[k] is still slot k's address) */
     if (dq_add_many(&d, addrs, (uint32_t)post, toks, n, 1, post_obj) < 0)
         goto out;
+    if (seq_store(&c) < 0)
+        goto out;
     result = Py_BuildValue("(nLLLL)", frames, c.received, c.octets, c.duplicates, c.corrupt);
 out:
+    if (c.dirty) { /* failed midway: the run as far as it got, as the reference keeps it; its error wins */
+        PyObject *et, *ev, *tb;
+        PyErr_Fetch(&et, &ev, &tb);
+        if (seq_store(&c) < 0)
+            PyErr_Clear();
+        PyErr_Restore(et, ev, tb);
+    }
     for (Py_ssize_t k = 0; k < n; k++)
         Py_DECREF(toks[k]);
     Py_XDECREF(c.set);
@@ -743,14 +834,16 @@ out:
     return result;
 }
 
-/* setup(FREE, RingError) */
+/* setup(FREE, RingError, SeqSet) */
 static PyObject *pk_setup(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
 {
     (void)mod;
-    if (nargs != 2 || !PyExceptionClass_Check(args[1])) {
-        PyErr_SetString(PyExc_TypeError, "setup(FREE, RingError)");
+    if (nargs != 3 || !PyExceptionClass_Check(args[1]) || !PyType_Check(args[2])) {
+        PyErr_SetString(PyExc_TypeError, "setup(FREE, RingError, SeqSet)");
         return NULL;
     }
+    Py_INCREF(args[2]);
+    Py_XSETREF(seqset_type, args[2]);
     Py_INCREF(args[0]);
     Py_XSETREF(free_token, args[0]);
     Py_INCREF(args[1]);
@@ -759,7 +852,7 @@ static PyObject *pk_setup(PyObject *mod, PyObject *const *args, Py_ssize_t nargs
 }
 
 static PyMethodDef methods[] = {
-    {"setup", (PyCFunction)(void (*)(void))pk_setup, METH_FASTCALL, "setup(FREE, RingError)"},
+    {"setup", (PyCFunction)(void (*)(void))pk_setup, METH_FASTCALL, "setup(FREE, RingError, SeqSet)"},
     {"reclaim", (PyCFunction)(void (*)(void))pk_reclaim, METH_FASTCALL, "harvest a TX queue into its free slots"},
     {"fill", (PyCFunction)(void (*)(void))pk_fill, METH_FASTCALL, "stamp and add a batch of pktgen frames"},
     {"receive", (PyCFunction)(void (*)(void))pk_receive, METH_FASTCALL, "harvest, check and re-post an RX batch"},

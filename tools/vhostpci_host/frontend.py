@@ -68,7 +68,7 @@ def _load_pktgen() -> ModuleType | None:
         lib = importlib.import_module("vhostpci_host._pktgen")
     except ImportError:
         return None
-    lib.setup(_driver._FREE, RingError)
+    lib.setup(_driver._FREE, RingError, netpacket.SeqSet)
     return lib
 
 
