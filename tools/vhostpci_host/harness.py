@@ -134,6 +134,12 @@ class JsonProcess:
         return self.proc.returncode
 
 
+#: How long a starting process may take to say it is up ("listening", "device", "ready"): a bound
+#: for a hang, not a wait. 10 s was seen to pass on a machine at load 6 (the VM tier alongside),
+#: where a Python process's start alone took seconds; a process that exits is seen at once anyway.
+START_TIMEOUT = 60.0
+
+
 def host_command(*args: str) -> list[str]:
     return [sys.executable, "-m", "vhostpci_host", *args]
 
@@ -169,12 +175,12 @@ class HostServer(JsonProcess):
         )
         self.devices: dict[str, str] = {}
         try:
-            self.read_event("listening")
+            self.read_event("listening", START_TIMEOUT)
         except BaseException:
             self.stop()
             raise
 
-    def device_socket(self, vm_uuid: uuid.UUID, timeout: float = 10.0) -> str:
+    def device_socket(self, vm_uuid: uuid.UUID, timeout: float = START_TIMEOUT) -> str:
         """The vfio-user socket of ``vm_uuid``'s device, once the server made it."""
         while str(vm_uuid) not in self.devices:
             ev = self.read_event("device", timeout)
@@ -242,7 +248,7 @@ class Rig:
         self.vms.append(vm)
         return vm
 
-    def serve(self, ready_timeout: float = 20.0) -> None:
+    def serve(self, ready_timeout: float = START_TIMEOUT) -> None:
         """Open every driver VM's device (vfio-user) and start serving them in a thread."""
         for vm in self.vms:
             path = self.server.device_socket(vm.uuid, ready_timeout)
