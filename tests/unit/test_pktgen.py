@@ -193,9 +193,10 @@ def test_compiled_source_matches_the_pure_one(mergeable: bool, event_idx: bool, 
             s.ram.close()
 
 
-def test_compiled_source_checks_every_pktgen_byte() -> None:
-    """A frame whose payload, length or check is wrong is counted corrupt by the compiled receiver."""
-    side = Side(True, False, True)
+@pytest.mark.parametrize("compiled", [True, False])
+def test_the_source_checks_every_pktgen_byte(compiled: bool) -> None:
+    """A frame whose payload, length or check is wrong is counted corrupt, a byte in any buffer."""
+    side = Side(compiled, False, True)
     try:
         for how, at in (("whole", 0), ("corrupt", 40), ("corrupt", 20), ("corrupt", 1400), ("short", 700)):
             side.fe.send_pktgen(PEER, 1, 1500)
@@ -206,6 +207,24 @@ def test_compiled_source_checks_every_pktgen_byte() -> None:
         assert (r.received, r.corrupt, r.duplicates) == (1, 4, 0)
         assert r.octets == 1500 and r.from_sender(MAC) == 1
         assert len(netpacket.PATTERN) >= 2 * netpacket.MAX_FRAME and NET_HDR_SIZE == HDR
+    finally:
+        side.fe.close()
+        side.ram.close()
+    # A 9000-byte frame over three mergeable buffers, checked where they lie: one byte flipped
+    # in each buffer's part, the last byte of each part and the frame's last byte.
+    side = Side(compiled, True, True)
+    try:
+        ats = [0, 100, MRG_BUF - HDR - 1, MRG_BUF - HDR, MRG_BUF + 7, 2 * MRG_BUF - HDR, 9000 - HDR - 1]
+        for at in ats:
+            side.fe.send_pktgen(PEER, 1, 9000)
+            side.deliver(1, "corrupt", at)
+            side.fe.receive()
+            side.fe.reclaim_tx()
+        side.fe.send_pktgen(PEER, 1, 9000)
+        side.deliver(1, "whole", 0)
+        side.fe.receive()
+        r = side.fe.receiver
+        assert (r.received, r.corrupt, r.duplicates, r.octets) == (1, len(ats), 0, 9000)
     finally:
         side.fe.close()
         side.ram.close()

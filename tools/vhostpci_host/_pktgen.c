@@ -639,8 +639,55 @@ static int seq_add(counts_t *c, uint64_t seq)
     return fresh < 0 || seq_load(c) < 0 ? -1 : fresh;
 }
 
-/* one frame (len bytes at f): 0 counted, -1 error */
-static int take_pktgen(counts_t *c, const unsigned char *f, size_t len, const unsigned char *pat, size_t patlen)
+/* A received frame where the device put it: `count` buffers of the batch (mergeable RX, virtio
+ * 1.2, 5.1.6.4), the first after its virtio-net header. Read in place: a 64 KiB frame is 17
+ * buffers, and gathering it into one before checking it was a third pass over its bytes. */
+typedef struct {
+    const unsigned char *area;
+    uint64_t base;
+    const uint64_t *addrs; /* each a checked slot's address */
+    const uint32_t *lens; /* each <= its buffer's length (harvest checked it) */
+    Py_ssize_t count;
+} frame_t;
+
+static const unsigned char *frame_piece(const frame_t *fr, Py_ssize_t j, size_t *n)
+{
+    const unsigned char *p = fr->area + (fr->addrs[j] - fr->base);
+    size_t w = fr->lens[j];
+    if (j > 0) {
+        *n = w;
+        return p;
+    }
+    *n = w > HDR ? w - HDR : 0;
+    return p + HDR;
+}
+
+/* bytes [at, at + n) of the frame (n <= its length) into out, or compared with out: 0 when equal */
+static int frame_bytes(const frame_t *fr, size_t at, unsigned char *out, const unsigned char *cmp, size_t n)
+{
+    for (Py_ssize_t j = 0; j < fr->count && n; j++) {
+        size_t len;
+        const unsigned char *p = frame_piece(fr, j, &len);
+        if (at >= len) {
+            at -= len;
+            continue;
+        }
+        size_t k = len - at < n ? len - at : n;
+        if (out != NULL)
+            memcpy(out, p + at, k);
+        else if (memcmp(p + at, cmp, k) != 0)
+            return 1;
+        out = out != NULL ? out + k : NULL;
+        cmp = cmp != NULL ? cmp + k : NULL;
+        n -= k;
+        at = 0;
+    }
+    return 0;
+}
+
+/* one frame of len >= PAYLOAD_AT bytes, its first PAYLOAD_AT at f: 0 counted, -1 error */
+static int take_pktgen(counts_t *c, const frame_t *fr, const unsigned char *f, size_t len, const unsigned char *pat,
+                       size_t patlen)
 {
     uint64_t seq;
     uint32_t size, chk;
@@ -648,7 +695,8 @@ static int take_pktgen(counts_t *c, const unsigned char *f, size_t len, const un
     memcpy(&size, f + 22, 4);
     memcpy(&chk, f + 26, 4);
     size_t want = size - PAYLOAD_AT < patlen ? size - PAYLOAD_AT : patlen; /* bytes.endswith(pattern[:size-30]) */
-    if (size != len || chk != pktgen_check(seq, size, crc32_of(f, 12)) || memcmp(f + len - want, pat, want) != 0) {
+    if (size != len || chk != pktgen_check(seq, size, crc32_of(f, 12)) ||
+        frame_bytes(fr, len - want, NULL, pat, want) != 0) {
         c->corrupt++;
         return 0;
     }
@@ -721,8 +769,6 @@ static PyObject *pk_receive(PyObject *mod, PyObject *const *args, Py_ssize_t nar
     PyObject **toks = NULL;
     uint32_t *lens = NULL;
     uint64_t *addrs = NULL;
-    unsigned char *scratch = NULL;
-    size_t scratch_len = 0;
     Py_ssize_t n = 0, frames = 0;
     if (post_obj == NULL || dq_open(&d, args[0]) < 0)
         goto out;
@@ -756,47 +802,29 @@ static PyObject *pk_receive(PyObject *mod, PyObject *const *args, Py_ssize_t nar
         if (i + PREFETCH < n)
             prefetch_frame(area + (addrs[i + PREFETCH] - base));
         const unsigned char *buf = area + (addrs[i] - base);
-        size_t w = lens[i]; /* <= the buffer's length: harvest checked it against wlens */
+        size_t wrote = lens[i]; /* <= the buffer's length: harvest checked it against wlens */
         unsigned nbufs = 1;
         if (mergeable)
             nbufs = (unsigned)buf[10] | (unsigned)buf[11] << 8; /* virtio 1.2, 5.1.6.4: num_buffers */
-        const unsigned char *f;
-        size_t flen;
-        Py_ssize_t used = 1;
-        if (nbufs <= 1) {
-            f = buf + HDR;
-            flen = w > HDR ? w - HDR : 0;
-        } else {
-            size_t total = w > HDR ? w - HDR : 0;
-            for (Py_ssize_t j = 1; j < (Py_ssize_t)nbufs && i + j < n; j++)
-                total += lens[i + j];
-            if (total > scratch_len) {
-                unsigned char *s2 = PyMem_Realloc(scratch, total);
-                if (s2 == NULL) {
-                    PyErr_NoMemory();
-                    goto out;
-                }
-                scratch = s2;
-                scratch_len = total;
-            }
-            size_t at = w > HDR ? w - HDR : 0;
-            if (at)
-                memcpy(scratch, buf + HDR, at);
-            for (Py_ssize_t j = 1; j < (Py_ssize_t)nbufs && i + j < n; j++) {
-                memcpy(scratch + at, area + (addrs[i + j] - base), lens[i + j]);
-                at += lens[i + j];
-                used++;
-            }
-            f = scratch;
-            flen = total;
+        frame_t fr = {area, base, addrs + i, lens + i, 1};
+        size_t flen = wrote > HDR ? wrote - HDR : 0;
+        while (fr.count < (Py_ssize_t)nbufs && i + fr.count < n) /* as many as it says, of those used */
+            flen += lens[i + fr.count++];
+        unsigned char head[PAYLOAD_AT];
+        const unsigned char *f = buf + HDR;
+        if (flen >= PAYLOAD_AT && wrote < HDR + PAYLOAD_AT) { /* the stamp spans buffers */
+            frame_bytes(&fr, 0, head, NULL, PAYLOAD_AT);
+            f = head;
         }
         if (flen >= PAYLOAD_AT && f[12] == 0x88 && f[13] == 0xB6) { /* netpacket.PKTGEN_ETHERTYPE */
-            if (take_pktgen(&c, f, flen, pat, patlen) < 0)
+            if (take_pktgen(&c, &fr, f, flen, pat, patlen) < 0)
                 goto out;
         } else { /* anything else: Receiver.take, the reference (it sees the run stored) */
             if (c.set != NULL && seq_store(&c) < 0)
                 goto out;
-            PyObject *fb = PyBytes_FromStringAndSize((const char *)f, (Py_ssize_t)flen);
+            PyObject *fb = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)flen);
+            if (fb != NULL)
+                frame_bytes(&fr, 0, (unsigned char *)PyBytes_AS_STRING(fb), NULL, flen);
             PyObject *r = fb ? PyObject_CallOneArg(args[8], fb) : NULL;
             Py_XDECREF(fb);
             if (r == NULL)
@@ -805,6 +833,7 @@ static PyObject *pk_receive(PyObject *mod, PyObject *const *args, Py_ssize_t nar
             if (c.set != NULL && seq_load(&c) < 0) /* take may have added to this sender's set */
                 goto out;
         }
+        Py_ssize_t used = fr.count;
         frames++;
         i += used;
     }
@@ -826,7 +855,6 @@ out:
         Py_DECREF(toks[k]);
     Py_XDECREF(c.set);
     work_done(&w);
-    PyMem_Free(scratch);
     if (have_b)
         PyBuffer_Release(&b);
     Py_XDECREF(post_obj);
