@@ -463,7 +463,7 @@ def _net_rows(name: str, size: int, quick: bool, reps: int) -> list[Row]:
         limited = "simulator" if ceiling < 3 * pps else None
         rows += [
             Row(f"{name} {p} simulator", round(ceiling), sim_unit,
-                f"{name} {p}", round(pps), round(ceiling / pps, 1), ">= 3x the switch", ceiling >= 3 * pps),
+                f"{name} {p}", round(pps), round(ceiling / pps, 2), ">= 3x the switch", ceiling >= 3 * pps),
             Row(f"{name} {p} per switch core", round(per_core), core_unit,
                 None, None, None, ">= 160000 (ixy.py)" if size == 64 and p == "pure" else "report",
                 per_core >= 160_000 if size == 64 and p == "pure" else None),
