@@ -24,23 +24,47 @@ def enter(repo: Path, run_sub: str) -> tuple[Path, list[Path]]:
     run_dir = ROOT / "run" / run_sub
     shutil.rmtree(run_dir, ignore_errors=True)
     run_dir.mkdir(parents=True)
-    mounts = [(["mount", "--bind", str(repo), str(project)], project)]
+    mounts: list[tuple[list[str], Path]] = []
+    if not bind_project(repo, project):  # already this checkout: an outer run's, kept for it
+        mounts.append((["mount", "--bind", str(repo), str(project)], project))
     for what, opts in (
         ("proc", ["-t", "proc", "proc"]),
         ("sys", ["--rbind", "/sys"]),
         ("dev", ["--rbind", "/dev"]),
     ):
-        mounts.append((["mount", *opts, str(ROOT / what)], ROOT / what))
+        if not _is_mountpoint(ROOT / what):  # the same whoever mounted them
+            mounts.append((["mount", *opts, str(ROOT / what)], ROOT / what))
     mounted: list[Path] = []
     try:
         for argv, target in mounts:
-            if subprocess.run(["mountpoint", "-q", str(target)], check=False).returncode != 0:
-                subprocess.run(argv, check=True)
-                mounted.append(target)
+            subprocess.run(argv, check=True)
+            mounted.append(target)
     except BaseException:
         leave(mounted)
         raise
     return run_dir, mounted
+
+
+def bind_project(repo: Path, project: Path) -> bool:
+    """Whether ``project`` shows ``repo`` already; else whatever is mounted there is let go.
+
+    A run killed before :func:`leave` (a CI job stopped at its time limit, say) leaves its
+    checkout bound at ``project``; once that checkout is deleted, the guests of every later
+    run saw an empty /project and failed in their first seconds. So a mount is reused only
+    when it is this very directory (the same device and inode), as an outer run of the same
+    checkout made it.
+    """
+    if not _is_mountpoint(project):
+        return False
+    here, there = project.stat(), repo.stat()
+    if (here.st_dev, here.st_ino) == (there.st_dev, there.st_ino):
+        return True
+    subprocess.run(["umount", "-l", str(project)], check=True)  # lazily: a stale guest may hold it
+    return False
+
+
+def _is_mountpoint(path: Path) -> bool:
+    return subprocess.run(["mountpoint", "-q", str(path)], check=False).returncode == 0
 
 
 def leave(mounted: list[Path]) -> None:
