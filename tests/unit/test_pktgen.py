@@ -242,3 +242,19 @@ def test_a_seqset_holds_what_a_set_holds(base: int, offsets: list[int]) -> None:
         ref.add(seq)
         assert len(seqs) == len(ref) and set(seqs) == ref and seq in seqs
         assert not seqs.rest & set(range(seqs.lo, seqs.hi)) and {seqs.lo - 1, seqs.hi}.isdisjoint(seqs.rest)
+
+
+def test_a_slot_not_the_frontends_stops_the_compiled_fill_before_it_takes_any() -> None:
+    """fill checks every slot of the batch before it pops one: a bad one raises, and the free
+    slots, the ring and the guest's TX buffers are as they were (no C call with an error set)."""
+    side = Side(True, False, True)
+    try:
+        fe = side.fe
+        fe.tx.free.insert(len(fe.tx.free) - 2, 10**6)  # the third slot fill would take
+        before = (list(fe.tx.free), bytes(side.ram._mm), fe.tx.ring.avail_idx, fe.seq, fe.sent)
+        with pytest.raises(IndexError, match="slot 1000000 out of range"):
+            fe.send_pktgen(PEER, 5, 64)
+        assert (list(fe.tx.free), bytes(side.ram._mm), fe.tx.ring.avail_idx, fe.seq, fe.sent) == before
+    finally:
+        side.fe.close()
+        side.ram.close()

@@ -513,8 +513,11 @@ static PyObject *pk_fill(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
     for (; got < n; got++) {
         PyObject *tok = PyList_GET_ITEM(slots, nfree - 1 - got);
         long slot;
-        if (slot_of(tok, nslots, &slot) < 0)
-            break;
+        if (slot_of(tok, nslots, &slot) < 0) { /* not one of ours: nothing taken, nothing stamped */
+            for (Py_ssize_t k = 0; k < got; k++)
+                Py_DECREF(toks[k]);
+            goto out;
+        }
         Py_INCREF(tok);
         toks[got] = tok;
         addrs[got] = (uint64_t)slot;
@@ -533,10 +536,10 @@ static PyObject *pk_fill(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
             __builtin_prefetch(area + addrs[k + PREFETCH] * (uint64_t)buf_size + STAMP_AT, 1);
         long slot = (long)addrs[k];
         unsigned char *buf = area + slot * buf_size;
-        int same = PyObject_RichCompareBool(PyList_GET_ITEM(stamped, slot), want, Py_EQ);
-        if (same < 0)
-            break;
-        if (!same) { /* the whole frame once; afterwards only the stamp */
+        /* frontend.py passes one `want` object for every slot it stamps, so identity is the
+         * reference's `stamped[slot] != want`; an equal but distinct one only costs a copy of the
+         * same bytes, and no comparison can fail midway through the batch */
+        if (PyList_GET_ITEM(stamped, slot) != want) { /* the whole frame once; afterwards only the stamp */
             memcpy(buf, PyBytes_AS_STRING(frame), (size_t)flen);
             Py_INCREF(want);
             PyList_SetItem(stamped, slot, want);
@@ -607,10 +610,11 @@ static int seq_store(counts_t *c)
 {
     if (!c->dirty)
         return 0;
-    c->dirty = 0;
     PyObject *hi = PyLong_FromUnsignedLongLong(c->hi), *n = attr_name("hi");
     int r = hi != NULL && n != NULL ? PyObject_SetAttr(c->set, n, hi) : -1;
     Py_XDECREF(hi);
+    if (r == 0)
+        c->dirty = 0; /* else the error path's store tries again */
     return r; /* lo never moves on the fast path: only hi */
 }
 

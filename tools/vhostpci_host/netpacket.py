@@ -146,6 +146,12 @@ class SeqSet:
     incarnation of the sender, goes to ``rest``, and joins the run once the run reaches
     it. The compiled receive (``_pktgen.c``) extends the run itself while ``rest`` is
     empty and calls :meth:`add` for everything else, so this method is the rule.
+
+    After a gap that never fills (a frame lost or corrupted, a sender restarted with a new
+    base) every later number goes to ``rest``, a call of :meth:`add` each: still exact, at
+    about a set's cost per frame again. The bench's traffic has no gap (the switch holds a
+    unicast frame until its port has room); a source that must stay cheap across gaps would
+    keep several runs.
     """
 
     __slots__ = ("hi", "lo", "rest")
