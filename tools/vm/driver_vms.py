@@ -52,8 +52,9 @@ def link_local(mac: str) -> str:
 
 
 def guest_script(mac: str, peer_mac: str, role: str, nbytes: int, out: str, ping_tries: int = 90) -> str:
-    """The driver VM's command: its NIC up, ping6 the peer until it answers (at most ``ping_tries``
-    tries of 2 s), then the TCP transfer in ``role``; its log goes to ``out``/guest.log."""
+    """The driver VM's command: its NIC up, its link-local address past duplicate address detection
+    (at most 120 s), ping6 the peer until it answers (at most ``ping_tries`` tries, 1 s apart), then
+    the TCP transfer in ``role``; its log goes to ``out``/guest.log."""
     peer = link_local(peer_mac)
     transfer = (
         f"python3 /project/tools/vm/tcp_transfer.py server --bytes {nbytes} --timeout 300"
@@ -65,8 +66,13 @@ def guest_script(mac: str, peer_mac: str, role: str, nbytes: int, out: str, ping
         "exec > " + out + "/guest.log 2>&1; "
         f'IF=; for d in /sys/class/net/*; do [ "$(cat $d/address)" = {mac} ] && IF=$(basename $d); done; '
         'echo "nic=$IF"; ip link set lo up; ip link set $IF up; '
+        # Duplicate address detection first (RFC 4862, 5.4): while the link-local address is
+        # tentative, ping6 fails at once, and a CI run spent all its tries in 21 s that way.
+        "n=0; until ip -6 addr show dev $IF scope link -tentative | grep -q inet6; do "
+        "n=$((n+1)); [ $n -gt 120 ] && { echo still-tentative; ip -6 addr; exit 1; }; sleep 1; done; "
+        'echo "address-ready after ${n}s"; '
         "n=0; until busybox ping6 -c 1 -W 2 -I $IF " + peer + " >/dev/null 2>&1; do "
-        f"n=$((n+1)); [ $n -gt {ping_tries} ] && {{ echo no-ping; ip -6 addr; exit 1; }}; done; "
+        f"n=$((n+1)); [ $n -gt {ping_tries} ] && {{ echo no-ping; ip -6 addr; exit 1; }}; sleep 1; done; "
         'echo "first-ping epoch=$(date +%s.%N)"; '
         f"busybox ping6 -c 3 -I $IF {peer} || exit 1; "
         f"{transfer}; rc=$?; "
