@@ -446,6 +446,38 @@ def test_a_device_returning_garbage_to_the_driver() -> None:
     assert ei.value.rule == "used-idx"
 
 
+def test_taken_chains_go_back_as_they_were_or_to_the_free_stack() -> None:
+    """take_used keeps the chains out of the free stack for repost (the same heads, descriptors
+    and tokens) or release; its rules are harvest's, all or nothing."""
+    m, drv, dev = pair(DeviceQueue)
+    heads = drv.add_many([(buf(i), 64, f"b{i}") for i in range(4)], True)
+    drv.publish()
+    desc = bytes(m.view(RING, 16 * 8))
+    chains = dev.pop_batch(4)
+    dev.push_batch([(c.head, 10 + i) for i, c in enumerate(chains)])
+    taken, used = drv.take_used()
+    assert taken == [c.head for c in chains] and used == [(f"b{i}", 10 + i) for i in range(4)]
+    assert len(drv._free) == 4 and drv.in_flight() == 0
+    drv.repost(taken[:3])
+    drv.release(taken[3:])
+    drv.publish()
+    assert bytes(m.view(RING, 16 * 8)) == desc  # descriptors untouched
+    assert sorted(drv._free) == sorted(set(range(8)) - set(taken[:3])) and sorted(taken) == sorted(heads)
+    again = dev.pop_batch(8)
+    assert [c.head for c in again] == taken[:3] and all(c.writable_len == 64 for c in again)
+    # a head returned twice in one batch is not in flight the second time; nothing is taken
+    used_ring = m.view(RING + layout(8)[2], 4 + 8 * 8)
+    before = (drv.last_used_idx, list(drv._tokens), list(drv._free))
+    (idx,) = struct.unpack_from("<H", used_ring, 2)
+    for k, head in enumerate((taken[0], taken[0])):
+        struct.pack_into("<II", used_ring, 4 + 8 * ((idx + k) % 8), head, 1)
+    struct.pack_into("<H", used_ring, 2, (idx + 2) & 0xFFFF)
+    with pytest.raises(RingError) as ei:
+        drv.take_used()
+    assert (ei.value.rule, ei.value.index) == ("used-id", taken[0])
+    assert (drv.last_used_idx, list(drv._tokens), list(drv._free)) == before
+
+
 # -- property: random ring states never escape, loop, or raise anything else -------
 
 

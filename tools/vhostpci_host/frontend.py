@@ -9,8 +9,9 @@ batched: a burst of frames is one avail-index publish and at most one kick.
 ``hostile`` methods break the rules on purpose, writing raw ring bytes, to
 prove the backend survives a malicious driver VM.
 
-The per-frame ring work of ``pktgen`` traffic and of receiving (a TX harvest, the
-stamping and adding of recycled frames, an RX harvest, check and re-post) runs in
+The per-frame ring work of ``pktgen`` traffic and of receiving (the used TX chains
+taken back and stamped again in place, the used RX buffers checked and posted again as
+they were, ``DriverQueue.take_used`` and ``repost``: no chain through a free stack) runs in
 one compiled call per batch where ``vhostpci_host._pktgen`` is built (setup.py), so
 the simulator is not the bottleneck of what it measures; ``VHOSTPCI_SIM_PURE=1``
 keeps it in Python. The Python methods are the reference: the compiled ones work on
@@ -220,62 +221,77 @@ class NetFrontend:
         A traffic source that is not the bottleneck (netpacket's pktgen frames):
         a TX buffer gets the whole frame once; when it comes back it is reused
         with only seq, length and check stamped (16 bytes), whatever the size.
+        The chains the device is done with are taken back as they are
+        (``DriverQueue.take_used``) and those whose buffer holds this very frame
+        are stamped and posted again in place (``repost``: nothing through the free
+        stacks); the others are released, and the free slots fill what is left.
         """
+        want, frame = self._pktgen_template(dst, size)
         if self._lib is not None:
-            return self._send_pktgen_compiled(dst, count, size)
-        self.reclaim_tx()
+            return self._send_pktgen_compiled(want, frame, count)
         q = self.tx
-        n = min(count, len(q.free))
-        if n == 0:
-            return 0
-        bufs, free, addrs, stamped = q.bufs, q.free, self._tx_addrs, self._stamped
+        ring, bufs, stamped = q.ring, q.bufs, self._stamped
         stamp, at, check = netpacket.PKTGEN_STAMP.pack_into, HDR + 14, netpacket.pktgen_check
-        want: tuple[bytes, int] = (dst, size)
         macs = zlib.crc32(dst + self.mac)
-        frame: bytes | None = None
         seq = self.seq
-        length = HDR + size
+        heads, used = ring.take_used()
+        keep: list[int] = []
+        drop: list[int] = []
+        for head, (token, _) in zip(heads, used, strict=True):
+            slot = cast(int, token)
+            if len(keep) < count and stamped[slot] is want:  # this frame already: the stamp only
+                stamp(bufs[slot], at, seq, size, check(seq, size, macs))
+                keep.append(head)
+                seq += 1
+            else:
+                drop.append(head)
+                q.free.append(slot)
+        ring.release(drop)
+        ring.repost(keep)
+        n = min(count - len(keep), len(q.free))
+        addrs, length = self._tx_addrs, HDR + size
         chains = []
-        for _ in range(n):
-            slot = free.pop()
+        for _ in range(n):  # the rest from free slots: the whole frame where another one was
+            slot = q.free.pop()
             buf = bufs[slot]
-            if stamped[slot] != want:
-                if frame is None:
-                    frame = netpacket.pktgen_frame(dst, self.mac, size)
-                buf[:HDR] = netpacket.NO_CSUM_HDR
-                buf[HDR:length] = frame
+            if stamped[slot] is not want:
+                buf[:length] = frame
                 stamped[slot] = want
             stamp(buf, at, seq, size, check(seq, size, macs))
             chains.append((addrs[slot], length, slot))
             seq += 1
-        q.ring.add_many(chains, False)
-        self.seq = seq
-        self.sent += n
-        self.sent_bytes += n * size
-        q.ring.publish()
-        q.kick()
-        return n
+        ring.add_many(chains, False)
+        return self._sent(seq, size)
 
-    def _send_pktgen_compiled(self, dst: bytes, count: int, size: int) -> int:
+    def _send_pktgen_compiled(self, want: tuple[bytes, int], frame: bytes, count: int) -> int:
         """:meth:`send_pktgen` in one compiled call for the batch (the reference is the Python above)."""
         assert self._lib is not None
         q = self.tx
-        self._lib.reclaim(q.ring, q.free)
-        n = min(count, len(q.free))
-        if n == 0:
-            return 0
-        want = (dst, size)
-        if self._template is None or self._template[0] != want:
-            self._template = (want, netpacket.NO_CSUM_HDR + netpacket.pktgen_frame(dst, self.mac, size))
-        want = self._template[0]  # one object for every slot it stamps: fill's compare is then an identity
+        dst, size = want
         macs = zlib.crc32(dst + self.mac)
-        n = int(self._lib.fill(q.ring, q.free, n, q.area, q.buf_base, q.buf_size, self._template[1],
+        n = int(self._lib.fill(q.ring, q.free, count, q.area, q.buf_base, q.buf_size, frame,
                                self._stamped, want, self.seq, macs))  # fmt: skip
-        self.seq += n
+        return self._sent(self.seq + n, size)
+
+    def _pktgen_template(self, dst: bytes, size: int) -> tuple[tuple[bytes, int], bytes]:
+        """``(dst, size)`` as one object for every buffer it is stamped into, and its whole frame.
+
+        The buffers' ``_stamped`` entries are compared with it by identity (the compiled
+        fill does the same): a new object only when the destination or the size changes.
+        """
+        if self._template is None or self._template[0] != (dst, size):
+            frame = netpacket.NO_CSUM_HDR + netpacket.pktgen_frame(dst, self.mac, size)
+            self._template = ((dst, size), frame)
+        return self._template
+
+    def _sent(self, seq: int, size: int) -> int:
+        """Account a batch that ends before ``seq``, publish it, kick; returns its frames."""
+        n = seq - self.seq
+        self.seq = seq
         self.sent += n
         self.sent_bytes += n * size
-        q.ring.publish()
-        q.kick()
+        self.tx.ring.publish()
+        self.tx.kick()
         return n
 
     def reclaim_tx(self) -> None:
@@ -289,58 +305,51 @@ class NetFrontend:
     def receive(self) -> int:
         """Check every frame the backend delivered, give the buffers back; returns frames taken.
 
-        Harvest until the ring is quiet *after* used_event was moved: a frame
+        Take until the ring is quiet *after* used_event was moved: a frame
         pushed between our read of the used index and that write would
-        otherwise raise no interrupt and sit there (virtio 1.2, 2.7.10).
+        otherwise raise no interrupt and sit there (virtio 1.2, 2.7.10). Each
+        batch's buffers go back as they were (``DriverQueue.take_used`` and
+        ``repost``: the same descriptors, nothing through the free stack) and are
+        published at once, so a device that is still running sees them without a
+        kick; one kick after the loop covers every publish of it (2.7.13: the
+        event index is compared with all the entries since the last kick).
         """
         if self._lib is not None:
             return self._receive_compiled()
         frames = 0
         q = self.rx
         while True:
-            used = q.ring.harvest()
+            heads, used = q.ring.take_used()
             if not used:
                 break
             frames += self._take(used)
+            q.ring.repost(heads)
             q.ring.publish()
-            q.kick()
+        q.kick()
         return frames
 
     def _receive_compiled(self) -> int:
-        """:meth:`receive` with each harvest, check and re-post one compiled call (the reference: above)."""
+        """:meth:`receive` with its whole loop one compiled call, or a few (the reference: above)."""
         assert self._lib is not None
         q, r = self.rx, self.receiver
-        size = MRG_BUF if self.mergeable else FULL_BUF
-        frames = 0
+        frames: int = 0
         while True:
-            got, received, octets, duplicates, corrupt = self._lib.receive(
-                q.ring,
-                q.area,
-                q.buf_base,
-                q.buf_size,
-                self.mergeable,
-                size,
-                netpacket.PATTERN,
-                r.seen,
-                r.take,
+            got, received, octets, duplicates, corrupt, quiet = self._lib.receive(
+                q.ring, q.area, q.buf_base, q.buf_size, self.mergeable, netpacket.PATTERN, r.seen, r.take
             )
-            if not got:
-                break
             r.received += received
             r.octets += octets
             r.duplicates += duplicates
             r.corrupt += corrupt
-            frames += got
-            q.ring.publish()
-            q.kick()
+            frames += int(got)
+            if quiet:
+                break
+        q.kick()
         return frames
 
     def _take(self, used: list[tuple[object, int]]) -> int:
-        """Check each delivered frame, then post every buffer again (one avail store for the batch)."""
-        q = self.rx
-        bufs, addr, take = q.bufs, q.addr, self.receiver.take
-        size = MRG_BUF if self.mergeable else FULL_BUF
-        repost: list[tuple[int, int, object]] = []
+        """Check each delivered frame in the buffers it came in (they go back to the device unchanged)."""
+        bufs, take = self.rx.bufs, self.receiver.take
         frames = 0
         i = 0
         while i < len(used):
@@ -349,21 +358,17 @@ class NetFrontend:
             nbufs = buf[10] | buf[11] << 8 if self.mergeable else 1  # virtio 1.2, 5.1.6.4: num_buffers
             if nbufs <= 1:  # the frame in place
                 take(buf[HDR:written])
-                repost.append((addr(slot), size, slot))
                 i += 1
             else:
                 parts = [buf[HDR:written]]
-                repost.append((addr(slot), size, slot))
                 for j in range(1, nbufs):
                     if i + j >= len(used):
                         break  # a backend that published half a frame: it shows up as corrupt
                     s2, w2 = cast(int, used[i + j][0]), used[i + j][1]
                     parts.append(bufs[s2][:w2])
-                    repost.append((addr(s2), size, s2))
                 take(b"".join(parts))
                 i += len(parts)
             frames += 1
-        q.ring.add_many(repost, True)
         return frames
 
     # -- interrupt moderation ----------------------------------------------------

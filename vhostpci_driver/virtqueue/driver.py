@@ -122,13 +122,18 @@ class DriverQueue:
             tokens[head] = token
             chains[head] = (head,)
             wlens[head] = length if writable else 0
+        self._put_avail(heads)
+        return heads
+
+    def _put_avail(self, heads: Sequence[int]) -> None:
+        """The avail entries of ``heads``, in one store (two when the ring wraps); publish later."""
+        n = len(heads)
         size, start = self.size, self.avail_idx & (self.size - 1)
         first = min(n, size - start)
         self._avail[2 + start : 2 + start + first] = array("H", heads[:first])
         if first < n:
             self._avail[2 : 2 + n - first] = array("H", heads[first:])
         self.avail_idx = (self.avail_idx + n) & 0xFFFF
-        return heads
 
     def publish(self) -> None:
         """Make every added chain visible to the device (one index write, after the entries)."""
@@ -154,31 +159,64 @@ class DriverQueue:
         return n
 
     def harvest(self, max_entries: int | None = None) -> list[tuple[object, int]]:
-        """``(token, bytes written)`` of every used chain, freeing their descriptors."""
+        """``(token, bytes written)`` of every used chain, freeing their descriptors.
+
+        All or nothing (:meth:`take_used`'s rules): an entry that breaks one raises with
+        the ring left as it was, so a bad entry never frees the good ones before it.
+        """
+        heads, out = self.take_used(max_entries)
+        self.release(heads)
+        return out
+
+    def take_used(self, max_entries: int | None = None) -> tuple[list[int], list[tuple[object, int]]]:
+        """Every used chain (at most ``max_entries``), kept to be posted again unchanged: its heads, and
+        ``(token, written)``.
+
+        For a driver that gives each buffer back as it was (a receive ring of fixed
+        buffers): the chains do not go through the free stack, their descriptors and
+        tokens stay, and :meth:`repost` makes them available again. Every entry is
+        checked, all or nothing (an entry that breaks a rule raises with the ring left
+        as it was): the used index not past what was made available (used-idx), the id
+        in flight and not returned twice in the batch (used-id), the length within the
+        chain's writable bytes (used-len; virtio 1.2, 2.7.8). Give every head to :meth:`repost` or
+        :meth:`release` before the next harvest or take: until then the chains are the
+        caller's.
+        """
         n = self.pending_used()
         if max_entries is not None:
             n = min(n, max_entries)
-        out: list[tuple[object, int]] = []
         unpack, ring, mask = USED_ELEM.unpack_from, self._used, self.size - 1
-        tokens, chains, wlens, free = self._tokens, self._chains, self._wlen, self._free
+        tokens, wlens = self._tokens, self._wlen
         idx = self.last_used_idx
+        heads: list[int] = []
+        out: list[tuple[object, int]] = []
+        taken: set[int] = set()
         for _ in range(n):
             head, written = unpack(ring, 4 + 8 * (idx & mask))
-            if head >= self.size or tokens[head] is _FREE:
+            if head >= self.size or tokens[head] is _FREE or head in taken:
                 raise RingError("used-id", f"device returned id {head}, which is not in flight", head)
             if written > wlens[head]:
                 raise RingError("used-len", f"device wrote {written} bytes into {wlens[head]}", head)
+            taken.add(head)
+            heads.append(head)
             out.append((tokens[head], written))
-            tokens[head] = _FREE
-            free.extend(chains[head])
             idx = (idx + 1) & 0xFFFF
         self.last_used_idx = idx
         if self.event_idx and n:
-            # used_event: interrupt us when the entry at idx + after - 1 is used (the next one by
-            # default); disabled (after 0), the entry before idx, 65536 entries away (2.7.10)
-            self._avail[2 + self.size] = (idx + self._irq_after - 1) & 0xFFFF
-            full_barrier()  # ...and make it visible before the caller re-checks the used index
-        return out
+            self._avail[2 + self.size] = (idx + self._irq_after - 1) & 0xFFFF  # as harvest (2.7.10)
+            full_barrier()
+        return heads, out
+
+    def repost(self, heads: Sequence[int]) -> None:
+        """Make the chains :meth:`take_used` returned available again, as they were (publish later)."""
+        self._put_avail(heads)
+
+    def release(self, heads: Sequence[int]) -> None:
+        """Free chains :meth:`take_used` returned that will not be posted again as they are."""
+        tokens, chains, free = self._tokens, self._chains, self._free
+        for head in heads:
+            tokens[head] = _FREE
+            free.extend(chains[head])
 
     def state(self) -> dict[str, int]:
         """Indices as both sides see them (for status and debugging)."""
