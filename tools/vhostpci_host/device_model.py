@@ -330,26 +330,30 @@ class VhostPciDeviceModel(VirtioPciFunction):
         ring = self.rings[d.Queue.ACKQ]
         if ring is None:
             return
-        chains = []
+        acks: list[bytes] = []
         try:
             while True:
                 got = ring.pop_batch(ring.size)
-                chains += got
                 if got:
+                    # Each ack copied out *before* its buffer goes back: once used, the driver
+                    # may post a new ack in it at once (virtio 1.2, 2.7.8: the buffer is the
+                    # driver's again). Read after the push, a fast driver's next ack replaced
+                    # the one it held, which was lost (and the next counted twice).
+                    acks += [c.read_all() for c in got]
                     ring.push_batch([(c.head, 0) for c in got])
                     continue
                 # virtio 1.2, 2.7.10: ask for the next kick, then look once more for what raced it.
                 ring.enable_notifications()
                 if not ring.pending():
                     break
-            if chains and ring.need_notify():
+            if acks and ring.need_notify():
                 self._raise(self.queues[d.Queue.ACKQ].vector, ISR_QUEUE)
         except RingError as e:
             self._driver_error(f"ackq: {e}")
             return
-        for chain in chains:
+        for raw in acks:
             try:
-                rid, ack = ctrl.decode_ack(chain.read_all())
+                rid, ack = ctrl.decode_ack(raw)
             except ProtocolError as e:
                 self.counters["ack_errors"] += 1
                 self.on_ack_error(f"undecodable ack: {e}", None)
