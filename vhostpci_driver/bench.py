@@ -671,14 +671,19 @@ def _memory(workdir: Path) -> Row:
     model.on_ack = lambda rid, ack: results.__setitem__(rid, not ack.result.failed)
     env = {**os.environ, "VHOSTPCI_RUN_DIR": str(workdir / "mem-run")}
     argv = [sys.executable, "-m", "vhostpci_driver", "run", f"vfio-user:{workdir}/mem.sock"]
-    proc = subprocess.Popen(argv, env=env, stderr=subprocess.DEVNULL)
+    log = workdir / "mem-driver.log"  # the driver's own account, for the error if it fails
+    with open(log, "wb") as err:
+        proc = subprocess.Popen(argv, env=env, stderr=err)
     try:
         deadline = time.monotonic() + 60
 
         def pump(until: Callable[[], bool], what: str) -> None:
             while not until():
-                if time.monotonic() > deadline or proc.poll() is not None:
-                    raise RuntimeError(f"memory benchmark: the driver never {what}")
+                code = proc.poll()
+                if code is not None or time.monotonic() > deadline:
+                    how = f"it exited with {code}" if code is not None else "60 s passed"
+                    tail = log.read_text(errors="replace").strip().splitlines()[-3:]
+                    raise RuntimeError(f"memory benchmark: the driver never {what} ({how}); its log: {tail}")
                 server.run_once(0.05)
 
         pump(lambda: model.rings[1] is not None, "came up")
