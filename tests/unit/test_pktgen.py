@@ -291,3 +291,41 @@ def test_used_tx_chains_are_stamped_again_in_place_or_released() -> None:
         for s in sides:
             s.fe.close()
             s.ram.close()
+
+
+@pytest.mark.parametrize("compiled", [True, False])
+def test_a_receive_that_keeps_finding_frames_kicks_once_a_ring(compiled: bool) -> None:
+    """A device that keeps pushing keeps a receive in its loop; each kick covers the entries
+    published since the last one, compared as 16-bit indexes (virtio 1.2, 2.7.13), so the loop
+    kicks each time a ring's worth went back, not only after it ends. The device here runs
+    inside the receive (from Receiver.take, which both paths call for a non-pktgen frame), as
+    one on another CPU would: a frame each time, asking for a kick each time."""
+    side = Side(compiled, False, True)
+    try:
+        fe, dev = side.fe, side.dev[0]
+        data = netpacket.NO_CSUM_HDR + netpacket.build(MAC, PEER, 0, 64)
+        pushed = 0
+
+        def device_pushes_one() -> None:
+            nonlocal pushed
+            (b,) = dev.pop_batch(1)
+            b.writable[0][: len(data)] = data
+            dev.push_batch([(b.head, len(data))])
+            dev.enable_notifications()
+            pushed += 1
+
+        take = fe.receiver.take
+
+        def take_while_the_device_runs(frame: bytes) -> bool:
+            if pushed < 3 * QSIZE:
+                device_pushes_one()
+            return take(frame)
+
+        fe.receiver.take = take_while_the_device_runs  # type: ignore[method-assign]
+        device_pushes_one()
+        kicks = fe.rx.kicks
+        assert fe.receive() == 3 * QSIZE
+        assert fe.rx.kicks - kicks >= 3  # at 16, 32 and 48 entries (the old loop: one, at the end)
+    finally:
+        side.fe.close()
+        side.ram.close()

@@ -650,7 +650,9 @@ out:
 
 /* -- receive(q, bufs, buf_base, buf_size, mergeable, pattern, seen, take) --------------------- *
  *   -> (frames, received, octets, duplicates, corrupt, quiet): NetFrontend.receive's loop but its
- *   kick, at most RECEIVE_ROUNDS takes; quiet when the last found nothing. */
+ *   kick, until quiet or a ring's worth of entries was taken (the caller kicks after each call:
+ *   kick_needed's 16-bit window, virtio 1.2, 2.7.13, must never span 65536 entries); quiet when
+ *   the last take found nothing. */
 
 typedef struct {
     PyObject *seen; /* Receiver.seen: src bytes -> netpacket.SeqSet */
@@ -836,9 +838,6 @@ static int take_pktgen(counts_t *c, const frame_t *fr, const unsigned char *f, s
     return 0;
 }
 
-/* receive's bound on the entries of one call: a device that keeps pushing cannot keep it here */
-#define RECEIVE_ROUNDS 4
-
 static PyObject *pk_receive(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
 {
     (void)mod;
@@ -880,7 +879,7 @@ static PyObject *pk_receive(PyObject *mod, PyObject *const *args, Py_ssize_t nar
     uint64_t *addrs = w.addrs;
     const unsigned char *area = b.buf;
     /* NetFrontend.receive's loop: take, check, post again, publish, until a take finds nothing */
-    for (int round = 0; round < RECEIVE_ROUNDS; round++) {
+    for (Py_ssize_t round = 0, entries = 0; entries < d.size; round++) { /* < 2 * size entries a call */
         Py_ssize_t n = dq_take_check(&d, toks, lens, heads, d.size, taken);
         if (n >= 0 && dq_take_commit(&d, n) < 0)
             goto out;
@@ -895,6 +894,7 @@ static PyObject *pk_receive(PyObject *mod, PyObject *const *args, Py_ssize_t nar
             quiet = 1;
             break;
         }
+        entries += n;
         /* every token is one of our slots: checked, all, before any buffer is read (the tokens are
          * borrowed: nothing below runs Python before the last use of them) */
         for (Py_ssize_t k = 0; k < n; k++) {

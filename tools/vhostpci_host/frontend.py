@@ -311,13 +311,16 @@ class NetFrontend:
         batch's buffers go back as they were (``DriverQueue.take_used`` and
         ``repost``: the same descriptors, nothing through the free stack) and are
         published at once, so a device that is still running sees them without a
-        kick; one kick after the loop covers every publish of it (2.7.13: the
-        event index is compared with all the entries since the last kick).
+        kick; a kick covers every publish since the last one (2.7.13: the event
+        index is compared with all those entries), so one comes after the loop,
+        and one each time a ring's worth went back in it: the comparison is of
+        16-bit indexes, which must not pass 65536 entries between two kicks.
         """
         if self._lib is not None:
             return self._receive_compiled()
         frames = 0
         q = self.rx
+        since_kick = 0
         while True:
             heads, used = q.ring.take_used()
             if not used:
@@ -325,6 +328,10 @@ class NetFrontend:
             frames += self._take(used)
             q.ring.repost(heads)
             q.ring.publish()
+            since_kick += len(heads)
+            if since_kick >= q.size:  # where each compiled call returns (_pktgen.c receive)
+                q.kick()
+                since_kick = 0
         q.kick()
         return frames
 
@@ -344,6 +351,7 @@ class NetFrontend:
             frames += int(got)
             if quiet:
                 break
+            q.kick()  # a ring's worth taken in the call: kick before the next (see receive)
         q.kick()
         return frames
 
