@@ -21,7 +21,6 @@ the same :class:`DriverQueue` state with the same rules (tests/unit/test_pktgen.
 from __future__ import annotations
 
 import contextlib
-import importlib
 import os
 import struct
 import zlib
@@ -34,6 +33,7 @@ from vhostpci_driver.errors import RingError
 from vhostpci_driver.spec.virtio import DeviceId, Feature
 from vhostpci_driver.spec.virtio_net import VIRTIO_NET_F_MAC, VIRTIO_NET_F_MRG_RXBUF
 from vhostpci_driver.virtqueue import driver as _driver
+from vhostpci_driver.virtqueue import native
 from vhostpci_driver.virtqueue.driver import DriverQueue
 from vhostpci_driver.wire.ctrl import DeviceInfo, Op, VirtqInfo
 from vhostpci_host import netpacket
@@ -62,12 +62,19 @@ SEQ_PERIOD = 12288
 
 
 def _load_pktgen() -> ModuleType | None:
-    """The compiled per-frame work, or None: not built, or ``VHOSTPCI_SIM_PURE=1``."""
+    """The compiled per-frame work, or None: not built, or ``VHOSTPCI_SIM_PURE=1``.
+
+    ``VHOSTPCI_PKTGEN_LIB=path`` loads it from a file instead (the AddressSanitizer and
+    UBSan build that .ci/run tests it as), as ``VHOSTPCI_NATIVE_LIB`` does for the ring walker.
+    """
     if os.environ.get("VHOSTPCI_SIM_PURE") == "1":
         return None
+    path = os.environ.get("VHOSTPCI_PKTGEN_LIB")
     try:
-        lib = importlib.import_module("vhostpci_host._pktgen")
+        lib = native.load_extension("vhostpci_host._pktgen", path)
     except ImportError:
+        if path:
+            raise  # asked for by name: a build that does not load must say so
         return None
     lib.setup(_driver._FREE, RingError, netpacket.SeqSet)
     return lib

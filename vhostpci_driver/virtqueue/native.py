@@ -32,21 +32,31 @@ from vhostpci_driver.errors import RemoteMemoryError
 from vhostpci_driver.virtqueue.device import Chain, DeviceQueue
 
 
+def load_extension(name: str, path: str | None) -> ModuleType:
+    """Extension module ``name``, from the file ``path`` when given (a sanitizer build), else imported.
+
+    Raises ImportError when it is not there or does not load.
+    """
+    if not path:
+        return importlib.import_module(name)
+    loader = importlib.machinery.ExtensionFileLoader(name, path)
+    spec = importlib.util.spec_from_file_location(name, path, loader=loader)
+    if spec is None:
+        raise ImportError(f"{path}: not an extension module")
+    lib = importlib.util.module_from_spec(spec)
+    loader.exec_module(lib)
+    return lib
+
+
 def _load() -> tuple[ModuleType | None, str]:
     if os.environ.get("VHOSTPCI_PURE") == "1":
         return None, "VHOSTPCI_PURE=1"
     path = os.environ.get("VHOSTPCI_NATIVE_LIB")
     try:
-        if path:
-            loader = importlib.machinery.ExtensionFileLoader("vhostpci_driver._native", path)
-            spec = importlib.util.spec_from_file_location("vhostpci_driver._native", path, loader=loader)
-            if spec is None:
-                return None, f"VHOSTPCI_NATIVE_LIB={path}: not an extension module"
-            lib = importlib.util.module_from_spec(spec)
-            loader.exec_module(lib)
-        else:
-            lib = importlib.import_module("vhostpci_driver._native")
+        lib = load_extension("vhostpci_driver._native", path)
     except ImportError as e:
+        if path:
+            return None, f"VHOSTPCI_NATIVE_LIB={path}: {e}"
         return None, f"the extension is not built ({e})"
     lib.setup(Chain, RemoteMemoryError)
     return lib, f"compiled ring walker ({lib.__file__})"
